@@ -1,0 +1,201 @@
+"""The stored distilled dataset: `prompts.safetensors` and `labels.safetensors`, self-describing and verified on load.
+
+Every artifact carries its metadata (format, backend, model fingerprint, template, tokens, class-list hash) and a
+sha256 of its tensor bytes; a truncated or edited file is refused with a message naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .atomic import atomic_path
+from .errors import UserError
+
+FORMAT_VERSION = "1"
+PROMPT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint_path(path: str | os.PathLike, edge: int = 1 << 20) -> str:
+    """A cheap content fingerprint of a model file or folder: names, sizes, and the first and last MiB of each file."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for p in files:
+        if any(part.startswith(".") for part in p.relative_to(path if path.is_dir() else p.parent).parts):
+            continue
+        size = p.stat().st_size
+        h.update(f"{p.relative_to(path) if path.is_dir() else p.name}:{size}\n".encode())
+        with open(p, "rb") as f:
+            h.update(f.read(edge))
+            if size > 2 * edge:
+                f.seek(size - edge)
+                h.update(f.read(edge))
+    return h.hexdigest()
+
+
+def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and raw bytes of a dict of tensors (order independent)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Atomic safetensors write with a `content_sha256` over the tensors added to the metadata."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in metadata.items()}
+    meta["content_sha256"] = tensors_hash(tensors)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_tensors(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a safetensors artifact and check its content hash; refuses truncated or edited files."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} not found")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise UserError(f"{what} {path} is not a readable safetensors file ({err}); regenerate it") from err
+    expected = meta.get("content_sha256")
+    if expected is None:
+        raise UserError(f"{what} {path} has no content hash in its metadata; it was not written by promptset")
+    if tensors_hash(tensors) != expected:
+        raise UserError(f"{what} {path} does not match its content hash (edited or corrupted); regenerate it")
+    return tensors, meta
+
+
+def class_list_hash(folders: list[str]) -> str:
+    return sha256_bytes("\n".join(folders).encode("utf-8"))[:16]
+
+
+@dataclass
+class PromptSet:
+    """One learned prompt per class: embeddings (C, V, D) plus everything needed to use them with their model."""
+
+    embeddings: torch.Tensor  # (C, V, D) fp32 in memory
+    token_names: list[str]
+    class_folders: list[str]
+    template: str
+    backend: str
+    model_id: str
+    model_hash: str
+    initializers: list[str] = field(default_factory=list)
+    stored_dtype: str = "fp32"
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    @property
+    def num_vectors(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors as written to disk in `stored_dtype` (int8: symmetric per-vector quantisation)."""
+        if self.stored_dtype == "int8":
+            scale = self.embeddings.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0  # (C, V, 1)
+            q = torch.round(self.embeddings / scale).clamp(-127, 127).to(torch.int8)
+            return {"embeddings": q, "scales": scale.to(torch.float16)}
+        return {"embeddings": self.embeddings.to(PROMPT_DTYPES[self.stored_dtype])}
+
+    def stored_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.stored_tensors().values())
+
+    def save(self, path: str | os.PathLike) -> None:
+        if self.stored_dtype not in PROMPT_DTYPES:
+            raise UserError(f"--prompt-dtype {self.stored_dtype!r} is not one of {sorted(PROMPT_DTYPES)}")
+        meta = {
+            "format": "promptset.prompts",
+            "format_version": FORMAT_VERSION,
+            "promptset_version": __version__,
+            "backend": self.backend,
+            "model_id": self.model_id,
+            "model_hash": self.model_hash,
+            "template": self.template,
+            "token_names": json.dumps(self.token_names),
+            "class_folders": json.dumps(self.class_folders),
+            "class_list_hash": class_list_hash(self.class_folders),
+            "initializers": json.dumps(self.initializers),
+            "stored_dtype": self.stored_dtype,
+        }
+        save_tensors(path, self.stored_tensors(), meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PromptSet:
+        tensors, meta = load_tensors(path, "prompts file")
+        if meta.get("format") != "promptset.prompts":
+            raise UserError(f"prompts file {path} is not a promptset prompts file (format={meta.get('format')})")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"prompts file {path} has format version {meta.get('format_version')}, expected 1")
+        emb = tensors["embeddings"]
+        if meta["stored_dtype"] == "int8":
+            emb = emb.float() * tensors["scales"].float()
+        folders = json.loads(meta["class_folders"])
+        if class_list_hash(folders) != meta["class_list_hash"]:
+            raise UserError(f"prompts file {path}: class list does not match its hash; regenerate it")
+        return cls(
+            embeddings=emb.float(),
+            token_names=json.loads(meta["token_names"]),
+            class_folders=folders,
+            template=meta["template"],
+            backend=meta["backend"],
+            model_id=meta["model_id"],
+            model_hash=meta["model_hash"],
+            initializers=json.loads(meta.get("initializers", "[]")),
+            stored_dtype=meta["stored_dtype"],
+        )
+
+    def check_backend(self, backend, path: str | os.PathLike = "prompts.safetensors") -> None:
+        """Refuse to use prompts with a model other than the one they were learned on."""
+        if backend.kind != self.backend or backend.model_hash != self.model_hash:
+            raise UserError(
+                f"prompts file {path} was learned on {self.backend} model {self.model_id} "
+                f"(fingerprint {self.model_hash[:12]}), but the model given is {backend.kind} {backend.model_id} "
+                f"(fingerprint {backend.model_hash[:12]}); pass the same --backend and --model as for invert"
+            )
+        if backend.token_dim != self.embeddings.shape[-1]:
+            raise UserError(
+                f"prompts file {path} has {self.embeddings.shape[-1]}-d vectors; the model's tokens are "
+                f"{backend.token_dim}-d"
+            )
+
+
+def token_name_for(folder: str, taken: set[str]) -> str:
+    """A unique placeholder token string for a class folder, e.g. `<golden-retriever>`."""
+    slug = "".join(ch.lower() if ch.isalnum() else "-" for ch in folder).strip("-") or "class"
+    name, k = f"<{slug}>", 1
+    while name in taken:
+        k += 1
+        name = f"<{slug}-{k}>"
+    taken.add(name)
+    return name

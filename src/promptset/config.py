@@ -1,0 +1,86 @@
+"""Stage configs as dataclasses, with one rule for every command: defaults < `--config file.yaml` < flags.
+
+Each field carries its help text, so the CLI is generated from the dataclass and never drifts from the API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+
+def opt(default: Any, help: str, *, choices: list | None = None) -> Any:
+    """A config field with its help text (and optional choices) for the generated CLI."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One `--flag` per dataclass field; flags not given stay unset so YAML values are not overridden."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        meta = f.metadata
+        help_text = f"{meta.get('help', '')} (default: {f.default!r})"
+        if kind is bool:
+            parser.add_argument(
+                flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                help=help_text,
+            )
+            continue
+        base = _base_type(kind)
+        parser.add_argument(
+            flag_name(f.name), dest=f.name, type=base, default=argparse.SUPPRESS, choices=meta.get("choices"),
+            help=help_text, metavar=f.name.upper() if not meta.get("choices") else None,
+        )
+
+
+def _base_type(kind) -> type:
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if args:
+        kind = args[0]
+    return kind if kind in (int, float, str) else str
+
+
+def load_yaml(path: str | None, section: str | None = None) -> dict:
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config {p}: file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"--config {p}: not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise UserError(f"--config {p}: expected a mapping of option names to values")
+    if section and isinstance(data.get(section), dict):
+        return data[section]
+    return data
+
+
+def resolve(cls: type, yaml_values: dict, flags: dict, *, source: str = "--config") -> Any:
+    """Build `cls` from defaults, then YAML values, then explicitly given flags."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in (yaml_values or {}).items():
+        key = key.replace("-", "_")
+        if key not in names:
+            raise UserError(f"{source}: unknown option {key!r} for this command (known: {', '.join(sorted(names))})")
+        values[key] = value
+    values.update({k: v for k, v in flags.items() if k in names})
+    return cls(**values)
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,57 @@
+"""Export learned prompts as textual-inversion files that diffusers' `pipe.load_textual_inversion` loads as-is.
+
+One `{token: (V, D)}` safetensors file per class (diffusers reads one token per file), plus `tokens.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from .artifacts import PromptSet
+from .atomic import atomic_path, write_json
+from .config import opt
+from .errors import UserError
+from .runfolder import check_same_classes, require_classes
+
+
+@dataclass
+class ExportConfig:
+    run: str = opt("", "run folder with prompts.safetensors")
+    out: str = opt("", "output folder (default: <run>/export)")
+
+
+def export(cfg: ExportConfig | None = None, **overrides) -> Path:
+    """Write `<out>/<class>.safetensors` (one token each) and `<out>/tokens.json`; returns the folder."""
+    cfg = cfg or ExportConfig()
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    if not cfg.run:
+        raise UserError("--run is required")
+    run = Path(cfg.run)
+    classes = require_classes(run)
+    prompts = PromptSet.load(run / "prompts.safetensors")
+    check_same_classes([c.folder for c in classes], prompts.class_folders, str(run / "prompts.safetensors"),
+                       "regenerate the prompts with invert in this run folder")
+    out = Path(cfg.out) if cfg.out else run / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for c, info in enumerate(classes):
+        token = prompts.token_names[c]
+        path = out / f"{info.folder}.safetensors"
+        with atomic_path(path) as tmp:
+            save_file({token: prompts.embeddings[c].contiguous()}, str(tmp))  # (V, D)
+        rows.append({"class": info.folder, "name": info.name, "token": token, "file": path.name,
+                     "prompt": prompts.template.format(token=token)})
+    write_json(out / "tokens.json", {"backend": prompts.backend, "model": prompts.model_id,
+                                     "num_vectors": prompts.num_vectors, "tokens": rows})
+    if prompts.backend != "sd":
+        print(f"note: these prompts were learned on the {prompts.backend} backend; diffusers pipelines of other "
+              "models will load the files but the vectors only mean something to the model they were learned on")
+    print(f"exported {len(rows)} tokens to {out}; in diffusers:\n"
+          f"  pipe.load_textual_inversion([str(p) for p in sorted(Path({str(out)!r}).glob('*.safetensors'))])\n"
+          f"  pipe({json.dumps(rows[0]['prompt'])}).images[0]")
+    return out

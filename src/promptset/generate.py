@@ -1,0 +1,251 @@
+"""Regenerate training images from the learned prompts (D3M step 3/4), and optionally the teacher's soft labels.
+
+Image i of class c starts from noise drawn with seed derive_seed(seed, "generate", c, i) on its own generator, and
+the sampler is deterministic, so an image depends on (prompts, seed, c, i) only: never on batch size or process
+count. Each generated collage is cut into its factor x factor patches, resized to the dataset resolution.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .artifacts import PromptSet, save_tensors
+from .atomic import append_jsonl, read_jsonl, save_image, write_text
+from .config import opt
+from .data import load_image, to_pil, to_tensor
+from .dist import barrier, rank_world
+from .errors import UserError
+from .runfolder import check_same_classes, require_classes
+from .seeding import derive_seed
+
+
+@dataclass
+class GenerateConfig:
+    run: str = opt("", "run folder with prompts.safetensors (from invert)")
+    out: str = opt("", "where generated/, grid.png and labels.safetensors go (default: the run folder)")
+    ipc: int = opt(10, "training images (patches) per class")
+    steps: int = opt(25, "denoising steps")
+    guidance: float = opt(7.5, "classifier-free guidance scale (1 = off)")
+    batch_size: int = opt(8, "images per sampler batch (does not change the images)")
+    seed: int = opt(0, "random seed; image seeds are derived from (seed, class, index)")
+    backend: str = opt("", "backend kind (default: the one invert used)")
+    model: str = opt("", "model (default: the one invert used)")
+    sampler: str = opt("ddim", "sampler", choices=["ddim", "dpm", "euler", "pndm", "ddpm"])
+    resolution: int = opt(0, "generation resolution in pixels (default: invert's)")
+    factor: int = opt(0, "cut each image into factor x factor patches (default: select's factor, else 1)")
+    image_size: int = opt(0, "side of each saved patch in pixels (default: the dataset resolution from select)")
+    soft_labels: bool = opt(False, "store the teacher's soft labels (logits) per patch in labels.safetensors")
+    teacher: str = opt("", "teacher for --soft-labels, as NAME:PATH.safetensors")
+    label_dtype: str = opt("fp16", "dtype of stored soft labels", choices=["fp32", "fp16"])
+    device: str = opt("auto", "torch device")
+    dtype: str = opt("fp32", "model dtype", choices=["fp32", "fp16", "bf16"])
+    progress: bool = opt(True, "show progress bars")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One generated image: class index and image index (its seed is derived from both)."""
+
+    cls: int
+    index: int
+    seed: int
+
+
+class PromptConditioner:
+    """Conditioning states from learned placeholder vectors (one prompt per class)."""
+
+    def __init__(self, backend, prompts: PromptSet):
+        self.backend = backend
+        self.layout = backend.layout(prompts.template, prompts.num_vectors)
+        self.vectors = prompts.embeddings.to(backend.device)  # (C, V, D)
+
+    @torch.no_grad()
+    def __call__(self, classes: torch.Tensor) -> torch.Tensor:
+        return self.backend.encode_placeholder_prompts(self.layout, self.vectors[classes])  # (B, L, D_text)
+
+
+class TextConditioner:
+    """Conditioning states from plain text prompts, one per class (the engineered `class-prompt` baseline)."""
+
+    def __init__(self, backend, prompts: list[str]):
+        self.backend = backend
+        with torch.no_grad():
+            self.states = backend.encode_prompts(prompts)  # (C, L, D_text)
+
+    def __call__(self, classes: torch.Tensor) -> torch.Tensor:
+        return self.states[classes.to(self.states.device)]
+
+
+def class_prompts(names: list[str], template: str = "a photo of a {name}") -> list[str]:
+    return [template.format(name=n) for n in names]
+
+
+def cut_patches(images: torch.Tensor, factor: int, size: int) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, k*k, 3, size, size): row-major patches, each resized to `size`."""
+    b, c, h, w = images.shape
+    ph, pw = h // factor, w // factor
+    patches = images[:, :, : ph * factor, : pw * factor].unfold(2, ph, ph).unfold(3, pw, pw)  # (B, 3, k, k, ph, pw)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(b * factor * factor, c, ph, pw)
+    if (ph, pw) != (size, size):
+        patches = F.interpolate(patches, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    return patches.clamp(0, 1).view(b, factor * factor, c, size, size)
+
+
+def generate_batch(backend, conditioner, jobs: list[Job], *, steps: int, guidance: float, factor: int,
+                   image_size: int, uncond: torch.Tensor | None) -> torch.Tensor:
+    """Images for `jobs`, cut into patches: (B, k*k, 3, size, size) in [0, 1] on CPU."""
+    classes = torch.tensor([j.cls for j in jobs])
+    cond = conditioner(classes)
+    noise = backend.initial_noise([j.seed for j in jobs])
+    neg = uncond.expand(len(jobs), -1, -1) if uncond is not None else None
+    images = backend.sample(cond, neg, noise, steps=steps, guidance=guidance)  # (B, 3, H, W)
+    return cut_patches(images.float().cpu(), factor, image_size)
+
+
+def jobs_for(classes: list[int], images_per_class: int, seed: int, stage: str = "generate") -> list[Job]:
+    return [Job(c, i, derive_seed(seed, stage, c, i)) for c in classes for i in range(images_per_class)]
+
+
+def _run_defaults(run: Path) -> tuple[dict, dict]:
+    import yaml
+
+    cfg = {}
+    if (run / "config.yaml").is_file():
+        cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    select_info = json.loads((run / "select.json").read_text()) if (run / "select.json").is_file() else {}
+    return cfg.get("invert", {}), select_info
+
+
+def generate(cfg: GenerateConfig | None = None, **overrides) -> Path:
+    """Write `generated/<class>/<idx>.png`, `generated/manifest.jsonl`, `grid.png` (and `labels.safetensors`)."""
+    cfg = cfg or GenerateConfig()
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    from .backends import create_backend
+
+    if not cfg.run:
+        raise UserError("--run is required")
+    run = Path(cfg.run)
+    for name in ("ipc", "steps", "batch_size"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive")
+    classes = require_classes(run)
+    prompts = PromptSet.load(run / "prompts.safetensors")
+    check_same_classes([c.folder for c in classes], prompts.class_folders, f"{run / 'prompts.safetensors'}",
+                       "regenerate the prompts with invert in this run folder")
+    invert_cfg, select_info = _run_defaults(run)
+    kind = cfg.backend or invert_cfg.get("backend") or prompts.backend
+    model = cfg.model or invert_cfg.get("model") or prompts.model_id
+    factor = cfg.factor or int(select_info.get("factor", 1))
+    if cfg.soft_labels and not cfg.teacher:
+        raise UserError("--soft-labels needs --teacher NAME:PATH.safetensors")
+    teacher = None
+    if cfg.soft_labels:
+        from .models import load_teacher
+
+        teacher = load_teacher(cfg.teacher, num_classes=len(classes), device="cpu")
+    backend = create_backend(kind, model, device=cfg.device, dtype=cfg.dtype, sampler=cfg.sampler)
+    prompts.check_backend(backend, run / "prompts.safetensors")
+    if cfg.resolution or invert_cfg.get("resolution"):
+        backend.resolution = int(cfg.resolution or invert_cfg["resolution"])
+    image_size = cfg.image_size or int(select_info.get("image_size", backend.resolution // factor))
+    out = Path(cfg.out) if cfg.out else run
+    gen_dir = out / "generated"
+    rank, world = rank_world()
+    per_class = math.ceil(cfg.ipc / factor**2)
+
+    jobs = jobs_for(list(range(rank, len(classes), world)), per_class, cfg.seed)
+    part = gen_dir / f".manifest.rank{rank}.jsonl"
+    done = {(r["class_index"], r["image"]) for r in read_jsonl(part) if _row_ok(gen_dir, r)}
+    todo = [j for j in jobs if (j.cls, j.index) not in done]
+    conditioner = PromptConditioner(backend, prompts)
+    with torch.no_grad():
+        uncond = backend.encode_prompts([""]) if cfg.guidance != 1.0 else None
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="generate", unit="img",
+               disable=not (cfg.progress and rank == 0))
+    for s in range(0, len(todo), cfg.batch_size):
+        batch = todo[s : s + cfg.batch_size]
+        patches = generate_batch(backend, conditioner, batch, steps=cfg.steps, guidance=cfg.guidance,
+                                 factor=factor, image_size=image_size, uncond=uncond)
+        for job, job_patches in zip(batch, patches):
+            folder = classes[job.cls].folder
+            for p in range(factor**2):
+                idx = job.index * factor**2 + p
+                if idx >= cfg.ipc:
+                    break
+                save_image(gen_dir / folder / f"{idx:05d}.png", to_pil(job_patches[p]))
+            # one manifest row per image, appended after its files exist: a resumed run trusts these rows
+            append_jsonl(part, {"class_index": job.cls, "image": job.index, "seed": job.seed})
+        bar.update(len(batch))
+    bar.close()
+    barrier()
+    if rank == 0:
+        _finish(run, out, gen_dir, classes, cfg, factor, per_class, image_size, teacher, world)
+    barrier()
+    return gen_dir
+
+
+def _row_ok(gen_dir: Path, row: dict) -> bool:
+    return isinstance(row.get("seed"), int)
+
+
+def _finish(run, out, gen_dir, classes, cfg, factor, per_class, image_size, teacher, world) -> None:
+    rows = {}
+    for r in range(world):
+        for row in read_jsonl(gen_dir / f".manifest.rank{r}.jsonl"):
+            rows[(row["class_index"], row["image"])] = row
+    manifest, seeds = [], []
+    for c, info in enumerate(classes):
+        for i in range(per_class):
+            row = rows[(c, i)]
+            seeds.append(row["seed"])
+            for p in range(factor**2):
+                idx = i * factor**2 + p
+                if idx >= cfg.ipc:
+                    break
+                manifest.append({"class": info.folder, "class_index": c, "index": idx, "image": i,
+                                 "seed": row["seed"], "patch": p, "file": f"{info.folder}/{idx:05d}.png"})
+    write_text(gen_dir / "manifest.jsonl", "".join(json.dumps(m) + "\n" for m in manifest))
+    for r in range(world):
+        (gen_dir / f".manifest.rank{r}.jsonl").unlink(missing_ok=True)
+    _grid(out / "grid.png", gen_dir, classes, min(cfg.ipc, 8), image_size)
+    meta = {"ipc": str(cfg.ipc), "factor": str(factor), "images_per_class": str(per_class),
+            "steps": str(cfg.steps), "guidance": str(cfg.guidance), "sampler": cfg.sampler, "seed": str(cfg.seed),
+            "image_size": str(image_size), "class_folders": json.dumps([c.folder for c in classes])}
+    tensors = {"seeds": torch.tensor(seeds, dtype=torch.int32)}  # (N,)
+    if teacher is not None:
+        tensors["soft_labels"] = soft_labels_for(teacher, gen_dir, manifest, len(classes), per_class, factor,
+                                                 cfg.label_dtype)
+        meta.update({"teacher": teacher.spec, "teacher_sha256": teacher.weights_sha256, "label_kind": "logits",
+                     "label_dtype": cfg.label_dtype})
+    save_tensors(out / "labels.safetensors", tensors, meta)
+
+
+@torch.no_grad()
+def soft_labels_for(teacher, gen_dir, manifest, num_classes, per_class, factor, dtype) -> torch.Tensor:
+    """Teacher logits on every saved patch (read back from its PNG, as the student will see it): (N, P, C)."""
+    labels = torch.zeros(num_classes * per_class, factor**2, teacher.num_classes)
+    paths = [gen_dir / m["file"] for m in manifest]
+    where = [(m["class_index"] * per_class + m["image"], m["patch"]) for m in manifest]
+    for s in range(0, len(paths), 256):
+        x = torch.stack([to_tensor(load_image(p)) for p in paths[s : s + 256]])
+        logits = teacher(x).float()
+        for (n, p), row in zip(where[s : s + 256], logits):
+            labels[n, p] = row
+    return labels.to(torch.float16 if dtype == "fp16" else torch.float32)
+
+
+def _grid(path: Path, gen_dir: Path, classes, per_row: int, size: int) -> None:
+    """A row per class: the first `per_row` patches."""
+    rows = []
+    for info in classes:
+        tiles = [to_tensor(load_image(gen_dir / info.folder / f"{i:05d}.png")) for i in range(per_row)]
+        rows.append(torch.cat(tiles, dim=2))
+    save_image(path, to_pil(torch.cat(rows, dim=1)))

@@ -1,0 +1,333 @@
+"""D3M step 2: textual inversion of one placeholder token per class, all classes in one run.
+
+Gal et al. 2023 learn a word vector v* for a concept by minimising the latent-diffusion loss
+
+    L(v*) = E_{z ~ E(x), eps ~ N(0, I), t ~ U[0, T)} || eps - eps_theta(z_t, t, c_theta("a photo of S*")) ||^2
+
+with the denoiser eps_theta, the text encoder c_theta and the autoencoder E frozen. D3M (Abbasi et al. 2024, arXiv
+2403.07142) learns one such token per class on that class's collages, so the whole dataset becomes C x V x D numbers.
+
+How this run is organised, and why:
+- Classes train in fixed *groups* of `classes_per_batch`; every batch holds each class of its group `m` times
+  (batch = G * m), each sample conditioned on its own class token. A group owns its RNG stream (seeded from
+  (seed, group)), so its result is a pure function of the seed: the same in one process or sharded over many.
+- The VAE encodes each training image (and its mirror image) once; steps sample from that cache.
+- Only a (G, V, D) tensor of placeholder vectors trains. It is injected into the text encoder's token-embedding
+  output (see `DiffusionBackend.slots`), so no weight of the model changes at all.
+- The text encoder runs on G prompts per step, not B: samples of one class share their conditioning.
+- A checkpoint (vectors, AdamW moments, RNG state, step) is written atomically every `checkpoint_every` steps;
+  rerunning the same command resumes from it bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .artifacts import PromptSet, load_tensors, save_tensors, token_name_for
+from .atomic import append_jsonl, read_jsonl
+from .config import opt, to_dict
+from .data import load_class_images, scan_image_folder, verify_images
+from .dist import barrier, rank_world
+from .errors import TrainingDiverged, UserError
+from .runfolder import check_same_classes, prepare_run, read_classes, resolve_class_names, write_classes
+from .seeding import derive_seed
+
+
+@dataclass
+class InvertConfig:
+    out: str = opt("", "run folder (created; holds classes.json, prompts.safetensors, invert/)")
+    backend: str = opt("sd", "frozen text-to-image model kind", choices=["sd", "mini"])
+    model: str = opt("", "model to invert on: diffusers folder, .safetensors file or Hub id (sd); model folder (mini)")
+    data: str = opt("", "ImageFolder of training images per class (default: <out>/collages from select)")
+    steps: int = opt(500, "optimizer steps per class group")
+    batch_size: int = opt(8, "samples per optimizer step")
+    classes_per_batch: int = opt(0, "classes mixed in each batch (a group); 0 = min(#classes, batch size)")
+    lr: float = opt(5e-3, "AdamW learning rate of the placeholder vectors")
+    weight_decay: float = opt(0.0, "AdamW weight decay of the placeholder vectors")
+    warmup_steps: int = opt(0, "linear learning-rate warm-up steps")
+    resolution: int = opt(0, "training resolution in pixels; 0 = the model's native resolution")
+    num_vectors: int = opt(1, "vectors per placeholder token (V)")
+    template: str = opt("a photo of {token}", "prompt template; {token} marks the placeholder")
+    initializer: str = opt("", "one single-token initializer word for every class (default: each class name)")
+    initializers: str = opt("", "comma-separated single-token initializer words, one per class in class order")
+    class_names: str = opt("", "file with display names (JSON {folder: name} or one per line); default: folder names")
+    flip: bool = opt(True, "also train on mirrored images (encoded once into the latent cache)")
+    seed: int = opt(0, "random seed")
+    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1, ...")
+    dtype: str = opt("fp32", "model dtype (the placeholder vectors always train in fp32)", choices=["fp32", "fp16", "bf16"])
+    prompt_dtype: str = opt("fp32", "dtype of the stored prompts", choices=["fp32", "fp16", "int8"])
+    checkpoint_every: int = opt(100, "checkpoint interval in steps (a killed run loses at most this many)")
+    log_every: int = opt(10, "metrics interval in steps (the only host syncs in the loop)")
+    verify_images: bool = opt(True, "decode every training image once before starting (bad files fail fast)")
+    overwrite: bool = opt(False, "replace a different run already in --out")
+    progress: bool = opt(True, "show progress bars")
+
+
+def _groups(num_classes: int, per_group: int) -> list[list[int]]:
+    return [list(range(s, min(s + per_group, num_classes))) for s in range(0, num_classes, per_group)]
+
+
+def _initializer_words(cfg: InvertConfig, names: list[str]) -> list[str]:
+    if cfg.initializers:
+        words = [w.strip() for w in cfg.initializers.split(",")]
+        if len(words) != len(names):
+            raise UserError(f"--initializers has {len(words)} words for {len(names)} classes; give one per class")
+        return words
+    if cfg.initializer:
+        return [cfg.initializer] * len(names)
+    return list(names)
+
+
+def _lr_at(step: int, cfg: InvertConfig) -> float:
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr
+
+
+def invert(cfg: InvertConfig | None = None, **overrides) -> Path:
+    """Run textual inversion for every class of `cfg.data`; returns the path of `prompts.safetensors`."""
+    cfg = cfg or InvertConfig()
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    from .backends import create_backend
+    from .budget import print_budget, prompt_bytes
+
+    if not cfg.out:
+        raise UserError("--out is required: the run folder to write")
+    run = Path(cfg.out)
+    if not cfg.model:
+        raise UserError("--model is required (a diffusers folder for --backend sd, a promptset model for mini)")
+    for name in ("steps", "batch_size", "num_vectors", "checkpoint_every", "log_every"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    data_dir = Path(cfg.data) if cfg.data else run / "collages"
+    cfg.data = str(data_dir)
+    rank, world = rank_world()
+
+    # ---- validate everything before writing anything -------------------------------------------------------
+    index = scan_image_folder(data_dir, flag="--data")
+    existing = read_classes(run)
+    if existing is not None:
+        check_same_classes([c.folder for c in existing], index.classes, f"--data {data_dir}",
+                           "pass the data the run was made from, or a new --out")
+        names = [c.name for c in existing]
+    else:
+        names = resolve_class_names(index.classes, cfg.class_names)
+    if cfg.verify_images:
+        verify_images(index, progress=cfg.progress and rank == 0)
+    backend = create_backend(cfg.backend, cfg.model, device=cfg.device, dtype=cfg.dtype)
+    resolution = cfg.resolution or backend.resolution
+    if resolution % backend.autoencoder.downscale:
+        raise UserError(f"--resolution {resolution} must be a multiple of {backend.autoencoder.downscale}")
+    words = _initializer_words(cfg, names)
+    init_vectors = torch.stack([backend.initializer_vector(w) for w in words])  # (C, D)
+    layout = backend.layout(cfg.template, cfg.num_vectors)
+    num_classes = index.num_classes
+    per_group = cfg.classes_per_batch or min(num_classes, cfg.batch_size)
+    if cfg.batch_size % per_group:
+        raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --classes-per-batch {per_group}")
+    repeats = cfg.batch_size // per_group
+    taken: set[str] = set()
+    token_names = [token_name_for(f, taken) for f in index.classes]
+
+    if rank == 0:
+        prepare_run(run, "invert", to_dict(cfg) | {"resolution": resolution}, overwrite=cfg.overwrite)
+        if existing is None:
+            write_classes(run, index.classes, names)
+        print_budget(run, prompt_bytes(num_classes, cfg.num_vectors, backend.token_dim, cfg.prompt_dtype),
+                     num_classes=num_classes, image_size=None, title="invert: stored bytes of the distilled set")
+    barrier()
+
+    groups = _groups(num_classes, per_group)
+    folder = run / "invert"
+    for g in range(rank, len(groups), world):
+        _train_group(backend, cfg, index, groups[g], g, len(groups), init_vectors, layout, resolution, repeats,
+                     folder, show=cfg.progress and rank == 0)
+    barrier()
+
+    prompts_path = run / "prompts.safetensors"
+    if rank == 0:
+        vectors = []
+        for g in range(len(groups)):
+            tensors, _ = load_tensors(folder / "groups" / f"g{g:05d}.safetensors", "group result")
+            vectors.append(tensors["embeddings"])
+        prompts = PromptSet(
+            embeddings=torch.cat(vectors), token_names=token_names, class_folders=index.classes,
+            template=cfg.template, backend=backend.kind, model_id=backend.model_id, model_hash=backend.model_hash,
+            initializers=words, stored_dtype=cfg.prompt_dtype,
+        )
+        prompts.save(prompts_path)
+        if world > 1:
+            _merge_rank_metrics(folder, world)
+    barrier()
+    return prompts_path
+
+
+def _metrics_path(folder: Path) -> Path:
+    rank, world = rank_world()
+    return folder / ("metrics.jsonl" if world == 1 else f"metrics.rank{rank}.jsonl")
+
+
+def _merge_rank_metrics(folder: Path, world: int) -> None:
+    from .atomic import write_text
+    import json
+
+    rows = [r for k in range(world) for r in read_jsonl(folder / f"metrics.rank{k}.jsonl")]
+    rows.sort(key=lambda r: (r.get("group", 0), r.get("step", 0)))
+    write_text(folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    for k in range(world):
+        (folder / f"metrics.rank{k}.jsonl").unlink(missing_ok=True)
+
+
+def _latent_cache(backend, cfg, index, classes, g, resolution, folder) -> tuple[list[torch.Tensor], list]:
+    """Per class: latent means (N, F, c, h, w) with F = 2 when mirrored copies are kept, and stds (or None)."""
+    path = folder / "latents" / f"g{g:05d}.safetensors"
+    key = {"model_hash": backend.model_hash, "resolution": str(resolution), "flip": str(cfg.flip),
+           "split_hash": index.split_hash(), "classes": ",".join(map(str, classes))}
+    if path.is_file():
+        try:
+            tensors, meta = load_tensors(path, "latent cache")
+            if all(meta.get(k) == v for k, v in key.items()):
+                means = [tensors[f"mean{i}"] for i in range(len(classes))]
+                stds = [tensors.get(f"std{i}") for i in range(len(classes))]
+                return means, stds
+        except UserError:
+            pass  # a stale or torn cache is simply rebuilt
+    means, stds, out = [], [], {}
+    for i, c in enumerate(classes):
+        images = load_class_images(index, c, resolution)  # (N, 3, R, R) in [0, 1]
+        views = [images, images.flip(-1)] if cfg.flip else [images]
+        mean, std = backend.encode_images(torch.cat(views))  # (F*N, c, h, w)
+        n = images.shape[0]
+        mean = mean.view(len(views), n, *mean.shape[1:]).transpose(0, 1).contiguous()  # (N, F, c, h, w)
+        means.append(mean)
+        out[f"mean{i}"] = mean
+        if std is not None:
+            std = std.view(len(views), n, *std.shape[1:]).transpose(0, 1).contiguous()
+            out[f"std{i}"] = std
+        stds.append(std)
+    save_tensors(path, out, key)
+    return means, stds
+
+
+def _train_group(backend, cfg, index, classes, g, num_groups, init_vectors, layout, resolution, repeats, folder,
+                 show) -> None:
+    """Train the placeholder vectors of one class group; resumes from its checkpoint; writes groups/gNNNNN."""
+    result_path = folder / "groups" / f"g{g:05d}.safetensors"
+    if result_path.is_file():
+        return  # finished on an earlier run
+    ckpt_path = folder / "checkpoints" / f"g{g:05d}.safetensors"
+    device = backend.device
+    means, stds = _latent_cache(backend, cfg, index, classes, g, resolution, folder)
+    means = [m.to(device) for m in means]
+    stds = [s.to(device) if s is not None else None for s in stds]
+    counts = torch.tensor([m.shape[0] for m in means])  # (G,)
+    views = means[0].shape[1]
+
+    init = init_vectors[classes].unsqueeze(1).repeat(1, cfg.num_vectors, 1)  # (G, V, D)
+    vectors = torch.nn.Parameter(init.clone().to(device))
+    optimizer = torch.optim.AdamW([vectors], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "invert", g))
+    start = 0
+    if ckpt_path.is_file():
+        start = _load_checkpoint(ckpt_path, vectors, optimizer, generator)
+
+    group_size = len(classes)
+    sample_class = torch.arange(group_size).repeat(repeats)  # (B,) local class of each sample
+    loss_sum = torch.zeros(group_size, device=device)
+    loss_n = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"invert group {g + 1}/{num_groups}", disable=not show,
+               unit="step")
+    for step in range(start, cfg.steps):
+        # ---- one batch: every class of the group `repeats` times --------------------------------------------
+        pick = (torch.rand(len(sample_class), generator=generator) * counts[sample_class]).long()  # (B,)
+        view = torch.randint(0, views, (len(sample_class),), generator=generator)  # (B,)
+        latents = torch.stack([means[c][i, v] for c, i, v in zip(sample_class.tolist(), pick.tolist(),
+                                                                   view.tolist())])  # (B, c, h, w)
+        if stds[0] is not None:
+            std = torch.stack([stds[c][i, v] for c, i, v in zip(sample_class.tolist(), pick.tolist(),
+                                                                view.tolist())])
+            latents = latents + std * torch.randn(latents.shape, generator=generator).to(device)
+        states = backend.encode_placeholder_prompts(layout, vectors)  # (G, L, D_text): one prompt per class
+        states = states.repeat(repeats, 1, 1)  # (B, L, D_text), sample k uses class k % G
+        per_sample = backend.denoising_loss(latents, states, generator)  # (B,)
+        loss = per_sample.mean()
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += per_sample.detach().view(repeats, group_size).sum(0)
+        loss_n += repeats
+        done = step + 1
+        bar.update(1)
+
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            record = _metrics(vectors.detach(), init.to(device), loss_sum / max(loss_n, 1), classes, index, g,
+                              done, _lr_at(step, cfg), time.perf_counter() - t0)
+            if not math.isfinite(record["loss"]) or not torch.isfinite(vectors).all():
+                raise TrainingDiverged(
+                    f"invert: loss became {record['loss']} at step {done} of group {g}; the last good checkpoint "
+                    f"{ckpt_path} is kept. Lower --lr (now {cfg.lr}) and rerun with --overwrite"
+                )
+            append_jsonl(_metrics_path(folder), record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            loss_sum.zero_()
+            loss_n = 0
+        if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            if not torch.isfinite(vectors).all():
+                raise TrainingDiverged(f"invert: vectors became non-finite at step {done}; last checkpoint kept")
+            _save_checkpoint(ckpt_path, vectors, optimizer, generator, done)
+    bar.close()
+    save_tensors(result_path, {"embeddings": vectors.detach().float().cpu(), "init": init.cpu()},
+                 {"group": str(g), "classes": ",".join(map(str, classes)), "steps": str(cfg.steps)})
+    ckpt_path.unlink(missing_ok=True)
+    (folder / "latents" / f"g{g:05d}.safetensors").unlink(missing_ok=True)
+
+
+def _metrics(vectors, init, class_loss, classes, index, g, step, lr, elapsed) -> dict:
+    delta = (vectors - init).flatten(1).norm(dim=1)  # (G,)
+    cosine = torch.nn.functional.cosine_similarity(vectors, init, dim=-1).mean(dim=1)  # (G,) mean over V
+    return {
+        "group": g,
+        "step": step,
+        "loss": float(class_loss.mean()),
+        "lr": lr,
+        "seconds": round(elapsed, 3),
+        "classes": [index.classes[c] for c in classes],
+        "class_loss": [round(float(x), 6) for x in class_loss],
+        "delta_norm": [round(float(x), 6) for x in delta],
+        "cosine": [round(float(x), 6) for x in cosine],
+    }
+
+
+def _save_checkpoint(path: Path, vectors, optimizer, generator, step: int) -> None:
+    state = optimizer.state[vectors]
+    tensors = {
+        "vectors": vectors.detach().cpu(),
+        "exp_avg": state["exp_avg"].cpu(),
+        "exp_avg_sq": state["exp_avg_sq"].cpu(),
+        "adam_step": torch.as_tensor(state["step"]).reshape(1).float().cpu(),
+        "rng_state": generator.get_state(),
+    }
+    save_tensors(path, tensors, {"step": str(step)})
+
+
+def _load_checkpoint(path: Path, vectors, optimizer, generator) -> int:
+    tensors, meta = load_tensors(path, "checkpoint")
+    with torch.no_grad():
+        vectors.copy_(tensors["vectors"].to(vectors.device))
+    optimizer.state[vectors] = {
+        "step": tensors["adam_step"].reshape(()).clone(),
+        "exp_avg": tensors["exp_avg"].to(vectors.device).clone(),
+        "exp_avg_sq": tensors["exp_avg_sq"].to(vectors.device).clone(),
+    }
+    generator.set_state(tensors["rng_state"])
+    return int(meta["step"])

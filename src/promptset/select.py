@@ -1,0 +1,192 @@
+"""D3M step 1 (from RDED, Sun et al. CVPR 2024): per class, the teacher's most class-typical crops, as collages.
+
+For every real image x of class c, take `num_crops` random resized crops and keep the one with the lowest teacher
+cross-entropy CE(f(crop), c); stitch the class's best patches (lowest CE first) into `factor x factor` collages.
+Without a teacher (`--teacher none`), each image is resized and center-cropped instead (the paper's ablation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .atomic import save_image, write_json
+from .config import opt, to_dict
+from .data import load_image, resize_center_crop, scan_image_folder, to_pil, to_tensor, verify_images
+from .dist import barrier, rank_world
+from .errors import UserError
+from .runfolder import check_same_classes, prepare_run, read_classes, resolve_class_names, write_classes
+from .seeding import derive_seed
+
+
+@dataclass
+class SelectConfig:
+    data: str = opt("", "ImageFolder of real training images (one subfolder per class)")
+    out: str = opt("", "run folder to create; collages go to <out>/collages")
+    teacher: str = opt("none", "teacher as NAME:PATH.safetensors (e.g. resnet20:weights.safetensors), or none")
+    num_crops: int = opt(5, "random resized crops scored per image (RDED: 5)")
+    factor: int = opt(1, "collage side in patches (k): 1 for 32/64 px data, 2 for 224 px data")
+    resolution: int = opt(32, "collage side in pixels; patches are resolution/factor")
+    crop_scale: float = opt(0.08, "smallest crop area as a fraction of the image (RDED: 0.08)")
+    teacher_size: int = opt(0, "side the teacher sees a crop at; 0 = resolution")
+    max_images_per_class: int = opt(0, "use the first N images of each class (RDED mipc=300); 0 = all")
+    num_collages: int = opt(0, "collages per class; 0 = as many as the selected patches fill")
+    class_names: str = opt("", "file with display names (JSON {folder: name} or one per line); default: folder names")
+    batch_size: int = opt(256, "teacher batch size")
+    seed: int = opt(0, "random seed")
+    device: str = opt("auto", "torch device")
+    overwrite: bool = opt(False, "replace a different run already in --out")
+    progress: bool = opt(True, "show progress bars")
+
+
+def random_resized_crop_box(h: int, w: int, scale: float, generator: torch.Generator) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a square random crop covering [scale, 1] of the image area."""
+    area = h * w
+    for _ in range(10):
+        target = area * (scale + (1 - scale) * torch.rand(1, generator=generator).item())
+        side = int(round(math.sqrt(target)))
+        if 0 < side <= min(h, w):
+            top = int(torch.randint(0, h - side + 1, (1,), generator=generator))
+            left = int(torch.randint(0, w - side + 1, (1,), generator=generator))
+            return top, left, side, side
+    side = min(h, w)
+    return (h - side) // 2, (w - side) // 2, side, side
+
+
+def best_patches(images, teacher, label: int, cfg: SelectConfig, seeds: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, the crop with the lowest teacher CE for `label`. Returns patches (N, 3, p, p) and their CE (N,)."""
+    patch = cfg.resolution // cfg.factor
+    tsize = cfg.teacher_size or cfg.resolution
+    crops = []
+    for img, seed in zip(images, seeds):
+        gen = torch.Generator().manual_seed(seed)
+        w, h = img.size
+        for _ in range(cfg.num_crops):
+            top, left, ch, cw = random_resized_crop_box(h, w, cfg.crop_scale, gen)
+            crop = img.crop((left, top, left + cw, top + ch)).resize((patch, patch), resample=3)
+            crops.append(to_tensor(crop))
+    crops = torch.stack(crops)  # (N*K, 3, p, p)
+    losses = []
+    with torch.no_grad():
+        for i in range(0, len(crops), cfg.batch_size):
+            x = crops[i : i + cfg.batch_size].to(device)
+            if tsize != patch:
+                x = F.interpolate(x, size=(tsize, tsize), mode="bilinear", align_corners=False, antialias=True)
+            logits = teacher(x).float()
+            target = torch.full((len(x),), label, device=device)
+            losses.append(F.cross_entropy(logits, target, reduction="none").cpu())
+    ce = torch.cat(losses).view(len(images), cfg.num_crops)  # (N, K)
+    best = ce.argmin(dim=1)  # (N,)
+    chosen = crops.view(len(images), cfg.num_crops, *crops.shape[1:])[torch.arange(len(images)), best]
+    return chosen, ce[torch.arange(len(images)), best]
+
+
+def stitch(patches: torch.Tensor, factor: int) -> torch.Tensor:
+    """(k*k, 3, p, p) patches, row-major -> one (3, k*p, k*p) collage."""
+    k = factor
+    rows = [torch.cat(list(patches[r * k : (r + 1) * k]), dim=2) for r in range(k)]
+    return torch.cat(rows, dim=1)
+
+
+def select(cfg: SelectConfig | None = None, **overrides) -> Path:
+    """Write `<out>/collages/<class>/<idx>.png` and `<out>/select.json`; returns the collages folder."""
+    cfg = cfg or SelectConfig()
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    from .backends.base import resolve_device
+    from .models import load_teacher
+
+    if not cfg.data or not cfg.out:
+        raise UserError("--data and --out are required")
+    if cfg.factor < 1 or cfg.resolution % cfg.factor:
+        raise UserError(f"--resolution {cfg.resolution} must be a positive multiple of --factor {cfg.factor}")
+    if cfg.num_crops < 1:
+        raise UserError("--num-crops must be at least 1")
+    if not 0 < cfg.crop_scale <= 1:
+        raise UserError(f"--crop-scale {cfg.crop_scale} must be in (0, 1]")
+    run = Path(cfg.out)
+    rank, world = rank_world()
+    index = scan_image_folder(cfg.data, flag="--data")
+    if cfg.max_images_per_class:
+        index = index.subset(0, cfg.max_images_per_class)
+    existing = read_classes(run)
+    if existing is not None:
+        check_same_classes([c.folder for c in existing], index.classes, f"--data {cfg.data}",
+                           "pass the data the run was made from, or a new --out")
+    names = resolve_class_names(index.classes, cfg.class_names)
+    device = resolve_device(cfg.device)
+    teacher = load_teacher(cfg.teacher, num_classes=index.num_classes, device=device)
+    verify_images(index, progress=cfg.progress and rank == 0)
+
+    staging = run / ".tmp-collages"
+    if rank == 0:
+        prepare_run(run, "select", to_dict(cfg), overwrite=cfg.overwrite)
+        if existing is None:
+            write_classes(run, index.classes, names)
+        staging.mkdir(parents=True, exist_ok=True)
+    barrier()
+
+    patch = cfg.resolution // cfg.factor
+    per_collage = cfg.factor**2
+    mine = list(range(rank, index.num_classes, world))
+    for c in tqdm(mine, desc="select", disable=not (cfg.progress and rank == 0), unit="class"):
+        folder = staging / index.classes[c]
+        done = staging / f"{index.classes[c]}.done.json"
+        if done.is_file():
+            continue  # finished on an earlier run
+        if folder.exists():
+            shutil.rmtree(folder)
+        images = [load_image(p) for p in index.files[c]]
+        if teacher is None:
+            patches = torch.stack([to_tensor(resize_center_crop(im, patch)) for im in images])
+            ce = None
+            order = torch.arange(len(images))
+        else:
+            seeds = [derive_seed(cfg.seed, "select", c, i) for i in range(len(images))]
+            patches, ce = best_patches(images, teacher, c, cfg, seeds, device)
+            order = torch.argsort(ce, stable=True)
+        available = len(images) // per_collage
+        n_collages = min(cfg.num_collages, available) if cfg.num_collages else available
+        if n_collages == 0:
+            raise UserError(f"--data class {index.classes[c]!r} has {len(images)} images, fewer than one "
+                            f"{cfg.factor}x{cfg.factor} collage needs; lower --factor or add images")
+        for j in range(n_collages):
+            ids = order[j * per_collage : (j + 1) * per_collage]
+            save_image(folder / f"{j:05d}.png", to_pil(stitch(patches[ids], cfg.factor)))
+        stats = {"folder": index.classes[c], "num_images": len(images), "num_collages": n_collages,
+                 "mean_ce_selected": None if ce is None else float(ce[order[: n_collages * per_collage]].mean()),
+                 "mean_ce_all": None if ce is None else float(ce.mean())}
+        write_json(done, stats)
+    barrier()
+
+    collages = run / "collages"
+    if rank == 0:
+        per_class = [json.loads((staging / f"{f}.done.json").read_text()) for f in index.classes]
+        for f in index.classes:
+            (staging / f"{f}.done.json").unlink()
+        if collages.exists():
+            shutil.rmtree(collages)
+        staging.rename(collages)
+        write_json(run / "select.json", {
+            "data": str(Path(cfg.data).resolve()),
+            "split_hash": index.split_hash(),
+            "teacher": cfg.teacher,
+            "teacher_sha256": getattr(teacher, "weights_sha256", None),
+            "resolution": cfg.resolution,
+            "factor": cfg.factor,
+            "patch_size": patch,
+            "image_size": cfg.resolution,
+            "num_crops": cfg.num_crops,
+            "crop_scale": cfg.crop_scale,
+            "seed": cfg.seed,
+            "classes": per_class,
+        })
+    barrier()
+    return collages

@@ -1,0 +1,23 @@
+"""Shared fixtures: offline, CPU-only, deterministic."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_flush_denormal(True)
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The project's ../shared folder (data and weights); tests that need it skip when it is absent."""
+    path = Path(os.environ.get("PROMPTSET_SHARED", REPO.parent / "shared"))
+    if not (path / "weights").is_dir():
+        pytest.skip(f"shared folder not found at {path} (set PROMPTSET_SHARED)")
+    return path
