@@ -1,0 +1,386 @@
+"""Tests for `promptset evaluate`: protocols P1-P3, fresh variations, stored bytes, class checks, real learning.
+
+One module fixture builds a tiny random Stable Diffusion, a 3-colour toy ImageFolder (16 px) and a run through
+select / invert / generate; a `convnet_tiny` trained for a few steps on the toy data is the teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import promptset
+from promptset.data import load_class_images, scan_image_folder
+from promptset.errors import UserError
+from promptset.evaluate import (
+    EvaluateConfig,
+    Recipe,
+    TrainSet,
+    _context,
+    build_generative,
+    evaluate,
+    random_resized_crop_flip,
+    train_student,
+)
+from promptset.models import create_student
+
+COLOURS = {"blue": (40, 50, 210), "green": (40, 190, 60), "red": (210, 40, 40)}
+SIZE = 16
+IPC = 2
+
+ENTRY_FIELDS = {
+    "key",
+    "method",
+    "protocol",
+    "student",
+    "ipc",
+    "num_classes",
+    "image_size",
+    "train_samples",
+    "epochs",
+    "seeds",
+    "final_top1",
+    "best_top1",
+    "optimizer_steps",
+    "stored_bytes",
+    "stored_components",
+    "png_bytes",
+    "ipc_equivalent",
+    "distilled",
+    "teacher",
+    "recipe",
+    "split_hash",
+    "versions",
+    "device",
+    "wall_time_s",
+    "finished_at",
+}
+
+
+def _make_split(root: Path, per_class: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    for name, colour in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.asarray(colour)[None, None] + rng.normal(0, 35, (SIZE, SIZE, 3))  # (H, W, 3)
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / name / f"{i:03d}.png")
+    return root
+
+
+def _train_teacher(train: Path, path: Path, num_classes: int = 3) -> str:
+    index = scan_image_folder(train)
+    x = torch.cat([load_class_images(index, c, SIZE) for c in range(index.num_classes)])  # (N, 3, 16, 16)
+    y = torch.arange(index.num_classes).repeat_interleave(len(x) // index.num_classes)
+    torch.manual_seed(0)
+    model = create_student("convnet_tiny", num_classes, SIZE)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(25):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_file(model.state_dict(), str(path))
+    return f"convnet_tiny:{path}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one thread is as fast, and far faster on a busy machine (no OpenMP spin-waits)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    from promptset.backends.tiny import build_sd
+
+    root = tmp_path_factory.mktemp("evaluate")
+    train = _make_split(root / "data" / "train", 10, seed=0)
+    test = _make_split(root / "data" / "test", 10, seed=1)
+    teacher = _train_teacher(train, root / "teacher.safetensors")
+    sd = build_sd(root / "sd")
+    run = root / "run"
+    promptset.select(data=str(train), out=str(run), resolution=SIZE, device="cpu", progress=False)
+    promptset.invert(
+        out=str(run), backend="sd", model=str(sd), steps=2, batch_size=6, resolution=SIZE, device="cpu", progress=False
+    )
+    promptset.generate(run=str(run), ipc=IPC, steps=2, device="cpu", soft_labels=True, teacher=teacher, progress=False)
+    return SimpleNamespace(root=root, train=train, test=test, teacher=teacher, run=run)
+
+
+def _eval(world, **kw) -> dict:
+    args = dict(
+        run=str(world.run),
+        test=str(world.test),
+        student="convnet_tiny",
+        epochs=2,
+        seeds=2,
+        ipc=IPC,
+        teacher=world.teacher,
+        gen_steps=2,
+        device="cpu",
+        progress=False,
+        report=False,
+    )
+    args.update(kw)
+    return evaluate(EvaluateConfig(**args))
+
+
+@pytest.mark.parametrize("protocol", ["p1", "p2", "p3"])
+def test_results_have_every_field_per_protocol(world, protocol):
+    results = _eval(world, protocol=protocol, method="d3m,rded", regen_every=1)
+    saved = json.loads((world.run / "eval" / "results.json").read_text())
+    assert saved["entries"].keys() == results["entries"].keys()
+    for method in ("d3m", "rded"):
+        key = f"{method}/{protocol}/convnet_tiny/ipc{IPC}" + ("/regen1" if method == "d3m" else "")
+        e = saved["entries"][key]
+        assert ENTRY_FIELDS <= e.keys(), ENTRY_FIELDS - e.keys()
+        assert (e["method"], e["protocol"], e["ipc"], e["seeds"]) == (method, protocol, IPC, [0, 1])
+        for acc in (e["final_top1"], e["best_top1"]):
+            assert len(acc["per_seed"]) == 2 and 0 <= acc["mean"] <= 100 and acc["std"] >= 0
+        assert e["best_top1"]["mean"] >= e["final_top1"]["mean"]
+        assert e["ipc_equivalent"] == pytest.approx(e["stored_bytes"] / (3 * SIZE * SIZE * 3))
+        assert e["stored_bytes"] == sum(e["stored_components"].values())
+        assert len(e["split_hash"]["train"]) == 64 and len(e["split_hash"]["test"]) == 64
+        assert {"torch", "diffusers", "transformers", "promptset"} <= e["versions"].keys()
+        assert e["recipe"]["config"]["protocol"] == protocol and e["recipe"]["epochs"] == 2
+        assert e["recipe"]["targets"] == {"p1": "stored-soft", "p2": "one-hot", "p3": "online-teacher"}[protocol]
+        assert (e["recipe"]["augment"] is None) == (protocol == "p1")
+    assert saved["entries"][f"rded/{protocol}/convnet_tiny/ipc{IPC}"]["png_bytes"] > 0
+    rows = [json.loads(line) for line in (world.run / "eval" / "metrics.jsonl").read_text().splitlines()]
+    mine = [r for r in rows if r["protocol"] == protocol]
+    assert {(r["method"], r["seed"], r["epoch"]) for r in mine} >= {
+        (m, s, ep) for m in ("d3m", "rded") for s in (0, 1) for ep in (1, 2)
+    }
+    assert all(r["test_top1"] is not None and np.isfinite(r["loss"]) for r in mine)
+
+
+@pytest.fixture(scope="module")
+def variations(world) -> dict:
+    """d3m under P1 on a fixed set and with new images every epoch, and under P2 (one-hot), 3 epochs each."""
+    common = dict(method="d3m", epochs=3, seeds=1, batch_size=4)
+    out = {}
+    for name, kw in {
+        "fixed": dict(protocol="p1", regen_every=0),
+        "fresh": dict(protocol="p1", regen_every=1),
+        "onehot": dict(protocol="p2", regen_every=0),
+    }.items():
+        results = _eval(world, **common, **kw)
+        key = f"d3m/{kw['protocol']}/convnet_tiny/ipc{IPC}/" + ("fixed" if kw["regen_every"] == 0 else "regen1")
+        out[name] = results["entries"][key]
+    return out
+
+
+def test_fresh_variations_keep_the_step_count(variations):
+    fixed, fresh = variations["fixed"], variations["fresh"]
+    assert fixed["distilled"]["rounds"] == 1 and fresh["distilled"]["rounds"] == 3
+    steps_per_epoch = -(-3 * IPC // 4)  # ceil(N / B), N = C * ipc = 6, B = 4
+    assert fixed["optimizer_steps"] == fresh["optimizer_steps"] == 3 * steps_per_epoch
+
+
+def test_soft_labels_count_in_the_budget_once_per_round(world, variations):
+    fixed, fresh, onehot = variations["fixed"], variations["fresh"], variations["onehot"]
+    assert "soft_labels" not in onehot["stored_components"]
+    assert fixed["stored_bytes"] > onehot["stored_bytes"]
+    assert fresh["stored_bytes"] > fixed["stored_bytes"]
+    per_round = 3 * IPC * 3 * 2  # C * ipc samples x C logits x fp16
+    assert fixed["stored_components"]["soft_labels"] == per_round
+    assert fresh["stored_components"]["soft_labels"] == 3 * per_round
+    assert fresh["stored_components"]["seeds"] == 3 * fixed["stored_components"]["seeds"] == 3 * (3 * IPC * 4)
+    labels = load_file(str(world.run / fresh["distilled"]["labels_file"]))  # what the run stores, as counted
+    assert labels["soft_labels"].shape == (3, 3 * IPC, 3) and labels["soft_labels"].dtype == torch.float16
+    assert labels["seeds"].shape == (3, 3 * IPC)
+    assert len(set(labels["seeds"].flatten().tolist())) == labels["seeds"].numel()  # new seeds every round
+
+
+def test_round0_reuses_generate_outputs_exactly(world):
+    cfg = EvaluateConfig(
+        run=str(world.run),
+        test=str(world.test),
+        student="convnet_tiny",
+        epochs=1,
+        ipc=IPC,
+        teacher=world.teacher,
+        regen_every=0,
+        device="cpu",
+        progress=False,
+    )
+    reused = build_generative(_context(cfg, ["d3m"])[0], "d3m")
+    cfg.resolution = SIZE  # an explicit generator flag: regenerate instead of reading generated/
+    fresh = build_generative(_context(cfg, ["d3m"])[0], "d3m")
+    assert reused.info["round0_reused_generated"] and not fresh.info["round0_reused_generated"]
+    assert torch.equal(reused.rounds[0].images, fresh.rounds[0].images)
+    assert torch.equal(reused.rounds[0].logits, fresh.rounds[0].logits)
+
+
+def test_test_folder_with_other_classes_is_refused(world, capsys):
+    other = world.root / "test_other"
+    shutil.copytree(world.test, other)
+    (other / "blue").rename(other / "cyan")
+    with pytest.raises(UserError, match=r"missing \['blue'\].*not in classes.json \['cyan'\]"):
+        _eval(world, test=str(other), protocol="p2", method="rded")
+    from promptset.cli import main
+
+    code = main(
+        [
+            "evaluate",
+            "--run",
+            str(world.run),
+            "--test",
+            str(other),
+            "--student",
+            "convnet_tiny",
+            "--protocol",
+            "p2",
+            "--method",
+            "rded",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 2 and "cyan" in capsys.readouterr().err
+
+
+def test_teacher_with_other_classes_is_refused(world):
+    four = _train_teacher(world.train, world.root / "teacher4.safetensors", num_classes=4)
+    with pytest.raises(UserError, match=r"predicts 4 classes but classes.json lists 3 \(blue, green, red\)"):
+        _eval(world, teacher=four, protocol="p1", method="rded")
+
+
+def test_p1_without_teacher_is_refused(world, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(world.run, run, ignore=shutil.ignore_patterns("eval", "labels.safetensors"))
+    with pytest.raises(UserError, match="needs a teacher"):
+        _eval(world, run=str(run), teacher="", protocol="p1", method="rded")
+
+
+def test_student_learns_real_colours(world):
+    results = _eval(
+        world,
+        method="full,random-real",
+        protocol="p2",
+        epochs=10,
+        seeds=1,
+        batch_size=8,
+        lr=3e-3,
+        ipc=5,
+        train=str(world.train),
+    )
+    full = results["entries"]["full/p2/convnet_tiny/ipcall"]
+    assert full["final_top1"]["mean"] > 80  # chance is 33%
+    assert full["train_samples"] == 30 and full["stored_components"] == {"images_raw": 30 * SIZE * SIZE * 3}
+    real = results["entries"]["random-real/p2/convnet_tiny/ipc5"]
+    assert real["train_samples"] == 15 and real["ipc_equivalent"] == pytest.approx(5.0)
+    assert real["final_top1"]["mean"] > 60
+
+
+def _recipe(**kw) -> Recipe:
+    args = dict(
+        epochs=3,
+        batch_size=4,
+        optimizer="adamw",
+        lr=1e-3,
+        momentum=0.9,
+        weight_decay=0.01,
+        schedule="cosine",
+        targets="one-hot",
+        temperature=None,
+        augment=None,
+        regen_every=0,
+        eval_every=1,
+        eval_batch_size=64,
+        channels_last=False,
+        compile=False,
+        amp=False,
+    )
+    args.update(kw)
+    return Recipe(**args)
+
+
+def test_training_is_deterministic_on_cpu():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (12, 3, SIZE, SIZE), generator=g, dtype=torch.uint8)
+    data = TrainSet(images, torch.arange(3).repeat_interleave(4), torch.randn(12, 3, generator=g))
+    teacher = create_student("convnet_tiny", 3, SIZE).eval().requires_grad_(False)
+    aug = {"random_resized_crop_min_scale": 0.5, "flip": True, "cutmix_beta": 1.0}
+    histories = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        model = create_student("convnet_tiny", 3, SIZE)
+        out = train_student(
+            model,
+            [data, data],
+            data,
+            _recipe(targets="online-teacher", temperature=20.0, augment=aug, regen_every=2),
+            seed=3,
+            teacher=teacher,
+            progress=False,
+        )
+        histories.append(out["history"])
+    assert histories[0] == histories[1]
+    assert out["optimizer_steps"] == 9
+
+
+def test_crop_and_flip_geometry():
+    x = torch.rand(4, 3, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    assert torch.allclose(random_resized_crop_flip(x, g, 1.0, False), x, atol=1e-6)
+    flipped = random_resized_crop_flip(x, g, 1.0, True)
+    for a, b in zip(flipped, x):
+        assert torch.allclose(a, b, atol=1e-6) or torch.allclose(a, b.flip(-1), atol=1e-6)
+    cropped = random_resized_crop_flip(x, g, 0.3, True)
+    assert cropped.shape == x.shape and cropped.min() >= 0 and cropped.max() <= 1
+
+
+def test_report_writes_table_csv_and_plot(world, tmp_path):
+    _eval(world, protocol="p2", method="rded", seeds=1)
+    from promptset.report import report
+
+    path = report(runs=str(world.run), out=str(tmp_path))
+    text = path.read_text()
+    assert path == tmp_path / "report.md" and "| rded | p2 | convnet_tiny | 2 |" in text
+    rows = (tmp_path / "report.csv").read_text().splitlines()
+    assert rows[0].startswith("run,method,protocol") and len(rows) >= 2
+    png = tmp_path / "accuracy_vs_bytes.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as img:
+        img.verify()
+
+
+def test_cli_has_the_evaluate_and_report_flags():
+    from promptset.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    evaluate_flags = {s for a in sub["evaluate"]._actions for s in a.option_strings}
+    assert {
+        "--run",
+        "--test",
+        "--student",
+        "--protocol",
+        "--epochs",
+        "--seeds",
+        "--batch-size",
+        "--lr",
+        "--teacher",
+        "--method",
+        "--ipc",
+        "--train",
+        "--regen-every",
+        "--temperature",
+        "--device",
+        "--compile",
+    } <= evaluate_flags
+    assert {"--runs", "--out"} <= {s for a in sub["report"]._actions for s in a.option_strings}
