@@ -9,7 +9,8 @@ import pytest
 import torch
 
 torch.set_flush_denormal(True)
-torch.set_num_threads(int(os.environ.get("PROMPTSET_TEST_THREADS", "1")))  # 2 shared cores: 1 thread avoids oversubscription
+# Two shared cores: one thread per test process avoids oversubscription (5-10x slower otherwise).
+torch.set_num_threads(int(os.environ.get("PROMPTSET_TEST_THREADS", "1")))
 
 REPO = Path(__file__).resolve().parents[1]
 

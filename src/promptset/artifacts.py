@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__
@@ -64,11 +64,21 @@ def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def metadata_hash(metadata: dict[str, str]) -> str:
+    """sha256 over the metadata strings (except the hashes themselves), so an edited template or model id shows."""
+    body = {k: v for k, v in metadata.items() if k not in _HASH_KEYS}
+    return sha256_bytes(json.dumps(body, sort_keys=True).encode("utf-8"))
+
+
+_HASH_KEYS = ("content_sha256", "metadata_sha256")
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Atomic safetensors write with a `content_sha256` over the tensors added to the metadata."""
+    """Atomic safetensors write, with sha256 hashes of the tensors and of the metadata added to the metadata."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in metadata.items()}
+    meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in metadata.items() if k not in _HASH_KEYS}
     meta["content_sha256"] = tensors_hash(tensors)
+    meta["metadata_sha256"] = metadata_hash(meta)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 
@@ -80,8 +90,6 @@ def load_tensors(path: str | os.PathLike, what: str = "file") -> tuple[dict[str,
         raise UserError(f"{what} {path} not found")
     try:
         tensors = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
@@ -91,6 +99,9 @@ def load_tensors(path: str | os.PathLike, what: str = "file") -> tuple[dict[str,
         raise UserError(f"{what} {path} has no content hash in its metadata; it was not written by promptset")
     if tensors_hash(tensors) != expected:
         raise UserError(f"{what} {path} does not match its content hash (edited or corrupted); regenerate it")
+    # files written before metadata hashing have none; every file promptset writes now does
+    if "metadata_sha256" in meta and metadata_hash(meta) != meta["metadata_sha256"]:
+        raise UserError(f"{what} {path}: its metadata does not match its hash (edited or corrupted); regenerate it")
     return tensors, meta
 
 
@@ -134,7 +145,11 @@ class PromptSet:
     def save(self, path: str | os.PathLike) -> None:
         if self.stored_dtype not in PROMPT_DTYPES:
             raise UserError(f"--prompt-dtype {self.stored_dtype!r} is not one of {sorted(PROMPT_DTYPES)}")
-        meta = {
+        save_tensors(path, self.stored_tensors(), self.metadata())
+
+    def metadata(self) -> dict[str, str]:
+        """The metadata strings written with the tensors (the hashes are added by `save_tensors`)."""
+        return {
             "format": "promptset.prompts",
             "format_version": FORMAT_VERSION,
             "promptset_version": __version__,
@@ -148,7 +163,21 @@ class PromptSet:
             "initializers": json.dumps(self.initializers),
             "stored_dtype": self.stored_dtype,
         }
-        save_tensors(path, self.stored_tensors(), meta)
+
+    def same_as_file(self, path: str | os.PathLike) -> bool:
+        """Whether `path` already holds exactly these prompts (tensors as stored, and metadata)."""
+        if not Path(path).is_file():
+            return False
+        try:
+            tensors, meta = load_tensors(path, "prompts file")
+        except UserError:
+            return False
+        stored = self.stored_tensors()
+        return (
+            tensors.keys() == stored.keys()
+            and all(tensors[k].dtype == v.dtype and torch.equal(tensors[k], v) for k, v in stored.items())
+            and all(meta.get(k) == v for k, v in self.metadata().items())
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PromptSet:
@@ -157,23 +186,32 @@ class PromptSet:
             raise UserError(f"prompts file {path} is not a promptset prompts file (format={meta.get('format')})")
         if meta.get("format_version") != FORMAT_VERSION:
             raise UserError(f"prompts file {path} has format version {meta.get('format_version')}, expected 1")
-        emb = tensors["embeddings"]
-        if meta["stored_dtype"] == "int8":
-            emb = emb.float() * tensors["scales"].float()
-        folders = json.loads(meta["class_folders"])
-        if class_list_hash(folders) != meta["class_list_hash"]:
+        try:
+            emb = tensors["embeddings"]
+            if meta["stored_dtype"] == "int8":
+                emb = emb.float() * tensors["scales"].float()
+            folders = json.loads(meta["class_folders"])
+            token_names = json.loads(meta["token_names"])
+            prompts = cls(
+                embeddings=emb.float(),
+                token_names=token_names,
+                class_folders=folders,
+                template=meta["template"],
+                backend=meta["backend"],
+                model_id=meta["model_id"],
+                model_hash=meta["model_hash"],
+                initializers=json.loads(meta.get("initializers", "[]")),
+                stored_dtype=meta["stored_dtype"],
+            )
+        except (KeyError, ValueError) as err:
+            raise UserError(f"prompts file {path} lacks or garbles {err}; regenerate it with invert") from err
+        if class_list_hash(folders) != meta.get("class_list_hash"):
             raise UserError(f"prompts file {path}: class list does not match its hash; regenerate it")
-        return cls(
-            embeddings=emb.float(),
-            token_names=json.loads(meta["token_names"]),
-            class_folders=folders,
-            template=meta["template"],
-            backend=meta["backend"],
-            model_id=meta["model_id"],
-            model_hash=meta["model_hash"],
-            initializers=json.loads(meta.get("initializers", "[]")),
-            stored_dtype=meta["stored_dtype"],
-        )
+        if emb.ndim != 3 or len(folders) != emb.shape[0] or len(token_names) != emb.shape[0]:
+            raise UserError(
+                f"prompts file {path}: embeddings of shape {tuple(emb.shape)} do not fit its {len(folders)} classes"
+            )
+        return prompts
 
     def check_backend(self, backend, path: str | os.PathLike = "prompts.safetensors") -> None:
         """Refuse to use prompts with a model other than the one they were learned on."""

@@ -49,11 +49,18 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one JSON line. A crash can at worst leave one incomplete last line, which readers skip."""
+    """Append one JSON line. A crash can at worst leave one incomplete last line, which readers skip.
+
+    After such a crash the torn line is ended first, so the new record starts a line of its own.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    with open(path, "a+b") as f:
+        torn = False
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        f.write((b"\n" if torn else b"") + (json.dumps(record) + "\n").encode("utf-8"))  # appends at the end
         f.flush()
 
 

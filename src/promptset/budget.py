@@ -59,19 +59,34 @@ def stored_components(run: Path) -> dict[str, int]:
     return parts
 
 
-def compressed_real_bytes(data: Path, ipc: int, size: int, fmt: str = "PNG") -> int:
-    """Bytes of the first `ipc` images per class, resized to `size`, encoded as PNG (lossless) or JPEG q75."""
+_CODECS = (("png_bytes", "PNG", {"optimize": True}), ("jpeg_q75_bytes", "JPEG", {"quality": 75}))
+
+
+def compressed_real_sizes(data: Path, ipc: int, size: int) -> dict[str, int]:
+    """PNG (lossless) and JPEG q75 bytes of the first `ipc` images per class, resized to `size`.
+
+    A class with fewer than `ipc` images contributes all it has, so `images` (how many were counted) can be below
+    `ipc * classes`; the compressed sizes are then those of the images that exist, not of `ipc` per class.
+    """
     from .data import load_image, resize_center_crop, scan_image_folder
 
     index = scan_image_folder(data, flag="--data", check_headers=False)
-    total = 0
+    sizes = {"png_bytes": 0, "jpeg_q75_bytes": 0, "images": 0, "classes_short": 0}
     for files in index.files:
+        sizes["classes_short"] += len(files) < ipc
         for path in files[:ipc]:
             img = resize_center_crop(load_image(path), size)
-            buf = io.BytesIO()
-            img.save(buf, format=fmt, **({"quality": 75} if fmt == "JPEG" else {"optimize": True}))
-            total += buf.tell()
-    return total
+            for key, fmt, options in _CODECS:
+                buf = io.BytesIO()
+                img.save(buf, format=fmt, **options)
+                sizes[key] += buf.tell()
+            sizes["images"] += 1
+    return sizes
+
+
+def compressed_real_bytes(data: Path, ipc: int, size: int, fmt: str = "PNG") -> int:
+    """Bytes of the first `ipc` images per class, resized to `size`, encoded as PNG (lossless) or JPEG q75."""
+    return compressed_real_sizes(data, ipc, size)["png_bytes" if fmt == "PNG" else "jpeg_q75_bytes"]
 
 
 def _fmt(n: float) -> str:
@@ -128,8 +143,10 @@ def budget(cfg: BudgetConfig | None = None, **overrides) -> dict:
     for ipc in ipcs:
         row = {"ipc": ipc, "raw_bytes": real_bytes(ipc, num_classes, size)}
         if data is not None and data.is_dir():
-            row["png_bytes"] = compressed_real_bytes(data, ipc, size, "PNG")
-            row["jpeg_q75_bytes"] = compressed_real_bytes(data, ipc, size, "JPEG")
+            sizes = compressed_real_sizes(data, ipc, size)
+            row["png_bytes"], row["jpeg_q75_bytes"] = sizes["png_bytes"], sizes["jpeg_q75_bytes"]
+            # classes with fewer than ipc images make the compressed sizes cover fewer images than the raw bytes
+            row["images_counted"], row["classes_short"] = sizes["images"], sizes["classes_short"]
         row["stored_over_raw"] = stored / row["raw_bytes"]
         real.append(row)
     result = {
@@ -172,13 +189,18 @@ def _print_table(result: dict) -> None:
     print(f"stored bytes of {result['run']} ({result['num_classes']} classes, {result['image_size']} px images)")
     for name, n in result["components"].items():
         print(f"  {name:<12} {_fmt(n):>12}")
-    print(f"  {'total':<12} {_fmt(result['stored_bytes']):>12}   = {result['ipc_equivalent_raw']:.3f} raw images/class")
+    total = _fmt(result["stored_bytes"])
+    print(f"  {'total':<12} {total:>12}   = {result['ipc_equivalent_raw']:.3f} raw images/class")
     header = f"  {'IPC':>4} {'raw uint8':>12} {'PNG':>12} {'JPEG q75':>12} {'stored/raw':>11}"
     print("real images at the same resolution:")
     print(header)
     for row in result["real"]:
         png = _fmt(row["png_bytes"]) if "png_bytes" in row else "-"
         jpg = _fmt(row["jpeg_q75_bytes"]) if "jpeg_q75_bytes" in row else "-"
-        print(f"  {row['ipc']:>4} {_fmt(row['raw_bytes']):>12} {png:>12} {jpg:>12} {row['stored_over_raw']:>11.4f}")
+        short = ""
+        if row.get("classes_short"):
+            short = f"  (only {row['images_counted']} real images: {row['classes_short']} classes have fewer)"
+        ratio = row["stored_over_raw"]
+        print(f"  {row['ipc']:>4} {_fmt(row['raw_bytes']):>12} {png:>12} {jpg:>12} {ratio:>11.4f}{short}")
     nc = result["not_counted"]
     print(f"not counted: generator {nc['generator']['backend']} {nc['generator']['model']}, teacher {nc['teacher']}")

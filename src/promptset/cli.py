@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from pathlib import Path
 
 from . import __version__
 from .config import add_arguments, load_yaml, resolve
@@ -50,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue  # stage not built in this version
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", help="YAML file of options (its '%s:' section, or top level)" % name)
+        p.add_argument("--config", help=f"YAML file of options (its '{name}:' section, or top level)")
         add_arguments(p, cls)
     p = sub.add_parser("run", help="all stages from one config file", description=(
         "Run the stages named in a YAML config, in order: " + ", ".join(STAGE_ORDER) +
@@ -108,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"promptset {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        from .dist import shutdown
+
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ import yaml
 from .errors import UserError
 
 
-def opt(default: Any, help: str, *, choices: list | None = None) -> Any:
-    """A config field with its help text (and optional choices) for the generated CLI."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def opt(default: Any, help: str, *, choices: list | None = None, aliases: tuple[str, ...] = ()) -> Any:
+    """A config field with its help text (and optional choices and extra flag spellings) for the generated CLI."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases})
 
 
 def flag_name(name: str) -> str:
@@ -32,15 +32,16 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         kind = hints[f.name]
         meta = f.metadata
         help_text = f"{meta.get('help', '')} (default: {f.default!r})"
+        flags = [flag_name(f.name), *meta.get("aliases", ())]
         if kind is bool:
             parser.add_argument(
-                flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                *flags, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                 help=help_text,
             )
             continue
         base = _base_type(kind)
         parser.add_argument(
-            flag_name(f.name), dest=f.name, type=base, default=argparse.SUPPRESS, choices=meta.get("choices"),
+            *flags, dest=f.name, type=base, default=argparse.SUPPRESS, choices=meta.get("choices"),
             help=help_text, metavar=f.name.upper() if not meta.get("choices") else None,
         )
 

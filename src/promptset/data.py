@@ -411,10 +411,19 @@ def _pil_limit_at_least(limit: int) -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = saved
 
 
-def verify_images(index: ImageFolderIndex, *, max_pixels: int | None = None, progress: bool = True) -> None:
-    """Fully decode every image once, so a truncated file fails before any output is written."""
+def verify_images(
+    index: ImageFolderIndex, *, max_pixels: int | None = None, progress: bool = True, flag: str = "--data"
+) -> None:
+    """Fully decode every image once, so a truncated file fails before any output is written.
+
+    Raises:
+        UserError: For the first bad file, its message prefixed with `flag` (the option that named the dataset).
+    """
     from tqdm.auto import tqdm
 
     paths = [p for files in index.files for p in files]
     for path in tqdm(paths, desc="verify images", disable=not progress, unit="img", leave=False):
-        load_image(path, max_pixels=max_pixels).close()
+        try:
+            load_image(path, max_pixels=max_pixels).close()
+        except UserError as err:
+            raise UserError(f"{flag} {err}") from err

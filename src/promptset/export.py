@@ -33,8 +33,9 @@ def export(cfg: ExportConfig | None = None, **overrides) -> Path:
         raise UserError("--run is required")
     run = Path(cfg.run)
     classes = require_classes(run)
-    prompts = PromptSet.load(run / "prompts.safetensors")
-    check_same_classes([c.folder for c in classes], prompts.class_folders, str(run / "prompts.safetensors"),
+    prompts_path = run / "prompts.safetensors"
+    prompts = PromptSet.load(prompts_path)
+    check_same_classes([c.folder for c in classes], prompts.class_folders, f"prompts file {prompts_path}",
                        "regenerate the prompts with invert in this run folder")
     out = Path(cfg.out) if cfg.out else run / "export"
     out.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,11 @@
 """Regenerate training images from the learned prompts (D3M step 3/4), and optionally the teacher's soft labels.
 
-Image i of class c starts from noise drawn with seed derive_seed(seed, "generate", c, i) on its own generator, and
-the sampler is deterministic, so an image depends on (prompts, seed, c, i) only: never on batch size or process
-count. Each generated collage is cut into its factor x factor patches, resized to the dataset resolution.
+Image i of class c starts from noise drawn with seed derive_seed(seed, "generate", c, i) on its own generator, the
+sampler is deterministic, and each image is denoised on its own (CPU and GPU kernels round differently for different
+batch shapes, and even for different rows of one batch), so an image depends on (prompts, seed, c, i) only: its PNG is
+byte-identical for any batch size or process count. Each generated collage is cut into its factor x factor patches,
+resized to the dataset resolution. A rerun skips images whose files exist, decode, and were made with the same
+settings (the manifest records them), so an interrupted or partly deleted generation is completed, not redone.
 """
 
 from __future__ import annotations
@@ -16,24 +19,25 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .artifacts import PromptSet, save_tensors
+from .artifacts import PromptSet, save_tensors, sha256_bytes, tensors_hash
 from .atomic import append_jsonl, read_jsonl, save_image, write_text
-from .config import opt
+from .config import opt, to_dict
 from .data import load_image, to_pil, to_tensor
-from .dist import barrier, rank_world
+from .dist import agree, barrier, rank_world
 from .errors import UserError
-from .runfolder import check_same_classes, require_classes
+from .runfolder import check_same_classes, check_teacher_classes, remove_stale_tmp, require_classes, write_config
 from .seeding import derive_seed
 
 
 @dataclass
 class GenerateConfig:
-    run: str = opt("", "run folder with prompts.safetensors (from invert)")
+    # torchrun's own parser takes `--run` for an abbreviation of its `--run-path`: under torchrun pass --run-dir
+    run: str = opt("", "run folder with prompts.safetensors (from invert)", aliases=("--run-dir",))
     out: str = opt("", "where generated/, grid.png and labels.safetensors go (default: the run folder)")
     ipc: int = opt(10, "training images (patches) per class")
     steps: int = opt(25, "denoising steps")
     guidance: float = opt(7.5, "classifier-free guidance scale (1 = off)")
-    batch_size: int = opt(8, "images per sampler batch (does not change the images)")
+    batch_size: int = opt(8, "images per progress step; each image is denoised on its own, so this never changes them")
     seed: int = opt(0, "random seed; image seeds are derived from (seed, class, index)")
     backend: str = opt("", "backend kind (default: the one invert used)")
     model: str = opt("", "model (default: the one invert used)")
@@ -99,14 +103,24 @@ def cut_patches(images: torch.Tensor, factor: int, size: int) -> torch.Tensor:
 
 
 def generate_batch(backend, conditioner, jobs: list[Job], *, steps: int, guidance: float, factor: int,
-                   image_size: int, uncond: torch.Tensor | None) -> torch.Tensor:
-    """Images for `jobs`, cut into patches: (B, k*k, 3, size, size) in [0, 1] on CPU."""
-    classes = torch.tensor([j.cls for j in jobs])
-    cond = conditioner(classes)
-    noise = backend.initial_noise([j.seed for j in jobs])
-    neg = uncond.expand(len(jobs), -1, -1) if uncond is not None else None
-    images = backend.sample(cond, neg, noise, steps=steps, guidance=guidance)  # (B, 3, H, W)
-    return cut_patches(images.float().cpu(), factor, image_size)
+                   image_size: int, uncond: torch.Tensor | None, micro_batch: int | None = 1) -> torch.Tensor:
+    """Images for `jobs`, cut into patches: (B, k*k, 3, size, size) in [0, 1] on CPU.
+
+    With `micro_batch=1` (the default) every image is conditioned, denoised and decoded on its own, so it is
+    bit-for-bit the same whatever batch it comes in. `micro_batch=None` runs the whole batch through each call:
+    faster, but the kernels' rounding then depends on the batch shape (last-bit differences, now and then one
+    uint8 step in a PNG). Use it only where images need not be reproducible across batch sizes.
+    """
+    chunk = len(jobs) if micro_batch is None else micro_batch
+    parts = []
+    for s in range(0, len(jobs), chunk):
+        part = jobs[s : s + chunk]
+        cond = conditioner(torch.tensor([j.cls for j in part]))  # (b, L, D_text)
+        noise = backend.initial_noise([j.seed for j in part])  # (b, c, h, w)
+        neg = uncond.expand(len(part), -1, -1) if uncond is not None else None
+        images = backend.sample(cond, neg, noise, steps=steps, guidance=guidance)  # (b, 3, H, W)
+        parts.append(cut_patches(images.float().cpu(), factor, image_size))
+    return torch.cat(parts)  # (B, k*k, 3, size, size)
 
 
 def jobs_for(classes: list[int], images_per_class: int, seed: int, stage: str = "generate") -> list[Job]:
@@ -130,44 +144,33 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> Path:
         setattr(cfg, k, v)
     from .backends import create_backend
 
-    if not cfg.run:
-        raise UserError("--run is required")
-    run = Path(cfg.run)
-    for name in ("ipc", "steps", "batch_size"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive")
-    classes = require_classes(run)
-    prompts = PromptSet.load(run / "prompts.safetensors")
-    check_same_classes([c.folder for c in classes], prompts.class_folders, f"{run / 'prompts.safetensors'}",
-                       "regenerate the prompts with invert in this run folder")
-    invert_cfg, select_info = _run_defaults(run)
-    kind = cfg.backend or invert_cfg.get("backend") or prompts.backend
-    model = cfg.model or invert_cfg.get("model") or prompts.model_id
-    factor = cfg.factor or int(select_info.get("factor", 1))
-    if cfg.soft_labels and not cfg.teacher:
-        raise UserError("--soft-labels needs --teacher NAME:PATH.safetensors")
-    teacher = None
-    if cfg.soft_labels:
-        from .models import load_teacher
-
-        teacher = load_teacher(cfg.teacher, num_classes=len(classes), device="cpu")
-    backend = create_backend(kind, model, device=cfg.device, dtype=cfg.dtype, sampler=cfg.sampler)
-    prompts.check_backend(backend, run / "prompts.safetensors")
-    if cfg.resolution or invert_cfg.get("resolution"):
-        backend.resolution = int(cfg.resolution or invert_cfg["resolution"])
-    image_size = cfg.image_size or int(select_info.get("image_size", backend.resolution // factor))
-    out = Path(cfg.out) if cfg.out else run
-    gen_dir = out / "generated"
     rank, world = rank_world()
+    try:  # validate on every rank before anything is written
+        setup = _setup(cfg, create_backend)
+    except UserError as err:
+        agree(err)
+        raise
+    agree(None)
+    run, out, classes, backend, prompts, teacher, factor, image_size, key = setup
+    gen_dir = out / "generated"
     per_class = math.ceil(cfg.ipc / factor**2)
-
+    if rank == 0:
+        if out == run:
+            write_config(run, "generate", to_dict(cfg))
+        remove_stale_tmp(gen_dir)  # left by a killed run; nobody writes here before the barrier below
     jobs = jobs_for(list(range(rank, len(classes), world)), per_class, cfg.seed)
-    part = gen_dir / f".manifest.rank{rank}.jsonl"
-    done = {(r["class_index"], r["image"]) for r in read_jsonl(part) if _row_ok(gen_dir, r)}
+    done = _finished_images(gen_dir, classes, jobs, key, factor, cfg.ipc, image_size)
     todo = [j for j in jobs if (j.cls, j.index) not in done]
+    if rank == 0 and done:
+        share = "" if world == 1 else " (this process's share)"
+        print(f"generate: {len(done)} of {len(jobs)} images{share} already made with these settings; "
+              f"making {len(todo)}", flush=True)
+    barrier()
+
     conditioner = PromptConditioner(backend, prompts)
     with torch.no_grad():
         uncond = backend.encode_prompts([""]) if cfg.guidance != 1.0 else None
+    part = gen_dir / f".manifest.rank{rank}.jsonl"
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="generate", unit="img",
                disable=not (cfg.progress and rank == 0))
     for s in range(0, len(todo), cfg.batch_size):
@@ -182,43 +185,115 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> Path:
                     break
                 save_image(gen_dir / folder / f"{idx:05d}.png", to_pil(job_patches[p]))
             # one manifest row per image, appended after its files exist: a resumed run trusts these rows
-            append_jsonl(part, {"class_index": job.cls, "image": job.index, "seed": job.seed})
+            append_jsonl(part, {"class_index": job.cls, "image": job.index, "seed": job.seed, "key": key})
         bar.update(len(batch))
     bar.close()
     barrier()
     if rank == 0:
-        _finish(run, out, gen_dir, classes, cfg, factor, per_class, image_size, teacher, world)
+        _finish(run, out, gen_dir, classes, cfg, factor, per_class, image_size, teacher, key)
     barrier()
     return gen_dir
 
 
-def _row_ok(gen_dir: Path, row: dict) -> bool:
-    return isinstance(row.get("seed"), int)
+def _setup(cfg: GenerateConfig, create_backend) -> tuple:
+    """Check the run, the prompts and the flags, and load the model; raises UserError before anything is written."""
+    if not cfg.run:
+        raise UserError("--run is required")
+    run = Path(cfg.run)
+    for name in ("ipc", "steps", "batch_size"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive")
+    classes = require_classes(run)
+    prompts_path = run / "prompts.safetensors"
+    prompts = PromptSet.load(prompts_path)
+    check_same_classes([c.folder for c in classes], prompts.class_folders, f"prompts file {prompts_path}",
+                       "regenerate the prompts with invert in this run folder")
+    invert_cfg, select_info = _run_defaults(run)
+    kind = cfg.backend or invert_cfg.get("backend") or prompts.backend
+    model = cfg.model or invert_cfg.get("model") or prompts.model_id
+    factor = cfg.factor or int(select_info.get("factor", 1))
+    if cfg.soft_labels and not cfg.teacher:
+        raise UserError("--soft-labels needs --teacher NAME:PATH.safetensors")
+    teacher = None
+    if cfg.soft_labels:
+        from .models import load_teacher
+
+        check_teacher_classes(cfg.teacher, [c.folder for c in classes])
+        teacher = load_teacher(cfg.teacher, num_classes=len(classes), device="cpu")
+    backend = create_backend(kind, model, device=cfg.device, dtype=cfg.dtype, sampler=cfg.sampler)
+    prompts.check_backend(backend, prompts_path)
+    if cfg.resolution or invert_cfg.get("resolution"):
+        backend.resolution = int(cfg.resolution or invert_cfg["resolution"])
+    image_size = cfg.image_size or int(select_info.get("image_size", backend.resolution // factor))
+    out = Path(cfg.out) if cfg.out else run
+    # everything that changes a pixel; a manifest row made with another key is regenerated
+    settings = {"prompts": tensors_hash({"embeddings": prompts.embeddings}), "template": prompts.template,
+                "model": backend.model_hash, "steps": cfg.steps, "guidance": cfg.guidance, "sampler": cfg.sampler,
+                "seed": cfg.seed, "resolution": backend.resolution, "factor": factor, "image_size": image_size,
+                "dtype": cfg.dtype}
+    key = sha256_bytes(json.dumps(settings, sort_keys=True).encode())[:16]
+    return run, out, classes, backend, prompts, teacher, factor, image_size, key
 
 
-def _finish(run, out, gen_dir, classes, cfg, factor, per_class, image_size, teacher, world) -> None:
+def _finished_images(gen_dir: Path, classes, jobs: list[Job], key: str, factor: int, ipc: int,
+                     image_size: int) -> set[tuple[int, int]]:
+    """(class, image) pairs already generated with these settings: in a manifest, and every patch file decodes."""
+    rows = _manifest_rows(gen_dir)
+    done = set()
+    for job in jobs:
+        row = rows.get((job.cls, job.index))
+        if row is not None and row.get("key") == key and row.get("seed") == job.seed:
+            files = [gen_dir / classes[job.cls].folder / f"{idx:05d}.png" for idx in _patch_indices(job, factor, ipc)]
+            if all(_image_ok(f, image_size) for f in files):
+                done.add((job.cls, job.index))
+    return done
+
+
+def _manifest_rows(gen_dir: Path) -> dict[tuple[int, int], dict]:
+    """Per (class, image), the latest row of the final manifest or of any process's partial manifest."""
     rows = {}
-    for r in range(world):
-        for row in read_jsonl(gen_dir / f".manifest.rank{r}.jsonl"):
-            rows[(row["class_index"], row["image"])] = row
+    for path in [gen_dir / "manifest.jsonl", *sorted(gen_dir.glob(".manifest.rank*.jsonl"))]:
+        for row in read_jsonl(path):
+            if isinstance(row.get("class_index"), int) and isinstance(row.get("image"), int):
+                rows[(row["class_index"], row["image"])] = row
+    return rows
+
+
+def _patch_indices(job: Job, factor: int, ipc: int) -> list[int]:
+    first = job.index * factor**2
+    return list(range(first, min(first + factor**2, ipc)))
+
+
+def _image_ok(path: Path, size: int) -> bool:
+    """The file exists, decodes completely, and has the patch size."""
+    try:
+        with load_image(path) as img:
+            return img.size == (size, size)
+    except (UserError, OSError):
+        return False
+
+
+def _finish(run, out, gen_dir, classes, cfg, factor, per_class, image_size, teacher, key) -> None:
+    rows = _manifest_rows(gen_dir)
     manifest, seeds = [], []
-    for c, info in enumerate(classes):
-        for i in range(per_class):
-            row = rows[(c, i)]
-            seeds.append(row["seed"])
-            for p in range(factor**2):
-                idx = i * factor**2 + p
-                if idx >= cfg.ipc:
-                    break
-                manifest.append({"class": info.folder, "class_index": c, "index": idx, "image": i,
-                                 "seed": row["seed"], "patch": p, "file": f"{info.folder}/{idx:05d}.png"})
+    for job in jobs_for(list(range(len(classes))), per_class, cfg.seed):
+        row = rows.get((job.cls, job.index))
+        if row is None or row.get("key") != key or row.get("seed") != job.seed:
+            raise RuntimeError(f"generate: image {job.index} of class {job.cls} is missing from every manifest")
+        info = classes[job.cls]
+        seeds.append(job.seed)
+        for p, idx in enumerate(_patch_indices(job, factor, cfg.ipc)):
+            manifest.append({"class": info.folder, "class_index": job.cls, "index": idx, "image": job.index,
+                             "seed": job.seed, "patch": p, "file": f"{info.folder}/{idx:05d}.png", "key": key})
     write_text(gen_dir / "manifest.jsonl", "".join(json.dumps(m) + "\n" for m in manifest))
-    for r in range(world):
-        (gen_dir / f".manifest.rank{r}.jsonl").unlink(missing_ok=True)
+    for part in gen_dir.glob(".manifest.rank*.jsonl"):
+        part.unlink(missing_ok=True)
+    _remove_unlisted(gen_dir, classes, {m["file"] for m in manifest})
     _grid(out / "grid.png", gen_dir, classes, min(cfg.ipc, 8), image_size)
     meta = {"ipc": str(cfg.ipc), "factor": str(factor), "images_per_class": str(per_class),
             "steps": str(cfg.steps), "guidance": str(cfg.guidance), "sampler": cfg.sampler, "seed": str(cfg.seed),
-            "image_size": str(image_size), "class_folders": json.dumps([c.folder for c in classes])}
+            "image_size": str(image_size), "class_folders": json.dumps([c.folder for c in classes]),
+            "generation_key": key}
     tensors = {"seeds": torch.tensor(seeds, dtype=torch.int32)}  # (N,)
     if teacher is not None:
         tensors["soft_labels"] = soft_labels_for(teacher, gen_dir, manifest, len(classes), per_class, factor,
@@ -226,6 +301,14 @@ def _finish(run, out, gen_dir, classes, cfg, factor, per_class, image_size, teac
         meta.update({"teacher": teacher.spec, "teacher_sha256": teacher.weights_sha256, "label_kind": "logits",
                      "label_dtype": cfg.label_dtype})
     save_tensors(out / "labels.safetensors", tensors, meta)
+
+
+def _remove_unlisted(gen_dir: Path, classes, listed: set[str]) -> None:
+    """Delete PNGs of an earlier, larger generation, so `generated/` holds exactly the manifest's images."""
+    for info in classes:
+        for path in (gen_dir / info.folder).glob("*.png"):
+            if f"{info.folder}/{path.name}" not in listed:
+                path.unlink()
 
 
 @torch.no_grad()

@@ -16,12 +16,13 @@ How this run is organised, and why:
   output (see `DiffusionBackend.slots`), so no weight of the model changes at all.
 - The text encoder runs on G prompts per step, not B: samples of one class share their conditioning.
 - A checkpoint (vectors, AdamW moments, RNG state, step) is written atomically every `checkpoint_every` steps;
-  rerunning the same command resumes from it bit-for-bit.
+  rerunning the same command resumes from it bit-for-bit. A loss that turns NaN or inf stops the run (exit 3)
+  before a checkpoint could store the bad state.
 """
 
 from __future__ import annotations
 
-import math
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +31,21 @@ import torch
 from tqdm.auto import tqdm
 
 from .artifacts import PromptSet, load_tensors, save_tensors, token_name_for
-from .atomic import append_jsonl, read_jsonl
+from .atomic import append_jsonl, read_jsonl, write_text
 from .config import opt, to_dict
-from .data import load_class_images, scan_image_folder, verify_images
-from .dist import barrier, rank_world
+from .data import MAX_IMAGE_PIXELS, load_class_images, scan_image_folder, verify_images
+from .dist import agree, barrier, rank_world
 from .errors import TrainingDiverged, UserError
-from .runfolder import check_same_classes, prepare_run, read_classes, resolve_class_names, write_classes
+from .runfolder import (
+    check_run_folder,
+    check_same_classes,
+    read_classes,
+    remove_outputs,
+    remove_stale_tmp,
+    resolve_class_names,
+    write_classes,
+    write_config,
+)
 from .seeding import derive_seed
 
 
@@ -60,11 +70,13 @@ class InvertConfig:
     flip: bool = opt(True, "also train on mirrored images (encoded once into the latent cache)")
     seed: int = opt(0, "random seed")
     device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1, ...")
-    dtype: str = opt("fp32", "model dtype (the placeholder vectors always train in fp32)", choices=["fp32", "fp16", "bf16"])
+    dtype: str = opt("fp32", "model dtype (the placeholder vectors always train in fp32)",
+                     choices=["fp32", "fp16", "bf16"])
     prompt_dtype: str = opt("fp32", "dtype of the stored prompts", choices=["fp32", "fp16", "int8"])
     checkpoint_every: int = opt(100, "checkpoint interval in steps (a killed run loses at most this many)")
     log_every: int = opt(10, "metrics interval in steps (the only host syncs in the loop)")
     verify_images: bool = opt(True, "decode every training image once before starting (bad files fail fast)")
+    max_image_pixels: int = opt(MAX_IMAGE_PIXELS, "decompression-bomb limit: refuse images with more pixels than this")
     overwrite: bool = opt(False, "replace a different run already in --out")
     progress: bool = opt(True, "show progress bars")
 
@@ -95,57 +107,37 @@ def invert(cfg: InvertConfig | None = None, **overrides) -> Path:
     cfg = cfg or InvertConfig()
     for k, v in overrides.items():
         setattr(cfg, k, v)
-    from .backends import create_backend
     from .budget import print_budget, prompt_bytes
 
-    if not cfg.out:
-        raise UserError("--out is required: the run folder to write")
-    run = Path(cfg.out)
-    if not cfg.model:
-        raise UserError("--model is required (a diffusers folder for --backend sd, a promptset model for mini)")
-    for name in ("steps", "batch_size", "num_vectors", "checkpoint_every", "log_every"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    data_dir = Path(cfg.data) if cfg.data else run / "collages"
-    cfg.data = str(data_dir)
     rank, world = rank_world()
-
-    # ---- validate everything before writing anything -------------------------------------------------------
-    index = scan_image_folder(data_dir, flag="--data")
-    existing = read_classes(run)
-    if existing is not None:
-        check_same_classes([c.folder for c in existing], index.classes, f"--data {data_dir}",
-                           "pass the data the run was made from, or a new --out")
-        names = [c.name for c in existing]
-    else:
-        names = resolve_class_names(index.classes, cfg.class_names)
-    if cfg.verify_images:
-        verify_images(index, progress=cfg.progress and rank == 0)
-    backend = create_backend(cfg.backend, cfg.model, device=cfg.device, dtype=cfg.dtype)
-    resolution = cfg.resolution or backend.resolution
-    if resolution % backend.autoencoder.downscale:
-        raise UserError(f"--resolution {resolution} must be a multiple of {backend.autoencoder.downscale}")
-    words = _initializer_words(cfg, names)
-    init_vectors = torch.stack([backend.initializer_vector(w) for w in words])  # (C, D)
-    layout = backend.layout(cfg.template, cfg.num_vectors)
+    try:  # validate on every rank before anything is written
+        plan = _plan(cfg)
+    except UserError as err:
+        agree(err)
+        raise
+    agree(None)
+    run, index, names, backend, words, init_vectors, layout, resolution, per_group, rewrite_classes, replaced = plan
     num_classes = index.num_classes
-    per_group = cfg.classes_per_batch or min(num_classes, cfg.batch_size)
-    if cfg.batch_size % per_group:
-        raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --classes-per-batch {per_group}")
     repeats = cfg.batch_size // per_group
     taken: set[str] = set()
     token_names = [token_name_for(f, taken) for f in index.classes]
+    folder = run / "invert"
 
     if rank == 0:
-        prepare_run(run, "invert", to_dict(cfg) | {"resolution": resolution}, overwrite=cfg.overwrite)
-        if existing is None:
+        if replaced:
+            remove_outputs(run, ["invert", "prompts.safetensors"])
+        write_config(run, "invert", to_dict(cfg) | {"resolution": resolution})
+        if rewrite_classes:
             write_classes(run, index.classes, names)
+        remove_stale_tmp(folder)  # half-written files of a killed run; nobody writes there before the barrier
+        remove_stale_tmp(run, recursive=False)
+        print(f"invert: --data {cfg.data}: {num_classes} classes, {index.num_images} images; skipped "
+              f"{index.skipped_hidden} hidden and {index.skipped_non_image} non-image entries", flush=True)
         print_budget(run, prompt_bytes(num_classes, cfg.num_vectors, backend.token_dim, cfg.prompt_dtype),
                      num_classes=num_classes, image_size=None, title="invert: stored bytes of the distilled set")
     barrier()
 
     groups = _groups(num_classes, per_group)
-    folder = run / "invert"
     for g in range(rank, len(groups), world):
         _train_group(backend, cfg, index, groups[g], g, len(groups), init_vectors, layout, resolution, repeats,
                      folder, show=cfg.progress and rank == 0)
@@ -162,11 +154,57 @@ def invert(cfg: InvertConfig | None = None, **overrides) -> Path:
             template=cfg.template, backend=backend.kind, model_id=backend.model_id, model_hash=backend.model_hash,
             initializers=words, stored_dtype=cfg.prompt_dtype,
         )
-        prompts.save(prompts_path)
+        if not prompts.same_as_file(prompts_path):  # a no-op rerun keeps the file (and its mtime) as it was
+            prompts.save(prompts_path)
         if world > 1:
             _merge_rank_metrics(folder, world)
     barrier()
     return prompts_path
+
+
+def _plan(cfg: InvertConfig) -> tuple:
+    """Everything invert can refuse, checked before any output exists (reads only, so every rank runs it)."""
+    from .backends import create_backend
+
+    if not cfg.out:
+        raise UserError("--out is required: the run folder to write")
+    run = Path(cfg.out)
+    if not cfg.model:
+        raise UserError("--model is required (a diffusers folder for --backend sd, a promptset model for mini)")
+    for name in ("steps", "batch_size", "num_vectors", "checkpoint_every", "log_every", "max_image_pixels"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if not 0 < cfg.lr <= 1e30:  # beyond that AdamW's step size overflows float32 (textual inversion uses ~5e-3)
+        raise UserError(f"--lr must be in (0, 1e30], got {cfg.lr}")
+    data_dir = Path(cfg.data) if cfg.data else run / "collages"
+    cfg.data = str(data_dir)
+
+    index = scan_image_folder(data_dir, flag="--data", max_pixels=cfg.max_image_pixels)
+    existing = read_classes(run)
+    if existing is not None and not cfg.overwrite:
+        check_same_classes([c.folder for c in existing], index.classes, f"--data {data_dir}",
+                           "pass the data the run was made from, or a new --out (or --overwrite)")
+    same_classes = existing is not None and [c.folder for c in existing] == index.classes
+    names = [c.name for c in existing] if same_classes else resolve_class_names(index.classes, cfg.class_names)
+    num_classes = index.num_classes
+    per_group = cfg.classes_per_batch or min(num_classes, cfg.batch_size)
+    if cfg.batch_size % per_group:
+        raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --classes-per-batch {per_group}")
+    if cfg.verify_images:
+        verify_images(index, max_pixels=cfg.max_image_pixels, progress=cfg.progress and rank_world()[0] == 0)
+    backend = create_backend(cfg.backend, cfg.model, device=cfg.device, dtype=cfg.dtype)
+    resolution = cfg.resolution or backend.resolution
+    if resolution % backend.autoencoder.downscale:
+        raise UserError(f"--resolution {resolution} must be a multiple of {backend.autoencoder.downscale}")
+    flag = "--initializers" if cfg.initializers else "--initializer"
+    if not cfg.initializers and not cfg.initializer:
+        flag = "--initializer (default: the class name)"
+    words = _initializer_words(cfg, names)
+    init_vectors = torch.stack([backend.initializer_vector(w, flag=flag) for w in words])  # (C, D)
+    layout = backend.layout(cfg.template, cfg.num_vectors)
+    replaced = check_run_folder(run, "invert", to_dict(cfg) | {"resolution": resolution}, overwrite=cfg.overwrite)
+    return (run, index, names, backend, words, init_vectors, layout, resolution, per_group, not same_classes,
+            replaced)
 
 
 def _metrics_path(folder: Path) -> Path:
@@ -175,9 +213,6 @@ def _metrics_path(folder: Path) -> Path:
 
 
 def _merge_rank_metrics(folder: Path, world: int) -> None:
-    from .atomic import write_text
-    import json
-
     rows = [r for k in range(world) for r in read_jsonl(folder / f"metrics.rank{k}.jsonl")]
     rows.sort(key=lambda r: (r.get("group", 0), r.get("step", 0)))
     write_text(folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -201,7 +236,7 @@ def _latent_cache(backend, cfg, index, classes, g, resolution, folder) -> tuple[
             pass  # a stale or torn cache is simply rebuilt
     means, stds, out = [], [], {}
     for i, c in enumerate(classes):
-        images = load_class_images(index, c, resolution)  # (N, 3, R, R) in [0, 1]
+        images = load_class_images(index, c, resolution, max_pixels=cfg.max_image_pixels)  # (N, 3, R, R) in [0, 1]
         views = [images, images.flip(-1)] if cfg.flip else [images]
         mean, std = backend.encode_images(torch.cat(views))  # (F*N, c, h, w)
         n = images.shape[0]
@@ -220,9 +255,11 @@ def _train_group(backend, cfg, index, classes, g, num_groups, init_vectors, layo
                  show) -> None:
     """Train the placeholder vectors of one class group; resumes from its checkpoint; writes groups/gNNNNN."""
     result_path = folder / "groups" / f"g{g:05d}.safetensors"
-    if result_path.is_file():
-        return  # finished on an earlier run
     ckpt_path = folder / "checkpoints" / f"g{g:05d}.safetensors"
+    data_key = {"split_hash": index.split_hash(), "classes": ",".join(map(str, classes))}
+    if _matches(result_path, data_key):
+        ckpt_path.unlink(missing_ok=True)  # a run killed between writing the result and cleaning up
+        return  # finished on an earlier run
     device = backend.device
     means, stds = _latent_cache(backend, cfg, index, classes, g, resolution, folder)
     means = [m.to(device) for m in means]
@@ -235,13 +272,15 @@ def _train_group(backend, cfg, index, classes, g, num_groups, init_vectors, layo
     optimizer = torch.optim.AdamW([vectors], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "invert", g))
     start = 0
-    if ckpt_path.is_file():
+    if _matches(ckpt_path, data_key):  # a checkpoint of other data (same path, new files) is not resumed
         start = _load_checkpoint(ckpt_path, vectors, optimizer, generator)
+    _drop_metrics_after(_metrics_path(folder), g, start)  # rows of steps the killed run did past its checkpoint
 
     group_size = len(classes)
     sample_class = torch.arange(group_size).repeat(repeats)  # (B,) local class of each sample
     loss_sum = torch.zeros(group_size, device=device)
     loss_n = 0
+    finite = torch.ones((), dtype=torch.bool, device=device)  # every loss since the start of this process
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=start, desc=f"invert group {g + 1}/{num_groups}", disable=not show,
                unit="step")
@@ -264,6 +303,7 @@ def _train_group(backend, cfg, index, classes, g, num_groups, init_vectors, layo
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        finite &= torch.isfinite(loss)
         loss_sum += per_sample.detach().view(repeats, group_size).sum(0)
         loss_n += repeats
         done = step + 1
@@ -272,24 +312,42 @@ def _train_group(backend, cfg, index, classes, g, num_groups, init_vectors, layo
         if done % cfg.log_every == 0 or done == cfg.steps:
             record = _metrics(vectors.detach(), init.to(device), loss_sum / max(loss_n, 1), classes, index, g,
                               done, _lr_at(step, cfg), time.perf_counter() - t0)
-            if not math.isfinite(record["loss"]) or not torch.isfinite(vectors).all():
-                raise TrainingDiverged(
-                    f"invert: loss became {record['loss']} at step {done} of group {g}; the last good checkpoint "
-                    f"{ckpt_path} is kept. Lower --lr (now {cfg.lr}) and rerun with --overwrite"
-                )
+            _stop_if_diverged(finite, vectors, done, g, ckpt_path, cfg)
             append_jsonl(_metrics_path(folder), record)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             loss_sum.zero_()
             loss_n = 0
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            if not torch.isfinite(vectors).all():
-                raise TrainingDiverged(f"invert: vectors became non-finite at step {done}; last checkpoint kept")
-            _save_checkpoint(ckpt_path, vectors, optimizer, generator, done)
+            _stop_if_diverged(finite, vectors, done, g, ckpt_path, cfg)  # never checkpoint a bad state
+            _save_checkpoint(ckpt_path, vectors, optimizer, generator, done, data_key)
     bar.close()
+    _stop_if_diverged(finite, vectors, cfg.steps, g, ckpt_path, cfg)
     save_tensors(result_path, {"embeddings": vectors.detach().float().cpu(), "init": init.cpu()},
-                 {"group": str(g), "classes": ",".join(map(str, classes)), "steps": str(cfg.steps)})
+                 {"group": str(g), "steps": str(cfg.steps)} | data_key)
     ckpt_path.unlink(missing_ok=True)
     (folder / "latents" / f"g{g:05d}.safetensors").unlink(missing_ok=True)
+
+
+def _stop_if_diverged(finite: torch.Tensor, vectors: torch.Tensor, step: int, g: int, ckpt_path: Path, cfg) -> None:
+    """Raise TrainingDiverged if a loss or a vector became NaN/inf (a host sync: only at log and checkpoint steps)."""
+    if bool(finite) and bool(torch.isfinite(vectors).all()):
+        return
+    kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else "no checkpoint was written yet"
+    raise TrainingDiverged(
+        f"the loss became NaN or inf by step {step} of group {g}; {kept}. Lower --lr (now {cfg.lr}) and "
+        "rerun with --overwrite"
+    )
+
+
+def _drop_metrics_after(path: Path, g: int, step: int) -> None:
+    """Remove metrics rows of group `g` past `step` (and a torn last line), so a resumed run logs each step once."""
+    if not path.is_file():
+        return
+    rows = read_jsonl(path)
+    kept = [r for r in rows if not (r.get("group") == g and r.get("step", 0) > step)]
+    text = path.read_text(encoding="utf-8")
+    if len(kept) != len(rows) or (text and not text.endswith("\n")) or len(rows) != len(text.splitlines()):
+        write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _metrics(vectors, init, class_loss, classes, index, g, step, lr, elapsed) -> dict:
@@ -308,7 +366,18 @@ def _metrics(vectors, init, class_loss, classes, index, g, step, lr, elapsed) ->
     }
 
 
-def _save_checkpoint(path: Path, vectors, optimizer, generator, step: int) -> None:
+def _matches(path: Path, key: dict[str, str]) -> bool:
+    """The group file exists, is intact, and was made from the same data."""
+    if not path.is_file():
+        return False
+    try:
+        _, meta = load_tensors(path, "group file")
+    except UserError:
+        return False  # damaged (it cannot be: writes are atomic) or foreign: train again
+    return all(meta.get(k) == v for k, v in key.items())
+
+
+def _save_checkpoint(path: Path, vectors, optimizer, generator, step: int, key: dict[str, str]) -> None:
     state = optimizer.state[vectors]
     tensors = {
         "vectors": vectors.detach().cpu(),
@@ -317,7 +386,7 @@ def _save_checkpoint(path: Path, vectors, optimizer, generator, step: int) -> No
         "adam_step": torch.as_tensor(state["step"]).reshape(1).float().cpu(),
         "rng_state": generator.get_state(),
     }
-    save_tensors(path, tensors, {"step": str(step)})
+    save_tensors(path, tensors, {"step": str(step)} | key)
 
 
 def _load_checkpoint(path: Path, vectors, optimizer, generator) -> int:

@@ -6,12 +6,14 @@ A stage that finds a class list disagreeing with its inputs refuses with a messa
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from .atomic import write_json, write_text
+from .atomic import TMP_PREFIX, write_json, write_text
+from .data import validate_class_name
 from .errors import UserError
 
 
@@ -34,9 +36,14 @@ def read_classes(run: Path) -> list[ClassInfo] | None:
         return None
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
-        return [ClassInfo(int(r["index"]), str(r["folder"]), str(r["name"])) for r in rows]
+        classes = [ClassInfo(int(r["index"]), str(r["folder"]), str(r["name"])) for r in rows]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise UserError(f"{path} is not a valid class list ({err}); delete it or pass a fresh --out") from err
+    if [c.index for c in classes] != list(range(len(classes))):
+        raise UserError(f"{path}: class indices are not 0..{len(classes) - 1} in order; pass a fresh --out")
+    for c in classes:  # folder names become paths under the run folder: an edited list must not escape it
+        validate_class_name(c.folder, flag=str(path))
+    return classes
 
 
 def require_classes(run: Path) -> list[ClassInfo]:
@@ -62,6 +69,31 @@ def check_same_classes(expected: list[str], got: list[str], what: str, fix: str)
     raise UserError(f"{what} does not match classes.json ({'; '.join(detail)}); {fix}")
 
 
+def check_teacher_classes(spec: str, folders: list[str]) -> None:
+    """Refuse a teacher whose weights file names its classes (metadata `class_folders` or `classes`, a JSON list)
+    in a different order or set than `classes.json`. Files without such metadata are checked by width only."""
+    from safetensors import SafetensorError, safe_open
+
+    _, sep, raw = (spec or "").partition(":")
+    path = Path(raw.strip()).expanduser()
+    if not sep or path.suffix.lower() != ".safetensors" or not path.is_file():
+        return  # load_teacher explains what is wrong with the spec
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError):
+        return
+    raw_list = meta.get("class_folders") or meta.get("classes")
+    if raw_list is None:
+        return
+    try:
+        got = [str(c) for c in json.loads(raw_list)]
+    except (json.JSONDecodeError, TypeError) as err:
+        raise UserError(f"teacher weights {path}: metadata class list is not a JSON list ({err})") from err
+    check_same_classes(folders, got, f"teacher weights {path} (its class list)",
+                       "pass a teacher trained on these classes, in classes.json order")
+
+
 def resolve_class_names(folders: list[str], class_names: str | None) -> list[str]:
     """Display names: from `--class-names FILE` (JSON {folder: name} or one name per line), else from folders."""
     from .data import display_name
@@ -85,29 +117,98 @@ def resolve_class_names(folders: list[str], class_names: str | None) -> list[str
     return [str(mapping[f]) for f in folders]
 
 
-def prepare_run(run: Path, stage: str, config: dict, *, overwrite: bool = False) -> None:
-    """Create the run folder and write the resolved config; refuse a folder that holds a different run.
+def check_run_folder(run: Path, stage: str, config: dict, *, overwrite: bool = False) -> bool:
+    """Refuse an `--out` folder that holds a different run of this stage, or something that is not a run at all.
 
-    A folder holds "a different run" when its `config.yaml` has a different section for this stage's inputs.
-    Re-running the same command is allowed (it resumes).
+    A folder holds "a different run" when its `config.yaml` has a different section for this stage's inputs;
+    re-running the same command is allowed (it resumes). Reads only, so every rank can run it before anything is
+    written.
+
+    Returns:
+        True when `--overwrite` replaces a different earlier run: the caller removes that run's outputs.
     """
     run = Path(run)
     if run.exists() and not run.is_dir():
-        raise UserError(f"--out {run} exists and is not a folder")
+        raise UserError(f"--out {run} exists and is not a folder; pass a folder path")
     cfg_path = run / "config.yaml"
-    existing = {}
-    if cfg_path.is_file():
-        existing = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
-    previous = existing.get(stage)
-    if previous is not None and _identity(previous) != _identity(config) and not overwrite:
-        changed = sorted(k for k in set(previous) | set(config) if k in _IDENTITY_KEYS and previous.get(k) != config.get(k))
+    if not cfg_path.is_file():
+        is_run = (run / "classes.json").is_file()
+        if run.is_dir() and not is_run and any(run.iterdir()) and not overwrite:
+            raise UserError(
+                f"--out {run} is not empty and holds no promptset run (no config.yaml or classes.json); pass a new "
+                "or empty folder, or --overwrite to write into it anyway"
+            )
+        return False
+    previous = _read_config(cfg_path).get(stage)
+    if previous is None or _identity(previous) == _identity(config):
+        return False
+    if not overwrite:
+        keys = (set(previous) | set(config)) & _IDENTITY_KEYS
+        changed = sorted(k for k in keys if previous.get(k) != config.get(k))
         raise UserError(
             f"--out {run} already holds a different {stage} run (changed: {', '.join(changed)}); "
             "pass a new --out folder, or --overwrite to replace it"
         )
+    return True
+
+
+def write_config(run: Path, stage: str, config: dict) -> None:
+    """Create the run folder and record this stage's resolved config in `config.yaml` (other stages kept)."""
+    run = Path(run)
+    cfg_path = run / "config.yaml"
+    existing = _read_config(cfg_path) if cfg_path.is_file() else {}
     existing[stage] = config
     run.mkdir(parents=True, exist_ok=True)
     write_text(cfg_path, yaml.safe_dump(existing, sort_keys=False))
+
+
+def prepare_run(run: Path, stage: str, config: dict, *, overwrite: bool = False) -> bool:
+    """`check_run_folder`, then `write_config`; returns whether a different earlier run is being replaced."""
+    replaced = check_run_folder(run, stage, config, overwrite=overwrite)
+    write_config(run, stage, config)
+    return replaced
+
+
+def remove_outputs(run: Path, names: list[str]) -> None:
+    """Delete files or folders of an earlier run that `--overwrite` replaces."""
+    for name in names:
+        path = Path(run) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def remove_stale_tmp(folder: Path, *, recursive: bool = True) -> int:
+    """Delete `.tmp-*` files and folders a killed process left in `folder` (and below); returns how many.
+
+    Only call it while no other process writes there (rank 0, before the first barrier).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    found = folder.rglob(TMP_PREFIX + "*") if recursive else folder.glob(TMP_PREFIX + "*")
+    stale = [p for p in found if p.name.startswith(TMP_PREFIX)]
+    removed = 0
+    for path in sorted(stale, key=lambda p: len(p.parts)):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink(missing_ok=True)
+        else:
+            continue  # inside a folder removed just before
+        removed += 1
+    return removed
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path} is not valid YAML ({err}); delete it or pass a fresh --out") from err
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a promptset config (expected one section per stage); pass a fresh --out")
+    return data
 
 
 # Flags that change a stage's result; others (device, progress, checkpoint interval) may differ on resume.

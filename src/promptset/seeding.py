@@ -1,4 +1,4 @@
-"""Seeds as pure functions of (seed, stage, class, index), so outputs never depend on rank, world size or batch size."""
+"""Seeds as pure functions of (seed, stage, class, index): outputs never depend on rank, world size or batch size."""
 
 from __future__ import annotations
 

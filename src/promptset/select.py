@@ -19,11 +19,32 @@ from tqdm.auto import tqdm
 
 from .atomic import save_image, write_json
 from .config import opt, to_dict
-from .data import load_image, resize_center_crop, scan_image_folder, to_pil, to_tensor, verify_images
-from .dist import barrier, rank_world
+from .data import (
+    MAX_IMAGE_PIXELS,
+    ImageFolderIndex,
+    load_image,
+    resize_center_crop,
+    scan_image_folder,
+    to_pil,
+    to_tensor,
+    verify_images,
+)
+from .dist import agree, barrier, rank_world
 from .errors import UserError
-from .runfolder import check_same_classes, prepare_run, read_classes, resolve_class_names, write_classes
+from .runfolder import (
+    check_run_folder,
+    check_same_classes,
+    check_teacher_classes,
+    read_classes,
+    remove_outputs,
+    remove_stale_tmp,
+    resolve_class_names,
+    write_classes,
+    write_config,
+)
 from .seeding import derive_seed
+
+STAGING = "collages.partial"  # finished classes of an interrupted select; a rerun resumes from it
 
 
 @dataclass
@@ -39,6 +60,7 @@ class SelectConfig:
     max_images_per_class: int = opt(0, "use the first N images of each class (RDED mipc=300); 0 = all")
     num_collages: int = opt(0, "collages per class; 0 = as many as the selected patches fill")
     class_names: str = opt("", "file with display names (JSON {folder: name} or one per line); default: folder names")
+    max_image_pixels: int = opt(MAX_IMAGE_PIXELS, "decompression-bomb limit: refuse images with more pixels than this")
     batch_size: int = opt(256, "teacher batch size")
     seed: int = opt(0, "random seed")
     device: str = opt("auto", "torch device")
@@ -60,7 +82,9 @@ def random_resized_crop_box(h: int, w: int, scale: float, generator: torch.Gener
     return (h - side) // 2, (w - side) // 2, side, side
 
 
-def best_patches(images, teacher, label: int, cfg: SelectConfig, seeds: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+def best_patches(
+    images, teacher, label: int, cfg: SelectConfig, seeds: list[int], device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image, the crop with the lowest teacher CE for `label`. Returns patches (N, 3, p, p) and their CE (N,)."""
     patch = cfg.resolution // cfg.factor
     tsize = cfg.teacher_size or cfg.resolution
@@ -100,50 +124,45 @@ def select(cfg: SelectConfig | None = None, **overrides) -> Path:
     cfg = cfg or SelectConfig()
     for k, v in overrides.items():
         setattr(cfg, k, v)
-    from .backends.base import resolve_device
-    from .models import load_teacher
-
-    if not cfg.data or not cfg.out:
-        raise UserError("--data and --out are required")
-    if cfg.factor < 1 or cfg.resolution % cfg.factor:
-        raise UserError(f"--resolution {cfg.resolution} must be a positive multiple of --factor {cfg.factor}")
-    if cfg.num_crops < 1:
-        raise UserError("--num-crops must be at least 1")
-    if not 0 < cfg.crop_scale <= 1:
-        raise UserError(f"--crop-scale {cfg.crop_scale} must be in (0, 1]")
-    run = Path(cfg.out)
     rank, world = rank_world()
-    index = scan_image_folder(cfg.data, flag="--data")
-    if cfg.max_images_per_class:
-        index = index.subset(0, cfg.max_images_per_class)
-    existing = read_classes(run)
-    if existing is not None:
-        check_same_classes([c.folder for c in existing], index.classes, f"--data {cfg.data}",
-                           "pass the data the run was made from, or a new --out")
-    names = resolve_class_names(index.classes, cfg.class_names)
-    device = resolve_device(cfg.device)
-    teacher = load_teacher(cfg.teacher, num_classes=index.num_classes, device=device)
-    verify_images(index, progress=cfg.progress and rank == 0)
+    run = Path(cfg.out or ".")
+    try:  # validate on every rank before anything is written
+        index, names, teacher, device, rewrite_classes, replaced = _check_inputs(cfg, run)
+    except UserError as err:
+        agree(err)
+        raise
+    agree(None)
+    collages, staging = run / "collages", run / STAGING
+    if not replaced and _finished(run, index):
+        if rank == 0:
+            print(f"select: {collages} is already complete for this data and config; nothing to do "
+                  "(pass --overwrite with other options to redo it)", flush=True)
+        return collages
 
-    staging = run / ".tmp-collages"
     if rank == 0:
-        prepare_run(run, "select", to_dict(cfg), overwrite=cfg.overwrite)
-        if existing is None:
+        if replaced:
+            remove_outputs(run, ["collages", STAGING, "select.json"])
+        write_config(run, "select", to_dict(cfg))
+        if rewrite_classes:
             write_classes(run, index.classes, names)
+        remove_stale_tmp(staging)  # half-written files of a killed run; finished classes are kept
+        remove_stale_tmp(run, recursive=False)
         staging.mkdir(parents=True, exist_ok=True)
+        print(_data_summary(cfg.data, index), flush=True)
     barrier()
 
+    split_hash = index.split_hash()
     patch = cfg.resolution // cfg.factor
     per_collage = cfg.factor**2
     mine = list(range(rank, index.num_classes, world))
     for c in tqdm(mine, desc="select", disable=not (cfg.progress and rank == 0), unit="class"):
         folder = staging / index.classes[c]
         done = staging / f"{index.classes[c]}.done.json"
-        if done.is_file():
+        if done.is_file() and json.loads(done.read_text()).get("split_hash") == split_hash:
             continue  # finished on an earlier run
         if folder.exists():
             shutil.rmtree(folder)
-        images = [load_image(p) for p in index.files[c]]
+        images = [load_image(p, max_pixels=cfg.max_image_pixels) for p in index.files[c]]
         if teacher is None:
             patches = torch.stack([to_tensor(resize_center_crop(im, patch)) for im in images])
             ce = None
@@ -154,21 +173,21 @@ def select(cfg: SelectConfig | None = None, **overrides) -> Path:
             order = torch.argsort(ce, stable=True)
         available = len(images) // per_collage
         n_collages = min(cfg.num_collages, available) if cfg.num_collages else available
-        if n_collages == 0:
-            raise UserError(f"--data class {index.classes[c]!r} has {len(images)} images, fewer than one "
-                            f"{cfg.factor}x{cfg.factor} collage needs; lower --factor or add images")
         for j in range(n_collages):
             ids = order[j * per_collage : (j + 1) * per_collage]
             save_image(folder / f"{j:05d}.png", to_pil(stitch(patches[ids], cfg.factor)))
         stats = {"folder": index.classes[c], "num_images": len(images), "num_collages": n_collages,
                  "mean_ce_selected": None if ce is None else float(ce[order[: n_collages * per_collage]].mean()),
                  "mean_ce_all": None if ce is None else float(ce.mean())}
-        write_json(done, stats)
+        write_json(done, stats | {"split_hash": split_hash})
     barrier()
 
-    collages = run / "collages"
     if rank == 0:
-        per_class = [json.loads((staging / f"{f}.done.json").read_text()) for f in index.classes]
+        per_class = []
+        for f in index.classes:
+            stats = json.loads((staging / f"{f}.done.json").read_text())
+            stats.pop("split_hash")
+            per_class.append(stats)
         for f in index.classes:
             (staging / f"{f}.done.json").unlink()
         if collages.exists():
@@ -176,7 +195,7 @@ def select(cfg: SelectConfig | None = None, **overrides) -> Path:
         staging.rename(collages)
         write_json(run / "select.json", {
             "data": str(Path(cfg.data).resolve()),
-            "split_hash": index.split_hash(),
+            "split_hash": split_hash,
             "teacher": cfg.teacher,
             "teacher_sha256": getattr(teacher, "weights_sha256", None),
             "resolution": cfg.resolution,
@@ -190,3 +209,60 @@ def select(cfg: SelectConfig | None = None, **overrides) -> Path:
         })
     barrier()
     return collages
+
+
+def _check_inputs(cfg: SelectConfig, run: Path) -> tuple:
+    """Everything select can refuse, checked before any output exists (reads only, so every rank runs it)."""
+    from .backends.base import resolve_device
+    from .models import load_teacher
+
+    if not cfg.data or not cfg.out:
+        raise UserError("--data and --out are required")
+    if cfg.factor < 1 or cfg.resolution < 1 or cfg.resolution % cfg.factor:
+        raise UserError(f"--resolution {cfg.resolution} must be a positive multiple of --factor {cfg.factor}")
+    if cfg.num_crops < 1:
+        raise UserError("--num-crops must be at least 1")
+    if not 0 < cfg.crop_scale <= 1:
+        raise UserError(f"--crop-scale {cfg.crop_scale} must be in (0, 1]")
+    if cfg.max_image_pixels < 1:
+        raise UserError(f"--max-image-pixels must be positive, got {cfg.max_image_pixels}")
+    index = scan_image_folder(cfg.data, flag="--data", max_pixels=cfg.max_image_pixels)
+    if cfg.max_images_per_class:
+        index = index.subset(0, cfg.max_images_per_class)
+    per_collage = cfg.factor**2
+    for name, files in zip(index.classes, index.files):
+        if len(files) < per_collage:
+            raise UserError(f"--data {Path(cfg.data) / name}: class {name!r} has {len(files)} images, fewer than one "
+                            f"{cfg.factor}x{cfg.factor} collage needs; lower --factor or add images")
+    replaced = check_run_folder(run, "select", to_dict(cfg), overwrite=cfg.overwrite)
+    existing = read_classes(run)
+    if existing is not None and not cfg.overwrite:
+        check_same_classes([c.folder for c in existing], index.classes, f"--data {cfg.data}",
+                           "pass the data the run was made from, or a new --out (or --overwrite)")
+    rewrite_classes = existing is None or [c.folder for c in existing] != index.classes
+    names = resolve_class_names(index.classes, cfg.class_names)
+    device = resolve_device(cfg.device)
+    check_teacher_classes(cfg.teacher, index.classes)
+    teacher = load_teacher(cfg.teacher, num_classes=index.num_classes, device=device)
+    verify_images(index, max_pixels=cfg.max_image_pixels, progress=cfg.progress and rank_world()[0] == 0)
+    return index, names, teacher, device, rewrite_classes, replaced
+
+
+def _finished(run: Path, index: ImageFolderIndex) -> bool:
+    """A complete earlier select of the same data (its config was already checked to be the same)."""
+    info_path, collages = run / "select.json", run / "collages"
+    if not info_path.is_file() or not collages.is_dir() or (run / STAGING).exists():
+        return False
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        counts = {c["folder"]: int(c["num_collages"]) for c in info["classes"]}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return False
+    if info.get("split_hash") != index.split_hash() or list(counts) != index.classes:
+        return False
+    return all(len(list((collages / f).glob("*.png"))) == n for f, n in counts.items())
+
+
+def _data_summary(data: str, index: ImageFolderIndex) -> str:
+    return (f"select: --data {data}: {index.num_classes} classes, {index.num_images} images; skipped "
+            f"{index.skipped_hidden} hidden and {index.skipped_non_image} non-image entries")

