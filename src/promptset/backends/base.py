@@ -30,15 +30,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """`auto` (or None) picks CUDA when available, else CPU."""
+    """`auto` (or None) picks CUDA when available, else CPU. A bare `cuda` under a launcher is `cuda:LOCAL_RANK`."""
+    import os
+
     if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError as err:
         raise UserError(f"--device {name!r} is not a valid torch device (try cpu, cuda, cuda:0)") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but CUDA is not available; pass --device cpu")
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return device
 
 
@@ -73,6 +77,15 @@ class KLAutoencoder(Autoencoder):
     def decode(self, latents):
         images = self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def _place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Move a frozen part to the device, casting only when its dtype differs (diffusers warns on every cast)."""
+    module = module.to(device)
+    param = next(module.parameters(), None)
+    if param is not None and param.dtype != dtype:
+        module = module.to(dtype)
+    return module.eval().requires_grad_(False)
 
 
 @dataclass
@@ -115,9 +128,9 @@ class DiffusionBackend:
     ):
         self.kind = kind
         self.tokenizer = tokenizer
-        self.text_encoder = text_encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.autoencoder = autoencoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.text_encoder = _place(text_encoder, device, dtype)
+        self.unet = _place(unet, device, dtype)
+        self.autoencoder = _place(autoencoder, device, dtype)
         self.noise_scheduler = noise_scheduler
         self.sample_scheduler = sample_scheduler
         self.model_id = model_id
