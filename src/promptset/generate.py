@@ -1,9 +1,10 @@
 """Regenerate training images from the learned prompts (D3M step 3/4), and optionally the teacher's soft labels.
 
-Image i of class c starts from noise drawn with seed derive_seed(seed, "generate", c, i) on its own generator, the
-sampler is deterministic, and each image is denoised on its own (CPU and GPU kernels round differently for different
-batch shapes, and even for different rows of one batch), so an image depends on (prompts, seed, c, i) only: its PNG is
-byte-identical for any batch size or process count. Each generated collage is cut into its factor x factor patches,
+Image i of class c starts from noise drawn with seed derive_seed(seed, "generate", c, i) on its own generator and the
+sampler is deterministic. Kernels round differently for different batch *shapes* (not for different rows of one
+shape), so images are always denoised in padded micro-batches of exactly `--sampler-batch` images: an image depends on
+(prompts, seed, c, i, sampler batch) only, and its PNG is byte-identical for any `--batch-size`, resume or process
+count. Each generated collage is cut into its factor x factor patches,
 resized to the dataset resolution. A rerun skips images whose files exist, decode, and were made with the same
 settings (the manifest records them), so an interrupted or partly deleted generation is completed, not redone.
 """
@@ -37,7 +38,9 @@ class GenerateConfig:
     ipc: int = opt(10, "training images (patches) per class")
     steps: int = opt(25, "denoising steps")
     guidance: float = opt(7.5, "classifier-free guidance scale (1 = off)")
-    batch_size: int = opt(8, "images per progress step; each image is denoised on its own, so this never changes them")
+    batch_size: int = opt(8, "images per progress step (never changes the images)")
+    sampler_batch: int = opt(8, "images denoised together, padded to exactly this many; images depend on it in the "
+                             "last bits, so keep it fixed to reproduce a stored set (larger is faster on a GPU)")
     seed: int = opt(0, "random seed; image seeds are derived from (seed, class, index)")
     backend: str = opt("", "backend kind (default: the one invert used)")
     model: str = opt("", "model (default: the one invert used)")
@@ -102,24 +105,30 @@ def cut_patches(images: torch.Tensor, factor: int, size: int) -> torch.Tensor:
     return patches.clamp(0, 1).view(b, factor * factor, c, size, size)
 
 
-def generate_batch(backend, conditioner, jobs: list[Job], *, steps: int, guidance: float, factor: int,
-                   image_size: int, uncond: torch.Tensor | None, micro_batch: int | None = 1) -> torch.Tensor:
-    """Images for `jobs`, cut into patches: (B, k*k, 3, size, size) in [0, 1] on CPU.
+SAMPLER_BATCH = 8
 
-    With `micro_batch=1` (the default) every image is conditioned, denoised and decoded on its own, so it is
-    bit-for-bit the same whatever batch it comes in. `micro_batch=None` runs the whole batch through each call:
-    faster, but the kernels' rounding then depends on the batch shape (last-bit differences, now and then one
-    uint8 step in a PNG). Use it only where images need not be reproducible across batch sizes.
+
+def generate_batch(backend, conditioner, jobs: list[Job], *, steps: int, guidance: float, factor: int,
+                   image_size: int, uncond: torch.Tensor | None, micro_batch: int | None = SAMPLER_BATCH,
+                   to_cpu: bool = True) -> torch.Tensor:
+    """Images for `jobs`, cut into patches: (B, k*k, 3, size, size) in [0, 1] (on CPU unless `to_cpu=False`).
+
+    The denoiser always sees exactly `micro_batch` images: the last chunk is padded with copies of its last job and
+    the copies are dropped. Rows of one batch shape are computed alike, so an image is bit-for-bit the same however
+    the jobs are grouped. `micro_batch=None` runs all jobs in one call (fastest; images then depend on len(jobs)).
     """
     chunk = len(jobs) if micro_batch is None else micro_batch
     parts = []
     for s in range(0, len(jobs), chunk):
         part = jobs[s : s + chunk]
+        real = len(part)
+        part = part + [part[-1]] * (chunk - real)  # pad to the fixed shape
         cond = conditioner(torch.tensor([j.cls for j in part]))  # (b, L, D_text)
         noise = backend.initial_noise([j.seed for j in part])  # (b, c, h, w)
         neg = uncond.expand(len(part), -1, -1) if uncond is not None else None
-        images = backend.sample(cond, neg, noise, steps=steps, guidance=guidance)  # (b, 3, H, W)
-        parts.append(cut_patches(images.float().cpu(), factor, image_size))
+        images = backend.sample(cond, neg, noise, steps=steps, guidance=guidance)[:real]  # (b, 3, H, W)
+        images = images.float().cpu() if to_cpu else images.float()
+        parts.append(cut_patches(images, factor, image_size))
     return torch.cat(parts)  # (B, k*k, 3, size, size)
 
 
@@ -176,7 +185,7 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> Path:
     for s in range(0, len(todo), cfg.batch_size):
         batch = todo[s : s + cfg.batch_size]
         patches = generate_batch(backend, conditioner, batch, steps=cfg.steps, guidance=cfg.guidance,
-                                 factor=factor, image_size=image_size, uncond=uncond)
+                                 factor=factor, image_size=image_size, uncond=uncond, micro_batch=cfg.sampler_batch)
         for job, job_patches in zip(batch, patches):
             folder = classes[job.cls].folder
             for p in range(factor**2):
@@ -200,7 +209,7 @@ def _setup(cfg: GenerateConfig, create_backend) -> tuple:
     if not cfg.run:
         raise UserError("--run is required")
     run = Path(cfg.run)
-    for name in ("ipc", "steps", "batch_size"):
+    for name in ("ipc", "steps", "batch_size", "sampler_batch"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     classes = require_classes(run)
@@ -230,7 +239,7 @@ def _setup(cfg: GenerateConfig, create_backend) -> tuple:
     settings = {"prompts": tensors_hash({"embeddings": prompts.embeddings}), "template": prompts.template,
                 "model": backend.model_hash, "steps": cfg.steps, "guidance": cfg.guidance, "sampler": cfg.sampler,
                 "seed": cfg.seed, "resolution": backend.resolution, "factor": factor, "image_size": image_size,
-                "dtype": cfg.dtype}
+                "dtype": cfg.dtype, "sampler_batch": cfg.sampler_batch}
     key = sha256_bytes(json.dumps(settings, sort_keys=True).encode())[:16]
     return run, out, classes, backend, prompts, teacher, factor, image_size, key
 
@@ -291,7 +300,8 @@ def _finish(run, out, gen_dir, classes, cfg, factor, per_class, image_size, teac
     _remove_unlisted(gen_dir, classes, {m["file"] for m in manifest})
     _grid(out / "grid.png", gen_dir, classes, min(cfg.ipc, 8), image_size)
     meta = {"ipc": str(cfg.ipc), "factor": str(factor), "images_per_class": str(per_class),
-            "steps": str(cfg.steps), "guidance": str(cfg.guidance), "sampler": cfg.sampler, "seed": str(cfg.seed),
+            "steps": str(cfg.steps), "guidance": str(cfg.guidance), "sampler": cfg.sampler,
+            "sampler_batch": str(cfg.sampler_batch), "seed": str(cfg.seed),
             "image_size": str(image_size), "class_folders": json.dumps([c.folder for c in classes]),
             "generation_key": key}
     tensors = {"seeds": torch.tensor(seeds, dtype=torch.int32)}  # (N,)
