@@ -1,0 +1,671 @@
+"""Images/s of promptset's `generate_batch` vs. diffusers' `StableDiffusionPipeline.__call__` at equal settings.
+
+Both use one model loaded through `promptset.backends.create_backend` (the pipeline is built from the backend's own
+components), DDIM with the same steps, guidance and batch size, the same conditioning (`PromptConditioner` on
+prompts initialised from the class names, or `TextConditioner` on class prompts), computed per batch inside the timed
+region for both and handed to the pipeline as `prompt_embeds`; the empty prompt's states are encoded once and given
+as `negative_prompt_embeds` (promptset's `generate` also encodes them once). Initial noise comes from per-image
+generators in both (`generator=[torch.Generator().manual_seed(s) for s in seeds]` for the pipeline). The two run
+in the same process in alternating timed rounds (median), so drifting load on a shared machine hits both alike.
+Peak memory of one batch: GPU `max_memory_allocated`; CPU peak RSS from `getrusage`, reset in between through
+/proc/self/clear_refs. The images are compared for the same seeds (max abs diff; identical expected in fp32).
+
+`--experiments` re-times promptset with monkeypatched variants of `DiffusionBackend.sample` and of the conditioner
+(inference_mode, precomputed DDIM coefficients, channels-last UNet, cached cross-attention K/V, text encoder once
+per class, optionally torch.compile), each in rounds alternating with the unpatched code and checked against its
+images: what a change in src/ would buy, measured.
+
+    python benchmarks/bench_generate.py --quick --json bench_generate.json
+    python benchmarks/bench_generate.py --quick --experiments --profile          # + what would make it faster
+    python benchmarks/bench_generate.py --device cuda --json bench_generate_gpu.json   # SD-1.5 shapes, 512 px
+"""
+
+from __future__ import annotations
+
+import time
+
+T_START = time.perf_counter()
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+torch.set_flush_denormal(True)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the two batch functions, timed in the same process
+def setup(spec: dict):
+    """Backend, conditioner, uncond states and the job batches (shared by promptset and the pipeline)."""
+    from promptset.artifacts import PromptSet
+    from promptset.backends import create_backend
+    from promptset.generate import PromptConditioner, TextConditioner, class_prompts, jobs_for
+
+    backend = create_backend("sd", spec["model"], device=spec["device"], dtype=spec["dtype"], sampler="ddim")
+    if spec.get("resolution"):
+        backend.resolution = int(spec["resolution"])  # as `promptset generate --resolution` does
+    names = spec["names"]
+    if spec["conditioner"] == "prompt":
+        # learned prompts stand-in: each class's vector starts at its name's embedding row (as invert initialises it)
+        vectors = torch.stack([backend.initializer_vector(n) for n in names]).unsqueeze(1)  # (C, 1, D)
+        prompts = PromptSet(
+            embeddings=vectors,
+            token_names=[f"<{n}>" for n in names],
+            class_folders=names,
+            template="a photo of {token}",
+            backend=backend.kind,
+            model_id=backend.model_id,
+            model_hash=backend.model_hash,
+        )
+        conditioner = PromptConditioner(backend, prompts)
+    else:
+        conditioner = TextConditioner(backend, class_prompts(names))
+    with torch.no_grad():
+        uncond = backend.encode_prompts([""]) if spec["guidance"] != 1.0 else None  # (1, L, D_text)
+    jobs = jobs_for(list(range(len(names))), spec["images_per_class"], seed=0)
+    b = spec["batch_size"]
+    batches = [jobs[i : i + b] for i in range(0, len(jobs), b)]
+    return backend, conditioner, uncond, batches
+
+
+def run_all(fn, batches) -> list[torch.Tensor]:
+    return [fn(batch) for batch in batches]
+
+
+def timed(fn, batches, device) -> tuple[float, list[torch.Tensor]]:
+    """Seconds to run `fn` over every batch (synchronised on GPU), and the outputs."""
+    common.sync(device)
+    t0 = time.perf_counter()
+    outs = run_all(fn, batches)
+    common.sync(device)
+    return time.perf_counter() - t0, outs
+
+
+def peak_memory(fn, batch, device) -> dict:
+    """Peak memory of one batch: GPU max_memory_allocated (weights included); CPU peak RSS (getrusage, reset first)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        fn(batch)
+        common.sync(device)
+        return {"peak_gpu_bytes": torch.cuda.max_memory_allocated(device), "max_rss_mb": None}
+    reset = common.reset_peak_rss()
+    fn(batch)
+    return {"peak_gpu_bytes": None, "max_rss_mb": common.max_rss_mb(), "rss_peak_reset": reset}
+
+
+def interleaved(fns: dict, batches, rounds: int, device) -> tuple[dict, dict]:
+    """Time every fn over all batches `rounds` times, alternating the order each round (load on a shared machine
+    drifts; back-to-back rounds see the same load). Returns per-fn round times and per-fn last-round outputs."""
+    times = {k: [] for k in fns}
+    outs = {}
+    names = list(fns)
+    for r in range(rounds):
+        for k in names if r % 2 == 0 else names[::-1]:
+            seconds, outs[k] = timed(fns[k], batches, device)
+            times[k].append(seconds)
+    return times, outs
+
+
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+DEFAULT = object()  # "call generate_batch as `promptset generate` does" (its own micro_batch default)
+
+
+def supports_micro_batch() -> bool:
+    import inspect
+
+    from promptset.generate import generate_batch
+
+    return "micro_batch" in inspect.signature(generate_batch).parameters
+
+
+def ours_fn(spec, backend, conditioner, uncond, micro_batch=DEFAULT):
+    """promptset's `generate_batch` on one batch of jobs -> (B, 3, H, W) on CPU."""
+    from promptset.generate import generate_batch
+
+    res = backend.resolution
+    extra = {} if micro_batch is DEFAULT else {"micro_batch": micro_batch}
+
+    def fn(batch):
+        patches = generate_batch(
+            backend,
+            conditioner,
+            batch,
+            steps=spec["steps"],
+            guidance=spec["guidance"],
+            factor=1,
+            image_size=res,
+            uncond=uncond,
+            **extra,
+        )  # (B, 1, 3, H, W)
+        return patches[:, 0]
+
+    return fn
+
+
+def padded_fn(spec, backend, conditioner, uncond, micro: int):
+    """Experiment: fixed-shape micro-batches. Every chunk of `micro` jobs is padded (repeating its last job) to
+    exactly `micro` images, so the kernels always see the same shapes: an image is then the same whatever batch
+    it comes in (as with micro_batch=1), but the UNet runs on `micro` images per call instead of one."""
+    inner = ours_fn(spec, backend, conditioner, uncond, micro_batch=None)
+
+    def fn(batch):
+        outs = []
+        for s in range(0, len(batch), micro):
+            part = batch[s : s + micro]
+            outs.append(inner(part + [part[-1]] * (micro - len(part)))[: len(part)])
+        return torch.cat(outs)
+
+    return fn
+
+
+def diffusers_fn(spec, backend, conditioner, uncond, per_image: bool = False):
+    """`StableDiffusionPipeline.__call__` on one batch (or image by image) -> (B, 3, H, W) on CPU."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=backend.autoencoder.vae,
+        text_encoder=backend.text_encoder,
+        tokenizer=backend.tokenizer,
+        unet=backend.unet,
+        scheduler=DDIMScheduler.from_config(backend.sample_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    res = backend.resolution
+
+    def call(jobs):
+        classes = torch.tensor([j.cls for j in jobs])
+        with torch.no_grad():
+            cond = conditioner(classes)  # (B, L, D_text): the same conditioning promptset samples from
+        neg = uncond.expand(len(jobs), -1, -1) if uncond is not None else None
+        out = pipe(
+            prompt_embeds=cond,
+            negative_prompt_embeds=neg,
+            num_inference_steps=spec["steps"],
+            guidance_scale=spec["guidance"],
+            height=res,
+            width=res,
+            output_type="pt",
+            generator=[torch.Generator().manual_seed(j.seed) for j in jobs],
+        )
+        return out.images.float().cpu()  # (B, 3, H, W) in [0, 1]
+
+    if per_image:
+        return lambda batch: torch.cat([call([job]) for job in batch])
+    return call
+
+
+def profile_ours(fn, batch, device) -> list[dict]:
+    """torch.profiler over one promptset batch: the ops that take the most self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn(batch)
+        common.sync(device)
+    rows = []
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
+    total = sum(getattr(e, key, 0) for e in events) or 1
+    for e in events[:12]:
+        rows.append(
+            {"op": e.key, "calls": e.count, "self_ms": getattr(e, key, 0) / 1e3, "share": getattr(e, key, 0) / total}
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# monkeypatched experiments: what would make DiffusionBackend.sample / generate_batch faster, measured
+class CachedCrossKV(torch.nn.Module):
+    """Wraps a cross-attention to_k/to_v: the conditioning is the same tensor at every denoising step, so its
+    projection is computed once per batch instead of once per step (same op on the same input: identical output)."""
+
+    def __init__(self, linear: torch.nn.Module):
+        super().__init__()
+        self.linear = linear
+        self._key: torch.Tensor | None = None
+        self._out: torch.Tensor | None = None
+
+    def forward(self, x):
+        if x is not self._key:
+            self._key, self._out = x, self.linear(x)
+        return self._out
+
+
+@contextlib.contextmanager
+def cached_cross_kv(unet):
+    from diffusers.models.attention_processor import Attention
+
+    wrapped = []
+    for module in unet.modules():
+        if isinstance(module, Attention) and module.is_cross_attention:
+            wrapped.append((module, module.to_k, module.to_v))
+            module.to_k, module.to_v = CachedCrossKV(module.to_k), CachedCrossKV(module.to_v)
+    try:
+        yield
+    finally:
+        for module, k, v in wrapped:
+            module.to_k, module.to_v = k, v
+
+
+@contextlib.contextmanager
+def channels_last(unet):
+    unet.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        unet.to(memory_format=torch.contiguous_format)
+
+
+def fast_sample_factory(backend, *, inference_mode: bool, fused_ddim: bool):
+    """`DiffusionBackend.sample` with the scheduler work hoisted out of the loop (same arithmetic, same order)."""
+    cache: dict = {}
+
+    def sample(cond, uncond, noise, *, steps, guidance):
+        key = (steps, str(backend.device))
+        if key not in cache:
+            scheduler = type(backend.sample_scheduler).from_config(backend.sample_scheduler.config)
+            scheduler.set_timesteps(steps, device=backend.device)
+            coefs = []
+            for t in scheduler.timesteps:
+                prev = int(t) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+                a_t = scheduler.alphas_cumprod[t]
+                a_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod
+                # exactly DDIMScheduler.step's tensors (eta = 0, epsilon prediction, no clipping)
+                coefs.append(((1 - a_t) ** 0.5, a_t**0.5, a_prev**0.5, (1 - a_prev - 0.0) ** 0.5))
+            cache[key] = (scheduler, coefs)
+        scheduler, coefs = cache[key]
+        ctx = torch.inference_mode() if inference_mode else torch.no_grad()
+        with ctx:
+            latents = noise.to(backend.device, torch.float32) * scheduler.init_noise_sigma
+            use_cfg = uncond is not None and guidance != 1.0
+            states = (torch.cat([uncond, cond]) if use_cfg else cond).to(backend.dtype)
+            for i, t in enumerate(scheduler.timesteps):
+                model_in = torch.cat([latents] * 2) if use_cfg else latents
+                pred = backend.unet(model_in.to(backend.dtype), t, encoder_hidden_states=states).sample.float()
+                if use_cfg:
+                    pred_uncond, pred_cond = pred.chunk(2)
+                    pred = pred_uncond + guidance * (pred_cond - pred_uncond)
+                if fused_ddim:
+                    sqrt_beta, sqrt_a, sqrt_a_prev, dir_coef = coefs[i]
+                    x0 = (latents - sqrt_beta * pred) / sqrt_a
+                    latents = sqrt_a_prev * x0 + dir_coef * pred
+                else:
+                    latents = scheduler.step(pred, t, latents).prev_sample
+            return backend.decode_latents(latents)
+
+    return sample
+
+
+class PerClassStates:
+    """Conditioner wrapper: the text encoder runs once per class (C prompts) instead of once per batch (B prompts)."""
+
+    def __init__(self, conditioner, num_classes: int):
+        with torch.no_grad():
+            self.states = conditioner(torch.arange(num_classes))  # (C, L, D_text)
+
+    def __call__(self, classes):
+        return self.states[classes.to(self.states.device)]
+
+
+# Each variant is a set of monkeypatches. "padded" (fixed-shape micro-batches) is the one that keeps promptset's
+# batch-size invariance while batching; the others are measured on top of it.
+VARIANTS = {
+    "fixed_shape_micro_batch": {"padded"},
+    "+ inference_mode": {"padded", "fast_sample"},
+    "+ ddim_coefficients_precomputed": {"padded", "fast_sample", "fused_ddim"},
+    "+ channels_last_unet": {"padded", "channels_last"},
+    "+ cached_cross_attn_kv": {"padded", "cached_kv"},
+    "+ text_encoder_once_per_class": {"padded", "per_class"},
+    "all_of_the_above": {"padded", "fast_sample", "fused_ddim", "channels_last", "cached_kv", "per_class"},
+}
+
+
+@contextlib.contextmanager
+def patched(backend, parts: set[str], spec, conditioner, uncond, compiled=None):
+    """Apply the monkeypatches named in `parts` for the duration of the block; yields the batch function."""
+    with contextlib.ExitStack() as stack:
+        cond = conditioner
+        if "channels_last" in parts:
+            stack.enter_context(channels_last(backend.unet))
+        if "cached_kv" in parts:
+            stack.enter_context(cached_cross_kv(backend.unet))
+        if "per_class" in parts:
+            cond = PerClassStates(conditioner, len(spec["names"]))
+        if "fast_sample" in parts:
+            # an instance attribute shadows DiffusionBackend.sample; popped on exit
+            backend.sample = fast_sample_factory(backend, inference_mode=True, fused_ddim="fused_ddim" in parts)
+            stack.callback(backend.__dict__.pop, "sample", None)
+        if compiled is not None:
+            original = backend.unet
+            backend.unet = compiled
+            stack.callback(setattr, backend, "unet", original)
+        if "padded" in parts:
+            yield padded_fn(spec, backend, cond, uncond, micro=spec["batch_size"])
+        else:
+            yield ours_fn(spec, backend, cond, uncond)
+
+
+def regrouped(batches, first: int = 3) -> list[list]:
+    """The same jobs in other batches: a short first batch, then full ones (batch-size invariance check)."""
+    jobs = [j for b in batches for j in b]
+    size = len(batches[0])
+    return [jobs[:first]] + [jobs[s : s + size] for s in range(first, len(jobs), size)]
+
+
+def run_experiments(spec, backend, conditioner, uncond, batches, reference, rounds) -> list[dict]:
+    """Each variant in rounds alternating with unpatched promptset and the diffusers pipeline (same batches);
+    speedups are medians of the per-round ratios."""
+    device = backend.device
+    variants = dict(VARIANTS)
+    if spec.get("compile"):
+        variants["+ torch_compile_unet"] = {"padded", "compile"}
+    unpatched = ours_fn(spec, backend, conditioner, uncond)
+    pipeline = diffusers_fn(spec, backend, conditioner, uncond)
+    compiled = None
+    rows = []
+    for name, parts in variants.items():
+        compile_s = None
+        if "compile" in parts:
+            t0 = time.perf_counter()
+            compiled = torch.compile(backend.unet)
+            with patched(backend, parts, spec, conditioner, uncond, compiled) as fn:
+                fn(batches[0])  # compilation happens here, outside the timed rounds
+            compile_s = time.perf_counter() - t0
+        t = {"unpatched": [], "variant": [], "diffusers": []}
+        for r in range(rounds):
+            for who in ("unpatched", "variant", "diffusers") if r % 2 == 0 else ("diffusers", "variant", "unpatched"):
+                if who != "variant":
+                    t[who].append(timed(unpatched if who == "unpatched" else pipeline, batches, device)[0])
+                    continue
+                with patched(
+                    backend, parts, spec, conditioner, uncond, compiled if "compile" in parts else None
+                ) as fn:
+                    fn(batches[0])  # warm-up inside the patch (layout conversions, caches)
+                    seconds, outs = timed(fn, batches, device)
+                t["variant"].append(seconds)
+        images = torch.cat(outs).float().cpu()
+        n = images.shape[0]
+        invariant = None
+        if "padded" in parts:  # the same images when the jobs come in other batches?
+            with patched(backend, parts, spec, conditioner, uncond, compiled if "compile" in parts else None) as fn:
+                other = torch.cat(run_all(fn, regrouped(batches)))
+            invariant = bool((other - images).abs().max() == 0)
+        rows.append(
+            {
+                "variant": name,
+                "patches": sorted(parts),
+                "images_per_s": n / median(t["variant"]),
+                "unpatched_images_per_s": n / median(t["unpatched"]),
+                "diffusers_images_per_s": n / median(t["diffusers"]),
+                "speedup_vs_unpatched": median([u / v for u, v in zip(t["unpatched"], t["variant"])]),
+                "speedup_vs_diffusers": median([d / v for d, v in zip(t["diffusers"], t["variant"])]),
+                "max_abs_diff_vs_unpatched": float((images - reference).abs().max()),
+                "batch_invariant": invariant,
+                "compile_s": compile_s,
+            }
+        )
+    return rows
+
+
+METHODS = {
+    "promptset": "generate_batch as `promptset generate` calls it (src default micro_batch)",
+    "promptset_batched": "generate_batch(micro_batch=None): the whole batch in each UNet call",
+    "diffusers": "StableDiffusionPipeline.__call__ on the batch",
+    "diffusers_per_image": "StableDiffusionPipeline.__call__ image by image (batch 1, like micro_batch=1)",
+}
+
+
+def measure(args, model: str, dtype: str, names: list[str], do_experiments: bool) -> dict:
+    """promptset vs diffusers for one dtype, in this process: warm-up, peak memory, interleaved timed rounds."""
+    spec = {
+        "model": model,
+        "device": args.device,
+        "dtype": dtype,
+        "names": names,
+        "conditioner": args.conditioner,
+        "images_per_class": args.images_per_class,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "compile": args.compile,
+        "resolution": args.resolution,
+    }
+    backend, conditioner, uncond, batches = setup(spec)
+    device = backend.device
+    fns = {
+        "promptset": ours_fn(spec, backend, conditioner, uncond),
+        "diffusers": diffusers_fn(spec, backend, conditioner, uncond),
+    }
+    if supports_micro_batch():
+        fns["promptset_batched"] = ours_fn(spec, backend, conditioner, uncond, micro_batch=None)
+    if not args.no_per_image:
+        fns["diffusers_per_image"] = diffusers_fn(spec, backend, conditioner, uncond, per_image=True)
+    for fn in fns.values():
+        run_all(fn, batches[: args.warmup])
+    memory = {k: peak_memory(fn, batches[0], device) for k, fn in fns.items()}
+    times, outs = interleaved(fns, batches, args.rounds, device)
+    images = {k: torch.cat(v).float().cpu() for k, v in outs.items()}
+    n = images["promptset"].shape[0]
+    methods = []
+    for k in fns:
+        ref = "diffusers_per_image" if k == "promptset" and "diffusers_per_image" in images else "diffusers"
+        methods.append(
+            {
+                "method": k,
+                "what": METHODS[k],
+                "seconds": times[k],
+                "images_per_s": n / median(times[k]),
+                "speedup_vs_diffusers": median([d / o for o, d in zip(times[k], times["diffusers"])]),
+                "max_abs_diff_vs_diffusers": float((images[k] - images["diffusers"]).abs().max()),
+                "max_abs_diff_vs_diffusers_per_image": (
+                    float((images[k] - images["diffusers_per_image"]).abs().max())
+                    if "diffusers_per_image" in images
+                    else None
+                ),
+                "identical_to": ref if float((images[k] - images[ref]).abs().max()) == 0.0 else None,
+                "peak_gpu_bytes": memory[k]["peak_gpu_bytes"],
+                "max_rss_mb": memory[k]["max_rss_mb"],
+            }
+        )
+    by = {m["method"]: m for m in methods}
+    row = {
+        "dtype": dtype,
+        "images": n,
+        "rounds": args.rounds,
+        "methods": methods,
+        "speedup": by["promptset"]["speedup_vs_diffusers"],
+        "speedup_batched": by.get("promptset_batched", {}).get("speedup_vs_diffusers"),
+        "max_abs_diff": by["promptset"]["max_abs_diff_vs_diffusers"],
+        "rss_peak_reset_between": memory["promptset"].get("rss_peak_reset"),
+        "profile": profile_ours(fns["promptset"], batches[0], device) if args.profile else None,
+        "experiments": run_experiments(spec, backend, conditioner, uncond, batches, images["promptset"], args.rounds)
+        if do_experiments
+        else None,
+    }
+    row["resolution"] = backend.resolution
+    del backend, conditioner, fns
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parent
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="CPU, tiny model, 4 classes x 4 images, 25 DDIM steps")
+    p.add_argument("--json", default="", help="write all figures here")
+    p.add_argument(
+        "--device", default="cpu", help="cpu or cuda[:i]; cuda defaults to an SD-1.5-shaped model at 512 px"
+    )
+    p.add_argument(
+        "--size", default="", choices=["", "tiny", "sd15"], help="model shape (default tiny on CPU, sd15 on GPU)"
+    )
+    p.add_argument("--model", default="", help="existing diffusers SD folder instead of building one")
+    p.add_argument("--dtype", default="", help="comma-separated dtypes (default fp32 on CPU, fp32,bf16 on GPU)")
+    p.add_argument("--resolution", type=int, default=0, help="image side in pixels (default: the model's native)")
+    p.add_argument(
+        "--conditioner",
+        default="prompt",
+        choices=["prompt", "text"],
+        help="PromptConditioner (learned-prompt path) or TextConditioner (class-prompt baseline)",
+    )
+    p.add_argument("--classes", type=int, default=4, help="classes")
+    p.add_argument("--images-per-class", type=int, default=0, help="images per class in each timed round")
+    p.add_argument("--batch-size", type=int, default=8, help="images per sampler batch (both)")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--no-per-image", action="store_true", help="skip the image-by-image pipeline row")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up batches per method")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per method, alternating order (median)")
+    p.add_argument(
+        "--experiments",
+        action="store_true",
+        help="also time monkeypatched promptset variants (what would make src/ faster)",
+    )
+    p.add_argument("--compile", action="store_true", help="with --experiments: also torch.compile the UNet")
+    p.add_argument("--profile", action="store_true", help="torch.profiler table of one promptset batch")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--work", default="", help="scratch folder for the model (default: temporary)")
+    args = p.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    if args.quick and gpu:
+        p.error("--quick is the CPU smoke run; drop --device cuda or --quick")
+    args.size = args.size or ("sd15" if gpu else "tiny")
+    args.images_per_class = args.images_per_class or (4 if gpu or args.quick else 8)
+    args.dtypes = [d.strip() for d in (args.dtype or ("fp32,bf16" if gpu else "fp32")).split(",") if d.strip()]
+    if not gpu and any(d != "fp32" for d in args.dtypes):
+        p.error("half precision on CPU is refused by promptset; use --dtype fp32 on CPU")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    common.quiet_libraries()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = common.machine(args.device)
+    gpu = args.device.startswith("cuda")
+    with tempfile.TemporaryDirectory(prefix="bench_generate_") as tmp:
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        model = args.model or str(common.build_model(work / f"model-{args.size}", args.size))
+        build_s = time.perf_counter() - t0
+        names = common.cifar_names(args.classes)
+        print(
+            f"generate benchmark: {args.classes} classes x {args.images_per_class} images, batch {args.batch_size}, "
+            f"DDIM {args.steps} steps, guidance {args.guidance}, {common.model_label(args.size, args.model)}, "
+            f"{args.device}, {torch.get_num_threads()} threads"
+        )
+        rows = [measure(args, model, dtype, names, args.experiments and i == 0) for i, dtype in enumerate(args.dtypes)]
+    settings = {
+        "model": "random-weight SD-shaped model from promptset.backends.tiny.build_sd" if not args.model else model,
+        "size": args.size,
+        "random_weights": not args.model,
+        "device": args.device,
+        "resolution": rows[0]["resolution"],
+        "dtypes": args.dtypes,
+        "sampler": "ddim",
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "batch_size": args.batch_size,
+        "classes": args.classes,
+        "images_per_class": args.images_per_class,
+        "conditioner": args.conditioner,
+        "warmup_batches": args.warmup,
+        "rounds": args.rounds,
+        "threads": torch.get_num_threads(),
+        "model_build_s": build_s,
+    }
+    for r in rows:
+        print(
+            f"{r['dtype']}: {r['images']} images at {r['resolution']} px, median of {r['rounds']} alternating rounds"
+        )
+        for m in r["methods"]:
+            m["peak"] = common.fmt_bytes(m["peak_gpu_bytes"]) if gpu else f"{m['max_rss_mb']:.0f} MiB RSS"
+        print(
+            common.table(
+                r["methods"],
+                [
+                    ("method", "method", ""),
+                    ("img/s", "images_per_s", ".2f"),
+                    ("x diffusers", "speedup_vs_diffusers", ".3f"),
+                    ("max|diff| vs diffusers", "max_abs_diff_vs_diffusers", ".3g"),
+                    ("max|diff| vs per-image", "max_abs_diff_vs_diffusers_per_image", ".3g"),
+                    ("peak", "peak", ""),
+                ],
+            )
+        )
+    for r in rows:
+        if r["experiments"]:
+            print(
+                f"\nmonkeypatched promptset variants ({r['dtype']}), rounds alternating with unpatched and diffusers:"
+            )
+            print(
+                common.table(
+                    r["experiments"],
+                    [
+                        ("variant", "variant", ""),
+                        ("img/s", "images_per_s", ".2f"),
+                        ("x unpatched", "speedup_vs_unpatched", ".3f"),
+                        ("x diffusers", "speedup_vs_diffusers", ".3f"),
+                        ("max |diff|", "max_abs_diff_vs_unpatched", ".3g"),
+                        ("batch-invariant", "batch_invariant", ""),
+                        ("compile s", "compile_s", ".1f"),
+                    ],
+                )
+            )
+        if r["profile"]:
+            print(f"\ntop ops of one promptset batch ({r['dtype']}):")
+            print(
+                common.table(
+                    r["profile"],
+                    [
+                        ("op", "op", ""),
+                        ("calls", "calls", "d"),
+                        ("self ms", "self_ms", ".1f"),
+                        ("share", "share", ".1%"),
+                    ],
+                )
+            )
+    notes = []
+    if not args.model:
+        notes.append("random-weight model: timings are representative, the images are noise")
+    if gpu and "bf16" in args.dtypes:
+        notes.append("bf16: diffusers keeps latents in bf16 between steps, promptset in fp32, so bf16 images differ")
+    for n in notes:
+        print("note:", n)
+    payload = {
+        "benchmark": "generate",
+        "speedup": rows[0]["speedup"],
+        "speedup_definition": "diffusers seconds / promptset seconds for the same images, median over "
+        "alternating rounds (first dtype)",
+        "machine": info,
+        "settings": settings,
+        "rows": rows,
+        "notes": notes,
+        "total_benchmark_s": time.perf_counter() - T_START,
+    }
+    common.write_json(args.json, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
