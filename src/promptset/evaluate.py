@@ -15,6 +15,15 @@ Methods, each under the same protocol, student, epochs and seeds: `d3m` (the run
 images), `random-real` (ipc real images per class drawn with each student seed) and `full` (all of --train).
 Generated images depend only on (gen seed, round, class, index), never on the student seed: they are what a user
 would store (prompts + seeds), so every student seed trains on the same stored set.
+
+Multi-process (`torchrun --nproc-per-node N -m promptset evaluate --run-dir RUN ...`; torchrun's parser takes
+`--run` for its own `--run-path`): students train data-parallel (DDP; gloo on CPU, NCCL on cuda:LOCAL_RANK).
+`--batch-size` stays the global batch: every rank draws the same batch order and augmentation from the same seeds
+and trains on its contiguous slice of each batch, and the averaged gradients are those of one process up to the
+order of float sums, so results match a single process closely but not bit for bit. Batch norm uses the global
+batch on CUDA (SyncBatchNorm) but each rank's slice on CPU (no CPU kernel). The ranks split the generation of
+every round and the teacher's labels and exchange them (each image depends only on its seed), and split the test
+split; rank 0 alone prints, shows progress and writes results.json, metrics.jsonl and the labels files.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import datetime
 import io
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -30,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
@@ -39,6 +50,7 @@ from .atomic import append_jsonl, write_json
 from .budget import DTYPE_BYTES, class_list_bytes, real_bytes
 from .config import opt, to_dict
 from .data import ImageFolderIndex, load_class_images, load_image, scan_image_folder, to_pil, to_tensor
+from .dist import agree, barrier, rank_world
 from .errors import TrainingDiverged, UserError
 from .runfolder import ClassInfo, check_same_classes, require_classes
 from .seeding import derive_seed
@@ -52,7 +64,10 @@ RESULTS_VERSION = 1
 
 @dataclass
 class EvaluateConfig:
-    run: str = opt("", "run folder (classes.json, prompts.safetensors, collages/, select.json)")
+    # torchrun's own parser takes `--run` for an abbreviation of its `--run-path`: under torchrun pass --run-dir
+    run: str = opt(
+        "", "run folder (classes.json, prompts.safetensors, collages/, select.json)", aliases=("--run-dir",)
+    )
     test: str = opt("", "ImageFolder of real test images, one folder per class in classes.json")
     train: str = opt("", "real training ImageFolder for random-real and full (default: the data select used)")
     method: str = opt("d3m", "comma-separated methods: " + ", ".join(METHODS))
@@ -174,7 +189,7 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# the training loop (one function, so that DDP can wrap it later)
+# the training loop (one function, data-parallel under torchrun)
 
 
 @dataclass
@@ -199,11 +214,8 @@ class Recipe:
     amp: bool
 
 
-def random_resized_crop_flip(
-    x: torch.Tensor, generator: torch.Generator, min_scale: float, flip: bool
-) -> torch.Tensor:
-    """Per-sample random resized crop (area in [min_scale, 1], aspect in [3/4, 4/3]) and flip, one grid_sample."""
-    b = x.shape[0]
+def _crop_flip_params(b: int, generator: torch.Generator, min_scale: float, flip: bool) -> torch.Tensor:
+    """Affine matrices (B, 2, 3) of a random resized crop (area in [min_scale, 1], aspect in [3/4, 4/3]) and flip."""
     u = torch.rand(b, 5, generator=generator)  # (B, 5) on CPU: deterministic whatever the device
     if min_scale < 1:
         area = min_scale + (1 - min_scale) * u[:, 0]
@@ -215,22 +227,46 @@ def random_resized_crop_flip(
     sign = torch.where(u[:, 4] < 0.5, -1.0, 1.0) if flip else torch.ones(b)
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * sign, cx, h, cy
+    return theta
+
+
+def _warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Apply per-sample affine crops `theta` (B, 2, 3) to images x (B, 3, S, S) with one grid_sample."""
+    if len(x) == 0:
+        return x
     grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)  # (B, S, S, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def cutmix(x: torch.Tensor, generator: torch.Generator, rng: np.random.Generator, beta: float) -> torch.Tensor:
-    """CutMix (Yun et al. 2019) as in RDED: one Beta(beta, beta) box per batch, pasted from a shuffled batch."""
-    b, _, h, w = x.shape
+def random_resized_crop_flip(
+    x: torch.Tensor, generator: torch.Generator, min_scale: float, flip: bool
+) -> torch.Tensor:
+    """Per-sample random resized crop (area in [min_scale, 1], aspect in [3/4, 4/3]) and flip, one grid_sample."""
+    return _warp(x, _crop_flip_params(x.shape[0], generator, min_scale, flip))
+
+
+def _cutmix_params(
+    b: int, h: int, w: int, generator: torch.Generator, rng: np.random.Generator, beta: float
+) -> tuple[tuple[int, int, int, int], torch.Tensor]:
+    """One CutMix box (y1, y2, x1, x2) per batch and the permutation (B,) of the batch it is pasted from."""
     cut = math.sqrt(1.0 - rng.beta(beta, beta))
     ch, cw = int(h * cut), int(w * cut)
     cy, cx = int(rng.integers(h)), int(rng.integers(w))
-    y1, y2 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
-    x1, x2 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
-    perm = torch.randperm(b, generator=generator).to(x.device)
+    box = (max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w))
+    return box, torch.randperm(b, generator=generator)
+
+
+def _paste(x: torch.Tensor, source: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
+    y1, y2, x1, x2 = box
     x = x.clone()
-    x[:, :, y1:y2, x1:x2] = x[perm, :, y1:y2, x1:x2]
+    x[:, :, y1:y2, x1:x2] = source[:, :, y1:y2, x1:x2]
     return x
+
+
+def cutmix(x: torch.Tensor, generator: torch.Generator, rng: np.random.Generator, beta: float) -> torch.Tensor:
+    """CutMix (Yun et al. 2019) as in RDED: one Beta(beta, beta) box per batch, pasted from a shuffled batch."""
+    box, perm = _cutmix_params(x.shape[0], x.shape[2], x.shape[3], generator, rng, beta)
+    return _paste(x, x[perm.to(x.device)], box)
 
 
 def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -257,20 +293,88 @@ def _optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=recipe.lr, betas=(0.9, 0.999))
 
 
+# ------------------------------------------------------------------------------------------------------------
+# data parallelism (torchrun): every process holds the whole distilled set and draws the same random numbers, so
+# all agree on every global batch; each trains on its contiguous slice of it and DDP averages the gradients
+
+
+def _ddp_world() -> tuple[int, int]:
+    """(rank, world size) of the joined process group; (0, 1) when there is none (a single process)."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return torch_dist.get_rank(), torch_dist.get_world_size()
+    return 0, 1
+
+
+def _span(n: int, rank: int, world: int) -> tuple[int, int]:
+    """This rank's contiguous slice [lo, hi) of n items: sizes differ by at most one, earlier ranks take more."""
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
+
+
+_NCCL_GROUPS: dict[int, object] = {}
+
+
+def _ddp_group(device: torch.device):
+    """The process group that reduces gradients: the default gloo group on CPU, an NCCL group on CUDA."""
+    if device.type != "cuda":
+        return None
+    key = id(torch_dist.group.WORLD)
+    if key not in _NCCL_GROUPS:  # new_group is collective: every rank reaches this in the same order
+        _NCCL_GROUPS[key] = torch_dist.new_group(backend="nccl")
+    return _NCCL_GROUPS[key]
+
+
+def _all_gather_rows(part: torch.Tensor, total: int) -> torch.Tensor:
+    """Concatenate every rank's `_span` slice (this rank's is `part`) of a (total, ...) tensor, on every rank."""
+    rank, world = _ddp_world()
+    if world == 1:
+        return part
+    spans = [_span(total, r, world) for r in range(world)]
+    width = max(hi - lo for lo, hi in spans)
+    buf = torch.zeros((width, *part.shape[1:]), dtype=part.dtype)
+    buf[: len(part)] = part.cpu()
+    out = [torch.empty_like(buf) for _ in range(world)]
+    torch_dist.all_gather(out, buf)  # on the CPU through gloo
+    return torch.cat([o[: hi - lo] for o, (lo, hi) in zip(out, spans)]).to(part.device)
+
+
+def _is_batchnorm(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+
+
+def _sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """Batch norm over the global batch (CUDA only: SyncBatchNorm has no CPU kernel)."""
+    try:
+        from timm.layers import convert_sync_batchnorm  # also converts timm's fused BatchNormAct layers
+    except ImportError:
+        convert_sync_batchnorm = torch.nn.SyncBatchNorm.convert_sync_batchnorm
+    return convert_sync_batchnorm(model)
+
+
 @torch.no_grad()
-def test_accuracy(model: torch.nn.Module, test: TrainSet, recipe: Recipe) -> float:
-    """Top-1 accuracy (%) on the test split held on the device."""
+def test_accuracy(model: torch.nn.Module, test: TrainSet, recipe: Recipe, *, distributed: bool = False) -> float:
+    """Top-1 accuracy (%) on the test split held on the device.
+
+    distributed: every rank holds the same model; each tests its `_span` slice and the counts are summed.
+    """
     model.eval()
     device = test.images.device
+    rank, world = _ddp_world() if distributed else (0, 1)
+    lo, hi = _span(len(test), rank, world)
     correct = torch.zeros((), dtype=torch.long, device=device)
-    for s in range(0, len(test), recipe.eval_batch_size):
-        x = test.images[s : s + recipe.eval_batch_size].float().div_(255)  # (B, 3, S, S)
+    for s in range(lo, hi, recipe.eval_batch_size):
+        e = min(s + recipe.eval_batch_size, hi)
+        x = test.images[s:e].float().div_(255)  # (B, 3, S, S)
         if recipe.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.amp and device.type == "cuda"):
             pred = model(x).argmax(dim=1)
-        correct += (pred == test.labels[s : s + recipe.eval_batch_size]).sum()
-    return 100.0 * correct.item() / len(test)
+        correct += (pred == test.labels[s:e]).sum()
+    count = correct.cpu()
+    if world > 1:
+        torch_dist.all_reduce(count)
+    return 100.0 * count.item() / len(test)
 
 
 def train_student(
@@ -290,18 +394,39 @@ def train_student(
     Every round has the same N samples, so each epoch is ceil(N / B) optimizer steps whatever the schedule of
     rounds. Random state (batch order, augmentation, CutMix) comes from generators seeded with `seed`, on the CPU,
     so a CPU run is bit-for-bit reproducible. Returns the per-epoch history and the optimizer step count.
+
+    In a joined process group (torchrun) it trains data-parallel: every rank must call it with the same arguments
+    (same data, same initial weights). Every rank draws the same batch order and augmentation for the global batch
+    of B samples and trains on its contiguous slice of it; DDP averages the gradients, each rank's loss weighted by
+    its share of the batch, so the steps are those of one process up to the order of float sums. Batch norm
+    layers use the global batch's statistics on CUDA (SyncBatchNorm) and each rank's slice on CPU (no CPU kernel),
+    with rank 0's running statistics for testing. The test split is sharded across ranks.
     """
     device = test.images.device
     n = len(rounds[0])
     if any(len(r) != n for r in rounds):
         raise ValueError("every round must hold the same number of samples")
+    rank, world = _ddp_world()
     batch = min(recipe.batch_size, n)
     steps_per_epoch = math.ceil(n / batch)
     total_steps = recipe.epochs * steps_per_epoch
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if recipe.compile else model
+    sync_bn = world > 1 and device.type == "cuda"
+    if sync_bn:
+        model = _sync_batchnorm(model)  # the same parameter tensors, so the optimizer below still owns them
     optimizer = _optimizer(model, recipe)
+    group = None
+    train_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        group = _ddp_group(device)
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, process_group=group
+        )
+    step_model = torch.compile(train_model) if recipe.compile else train_model
+    test_model = step_model if world == 1 else model  # DDP's forward is collective; testing is per rank
     if recipe.schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps))
@@ -320,36 +445,58 @@ def train_student(
         step_model.train()
         loss_sum = torch.zeros((), device=device)
         for s in range(steps_per_epoch):
-            idx = perm[s * batch : (s + 1) * batch]
-            x = data.images[idx].float().div_(255)  # (B, 3, S, S) in [0, 1]
+            idx = perm[s * batch : (s + 1) * batch]  # the global batch
+            lo, hi = _span(len(idx), rank, world)
+            mine = idx[lo:hi]  # this rank's slice of it (all of it in one process)
+            x = data.images[mine].float().div_(255)  # (b, 3, S, S) in [0, 1]
             if aug is not None:
-                x = random_resized_crop_flip(x, generator, aug["random_resized_crop_min_scale"], aug["flip"])
+                theta = _crop_flip_params(len(idx), generator, aug["random_resized_crop_min_scale"], aug["flip"])
+                x = _warp(x, theta[lo:hi])
                 if aug.get("cutmix_beta", 0) > 0:
-                    x = cutmix(x, generator, rng, aug["cutmix_beta"])
+                    box, shuffle = _cutmix_params(len(idx), x.shape[2], x.shape[3], generator, rng, aug["cutmix_beta"])
+                    src = shuffle[lo:hi]
+                    if world == 1:
+                        source = x[src.to(device)]
+                    else:  # the pasted samples may belong to other ranks: augment them here too
+                        source = _warp(data.images[idx[src.to(device)]].float().div_(255), theta[src])
+                    x = _paste(x, source, box)
             if recipe.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(**autocast):
-                logits = step_model(x)  # (B, C)
-                if recipe.targets == "one-hot":
-                    loss = F.cross_entropy(logits.float(), data.labels[idx])
+                logits = step_model(x)  # (b, C)
+                if len(mine) == 0:  # a last global batch smaller than the world: DDP still needs a backward
+                    loss = logits.float().sum() * 0.0
+                elif recipe.targets == "one-hot":
+                    loss = F.cross_entropy(logits.float(), data.labels[mine])
                 elif recipe.targets == "stored-soft":
-                    loss = soft_label_loss(logits, data.logits[idx], recipe.temperature)
+                    loss = soft_label_loss(logits, data.logits[mine], recipe.temperature)
                 else:
                     with torch.no_grad():
                         target = teacher(x)  # the teacher relabels the augmented batch (P3)
                     loss = soft_label_loss(logits, target, recipe.temperature)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if world > 1 and len(mine) * world != len(idx):
+                # DDP averages over ranks: weigh each rank's batch mean by its share, for the mean over the batch
+                (loss * (len(mine) * world / len(idx))).backward()
+            else:
+                loss.backward()
             optimizer.step()
             scheduler.step()
             steps += 1
-            loss_sum += loss.detach() * len(idx)
+            loss_sum += loss.detach() * len(mine)
+        if world > 1:
+            total = loss_sum.cpu()
+            torch_dist.all_reduce(total)  # once per epoch, through gloo
+            loss_sum = total.to(device)
         epoch_loss = (loss_sum / n).item()  # the only host sync of the epoch (besides testing)
         if not math.isfinite(epoch_loss):
             raise TrainingDiverged(f"student loss is {epoch_loss} at epoch {epoch + 1}; lower --lr")
         acc = None
         if (epoch + 1) % recipe.eval_every == 0 or epoch + 1 == recipe.epochs:
-            acc = test_accuracy(step_model, test, recipe)
+            if world > 1 and not sync_bn:
+                for buf in model.buffers():  # batch norm running statistics: rank 0's on every rank
+                    torch_dist.broadcast(buf, 0, group=group)
+            acc = test_accuracy(test_model, test, recipe, distributed=world > 1)
         row = {
             "epoch": epoch + 1,
             "loss": epoch_loss,
@@ -369,6 +516,8 @@ def train_student(
         "optimizer_steps": steps,
         "steps_per_epoch": steps_per_epoch,
         "batch_size": batch,
+        "world_size": world,
+        "sync_batchnorm": sync_bn,
         "final_top1": history[-1]["test_top1"],
         "best_top1": best["test_top1"],
         "best_epoch": best["epoch"],
@@ -445,6 +594,16 @@ def teacher_logits(teacher: torch.nn.Module, images: torch.Tensor, batch_size: i
     return torch.cat(out)
 
 
+def _shared_teacher_logits(teacher: torch.nn.Module, images: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """`teacher_logits` of every image, each rank labelling its `_span` slice; every rank gets them all."""
+    rank, world = _ddp_world()
+    if world == 1:
+        return teacher_logits(teacher, images)
+    lo, hi = _span(len(images), rank, world)
+    part = teacher_logits(teacher, images[lo:hi]) if hi > lo else torch.zeros(0, num_classes, device=images.device)
+    return _all_gather_rows(part, len(images))
+
+
 def _stored_logits(logits: torch.Tensor, dtype: str) -> torch.Tensor:
     """Logits as the student sees them: rounded to the stored dtype."""
     return logits.to(torch.float16 if dtype == "fp16" else torch.float32)
@@ -496,7 +655,9 @@ def build_generative(ctx: Context, method: str) -> Distilled:
     labels = torch.arange(c).repeat_interleave(ctx.ipc)  # (C*K,)
     rounds, seeds, logits, reused = [], [], [], False
     conditioner = uncond = None
-    bar = tqdm(range(ctx.rounds), desc=f"{method}: images", unit="round", disable=not ctx.cfg.progress, leave=False)
+    rank, world = _ddp_world()
+    show = ctx.cfg.progress and rank == 0
+    bar = tqdm(range(ctx.rounds), desc=f"{method}: images", unit="round", disable=not show, leave=False)
     for r in bar:
         stage = "generate" if r == 0 else f"eval-round{r}"
         jobs = jobs_for(list(range(c)), per_class, ctx.gen["seed"], stage)
@@ -515,12 +676,14 @@ def build_generative(ctx: Context, method: str) -> Distilled:
                     conditioner = TextConditioner(backend, _class_prompt_strings(ctx))
                 with torch.no_grad():
                     uncond = backend.encode_prompts([""]) if ctx.gen["guidance"] != 1.0 else None
+            # each rank makes its slice of the round (an image depends on its seed only) and all get every image
+            lo, hi = _span(len(jobs), rank, world)
             patches = []
-            for s in range(0, len(jobs), ctx.cfg.gen_batch_size):
+            for s in range(lo, hi, ctx.cfg.gen_batch_size):
                 out = generate_batch(
                     ctx.backend(),
                     conditioner,
-                    jobs[s : s + ctx.cfg.gen_batch_size],
+                    jobs[s : min(s + ctx.cfg.gen_batch_size, hi)],
                     steps=ctx.gen["steps"],
                     guidance=ctx.gen["guidance"],
                     factor=ctx.factor,
@@ -528,14 +691,15 @@ def build_generative(ctx: Context, method: str) -> Distilled:
                     uncond=uncond,
                 )  # (B, P, 3, S, S)
                 patches.append(_to_uint8(out))
-            per_image = torch.cat(patches).view(c, per_class * p, 3, ctx.image_size, ctx.image_size)
+            mine = torch.cat(patches) if patches else torch.zeros(0, p, 3, ctx.image_size, ctx.image_size).byte()
+            per_image = _all_gather_rows(mine, len(jobs)).view(c, per_class * p, 3, ctx.image_size, ctx.image_size)
             images = per_image[:, : ctx.ipc].reshape(c * ctx.ipc, 3, ctx.image_size, ctx.image_size)
         images = images.to(ctx.device)
         if ctx.needs_soft:
             stored = (
                 stored
                 if stored is not None
-                else _stored_logits(teacher_logits(ctx.teacher, images), ctx.cfg.label_dtype)
+                else _stored_logits(_shared_teacher_logits(ctx.teacher, images, c), ctx.cfg.label_dtype)
             )
             logits.append(stored.cpu())
         seeds.append(torch.tensor([j.seed for j in jobs], dtype=torch.int32))
@@ -586,7 +750,8 @@ def _write_labels(ctx: Context, method: str, tensors: dict[str, torch.Tensor]) -
         "seed_stages": "round 0: 'generate', round r: 'eval-round{r}'",
     }
     path = ctx.run / "eval" / "labels" / name
-    save_tensors(path, tensors, meta)
+    if rank_world()[0] == 0:
+        save_tensors(path, tensors, meta)
     return str(path.relative_to(ctx.run))
 
 
@@ -687,7 +852,9 @@ def _real_distilled(
 ) -> Distilled:
     images = images.to(ctx.device)
     stored = (
-        _stored_logits(teacher_logits(ctx.teacher, images), ctx.cfg.label_dtype).float() if ctx.needs_soft else None
+        _stored_logits(_shared_teacher_logits(ctx.teacher, images, ctx.num_classes), ctx.cfg.label_dtype).float()
+        if ctx.needs_soft
+        else None
     )
     components = {"images_raw": len(images) * 3 * ctx.image_size**2}
     components.update(_label_bytes(ctx, len(images)))
@@ -817,6 +984,18 @@ def _context(cfg: EvaluateConfig, methods: list[str]) -> tuple[Context, dict]:
             "NAME:PATH.safetensors (a classifier trained on the classes in classes.json)"
         )
     device = resolve_device(cfg.device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if rank_world()[1] > 1 and device.type == "cuda":
+        if device.index != local_rank:
+            raise UserError(
+                f"--device {cfg.device}: under torchrun every process trains on its own GPU, cuda:LOCAL_RANK "
+                f"(here cuda:{local_rank}); pass --device cuda or auto"
+            )
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"process {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible): start at most "
+                "one process per GPU (--nproc-per-node), or pass --device cpu"
+            )
     teacher = None
     if spec and spec != "none" and (needs_teacher or cfg.teacher):
         teacher = load_teacher(spec, num_classes=None, device=device)
@@ -894,29 +1073,40 @@ def evaluate(cfg: EvaluateConfig | None = None, **overrides) -> dict:
         if not hasattr(cfg, k):
             raise UserError(f"evaluate: unknown option {k!r}")
         setattr(cfg, k, v)
-    methods = _validate(cfg)
-    ctx, select_info = _context(cfg, methods)
-    classes, size = ctx.classes, ctx.image_size
-    test = load_real_folder(cfg.test, size, "--test", classes, progress=cfg.progress)
-    train = None
-    if any(m in ("random-real", "full") for m in methods):
-        train_root = cfg.train or select_info.get("data")
-        if not train_root:
-            raise UserError("--method random-real/full needs --train (the real training ImageFolder)")
-        train = load_real_folder(train_root, size, "--train", classes, ctx.train_limit, progress=cfg.progress)
+    rank, world = rank_world()
+    main = rank == 0  # under torchrun only rank 0 prints, shows progress and writes
+    try:  # validate on every rank before anything is written
+        methods, ctx, select_info, test, train = _inputs(cfg, show=cfg.progress and main)
+    except UserError as err:
+        agree(err)
+        raise
+    agree(None)  # joins the gloo process group of a multi-process run
+    if world > 1 and ctx.device.type == "cuda":
+        torch.cuda.set_device(ctx.device)
     from .models import create_student
 
-    create_student(cfg.student, len(classes), size)  # refuse an unknown student before any compute
+    classes, size = ctx.classes, ctx.image_size
     recipe = _recipe(cfg)
     eval_dir = ctx.run / "eval"
-    eval_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        eval_dir.mkdir(parents=True, exist_ok=True)
     test_set = TrainSet(test.images, test.labels).to(ctx.device)
     split_hash = {
         "train": train.split_hash if train is not None else select_info.get("split_hash"),
         "test": test.split_hash,
     }
     per_image = real_bytes(1, len(classes), size)
-    _print_plan(ctx, methods, train, per_image)
+    if main:
+        _print_plan(ctx, methods, train, per_image)
+    if main and world > 1 and ctx.device.type != "cuda":
+        with torch.random.fork_rng(devices=[]):  # leaves the global random state as on the other ranks
+            student = create_student(cfg.student, len(classes), size)
+        if any(_is_batchnorm(m) for m in student.modules()):
+            print(
+                f"evaluate: {cfg.student} has batch norm, which on CPU normalises each process's slice of the "
+                f"batch (about {cfg.batch_size // world} samples), not the whole batch as one process does",
+                flush=True,
+            )
 
     new_entries = {}
     for method in methods:
@@ -931,7 +1121,7 @@ def evaluate(cfg: EvaluateConfig | None = None, **overrides) -> dict:
         runs, png = [], None
         for s in range(cfg.seed, cfg.seed + cfg.seeds):
             data = shared if shared is not None else build_random_real(ctx, train, s)
-            if method in ("rded", "random-real", "full") and png is None:
+            if method in ("rded", "random-real", "full") and png is None and main:
                 png = _png_bytes(data.rounds[0].images.cpu())
             ipc = data.ipc
             key = entry_key(method, cfg.protocol, cfg.student, ipc, cfg.regen_every)
@@ -940,7 +1130,7 @@ def evaluate(cfg: EvaluateConfig | None = None, **overrides) -> dict:
                 if ctx.device.type == "cuda":
                     torch.cuda.manual_seed_all(derive_seed(s, "student-init"))
                 model = create_student(cfg.student, len(classes), size).to(ctx.device)
-                log = _epoch_logger(eval_dir / "metrics.jsonl", key, method, cfg, s)
+                log = _epoch_logger(eval_dir / "metrics.jsonl", key, method, cfg, s) if main else None
                 result = train_student(
                     model,
                     data.rounds,
@@ -949,29 +1139,51 @@ def evaluate(cfg: EvaluateConfig | None = None, **overrides) -> dict:
                     seed=s,
                     teacher=ctx.teacher,
                     on_epoch=log,
-                    progress=cfg.progress,
+                    progress=cfg.progress and main,
                     desc=f"{method} {cfg.protocol} seed {s}",
                 )
             result["seed"] = s
             runs.append(result)
-        new_entries[key] = _entry(
-            key, method, cfg, ctx, data, runs, png, per_image, split_hash, recipe, time.time() - started
-        )
-        if method == "random-real":
-            new_entries[key]["distilled"].pop("indices", None)  # differs per seed; not useful in the summary
+        if main:
+            new_entries[key] = _entry(
+                key, method, cfg, ctx, data, runs, png, per_image, split_hash, recipe, time.time() - started
+            )
+            if method == "random-real":
+                new_entries[key]["distilled"].pop("indices", None)  # differs per seed; not useful in the summary
 
     results_path = eval_dir / "results.json"
-    results = _load_results(results_path)
-    results["run"] = str(ctx.run)
-    results["entries"].update(new_entries)
-    results["updated_at"] = _now()
-    write_json(results_path, results)
-    print_table(list(new_entries.values()))
+    if main:
+        results = _load_results(results_path)
+        results["run"] = str(ctx.run)
+        results["entries"].update(new_entries)
+        results["updated_at"] = _now()
+        write_json(results_path, results)
+        print_table(list(new_entries.values()))
+    barrier()  # the other ranks return what rank 0 wrote
+    if not main:
+        return _load_results(results_path)
     if cfg.report:
         from .report import report
 
         report(runs=str(ctx.run), out=str(eval_dir))
     return results
+
+
+def _inputs(cfg: EvaluateConfig, show: bool) -> tuple:
+    """Everything evaluate can refuse, checked before any output exists (reads only, so every rank runs it)."""
+    methods = _validate(cfg)
+    ctx, select_info = _context(cfg, methods)
+    test = load_real_folder(cfg.test, ctx.image_size, "--test", ctx.classes, progress=show)
+    train = None
+    if any(m in ("random-real", "full") for m in methods):
+        train_root = cfg.train or select_info.get("data")
+        if not train_root:
+            raise UserError("--method random-real/full needs --train (the real training ImageFolder)")
+        train = load_real_folder(train_root, ctx.image_size, "--train", ctx.classes, ctx.train_limit, progress=show)
+    from .models import create_student
+
+    create_student(cfg.student, len(ctx.classes), ctx.image_size)  # refuse an unknown student before any compute
+    return methods, ctx, select_info, test, train
 
 
 def _now() -> str:
@@ -993,6 +1205,8 @@ def _entry(key, method, cfg, ctx, data: Distilled, runs, png, per_image, split_h
         {
             "batch_size": runs[0]["batch_size"],
             "steps_per_epoch": runs[0]["steps_per_epoch"],
+            "world_size": runs[0]["world_size"],  # processes (torchrun); batch_size is the global batch
+            "sync_batchnorm": runs[0]["sync_batchnorm"],
             "loss": {
                 "one-hot": "cross-entropy",
                 "stored-soft": "KL(teacher_T || student_T), batchmean",
