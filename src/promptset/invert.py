@@ -262,10 +262,12 @@ def _train_group(backend, cfg, index, classes, g, num_groups, init_vectors, layo
         return  # finished on an earlier run
     device = backend.device
     means, stds = _latent_cache(backend, cfg, index, classes, g, resolution, folder)
-    means = [m.to(device) for m in means]
-    stds = [s.to(device) if s is not None else None for s in stds]
     counts = torch.tensor([m.shape[0] for m in means])  # (G,)
+    offsets = torch.cumsum(counts, 0) - counts  # (G,) first row of each class in the flat cache
     views = means[0].shape[1]
+    flat_means = torch.cat(means).to(device)  # (N, F, c, h, w)
+    flat_stds = torch.cat(stds).to(device) if stds[0] is not None else None
+    del means, stds
 
     init = init_vectors[classes].unsqueeze(1).repeat(1, cfg.num_vectors, 1)  # (G, V, D)
     vectors = torch.nn.Parameter(init.clone().to(device))
@@ -288,12 +290,12 @@ def _train_group(backend, cfg, index, classes, g, num_groups, init_vectors, layo
         # ---- one batch: every class of the group `repeats` times --------------------------------------------
         pick = (torch.rand(len(sample_class), generator=generator) * counts[sample_class]).long()  # (B,)
         view = torch.randint(0, views, (len(sample_class),), generator=generator)  # (B,)
-        latents = torch.stack([means[c][i, v] for c, i, v in zip(sample_class.tolist(), pick.tolist(),
-                                                                   view.tolist())])  # (B, c, h, w)
-        if stds[0] is not None:
-            std = torch.stack([stds[c][i, v] for c, i, v in zip(sample_class.tolist(), pick.tolist(),
-                                                                view.tolist())])
-            latents = latents + std * torch.randn(latents.shape, generator=generator).to(device)
+        rows = (offsets[sample_class] + pick).to(device)  # (B,) rows of the flat cache, one gather
+        view = view.to(device)
+        latents = flat_means[rows, view]  # (B, c, h, w)
+        if flat_stds is not None:
+            noise = torch.randn(latents.shape, generator=generator).to(device)
+            latents = latents + flat_stds[rows, view] * noise
         states = backend.encode_placeholder_prompts(layout, vectors)  # (G, L, D_text): one prompt per class
         states = states.repeat(repeats, 1, 1)  # (B, L, D_text), sample k uses class k % G
         per_sample = backend.denoising_loss(latents, states, generator)  # (B,)
