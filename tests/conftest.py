@@ -22,3 +22,14 @@ def shared_dir() -> Path:
     if not (path / "weights").is_dir():
         pytest.skip(f"shared folder not found at {path} (set PROMPTSET_SHARED)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """A random tiny Stable Diffusion folder (diffusers layout), built once per test session."""
+    from promptset.backends.tiny import build_sd
+
+    folder = tmp_path_factory.getbasetemp() / "tiny-sd"
+    if not (folder / "model_index.json").is_file():
+        build_sd(folder)
+    return folder

@@ -16,32 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from promptset.backends.tiny import build_sd
 from promptset.cli import main
 from promptset.models import create_student
 
 SIZE = 16
 
 
-@pytest.fixture(scope="session")
-def tiny_sd(tmp_path_factory) -> Path:
-    """A random tiny Stable Diffusion folder, built once per session (other modules reuse the same folder)."""
-    folder = tmp_path_factory.getbasetemp() / "tiny-sd"
-    if not (folder / "model_index.json").is_file():
-        build_sd(folder)
-    return folder
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def save_rgb(path: Path, size=(20, 20), seed: int = 0) -> Path:

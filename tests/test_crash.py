@@ -24,7 +24,6 @@ from safetensors import safe_open
 
 from promptset.artifacts import load_tensors
 from promptset.backends.base import DiffusionBackend
-from promptset.backends.tiny import build_sd
 from promptset.cli import main
 from promptset.generate import generate
 from promptset.invert import InvertConfig, invert
@@ -34,21 +33,6 @@ CLASSES = ("car", "cat", "dog")
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-@pytest.fixture(scope="session")
-def tiny_sd(tmp_path_factory) -> Path:
-    """A random tiny Stable Diffusion folder, built once per session (other modules reuse the same folder)."""
-    folder = tmp_path_factory.getbasetemp() / "tiny-sd"
-    if not (folder / "model_index.json").is_file():
-        build_sd(folder)
-    return folder
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from promptset.artifacts import load_tensors
-from promptset.backends.tiny import build_sd
 from promptset.models import create_student
 
 pytestmark = pytest.mark.slow
@@ -31,14 +30,6 @@ BIN = Path(sys.executable).parent
 CLASSES = ("ant", "bee", "car", "dog")
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
-
-@pytest.fixture(scope="session")
-def tiny_sd(tmp_path_factory) -> Path:
-    """A random tiny Stable Diffusion folder, built once per session (other modules reuse the same folder)."""
-    folder = tmp_path_factory.getbasetemp() / "tiny-sd"
-    if not (folder / "model_index.json").is_file():
-        build_sd(folder)
-    return folder
 
 
 def run(*argv, timeout: int = 180) -> subprocess.CompletedProcess:

@@ -19,7 +19,6 @@ from PIL import Image
 import promptset.backends
 from promptset.artifacts import PromptSet, load_tensors
 from promptset.backends.base import DiffusionBackend, KLAutoencoder
-from promptset.backends.tiny import build_sd
 from promptset.budget import budget, class_list_bytes, prompt_bytes
 from promptset.export import export
 from promptset.generate import PromptConditioner, generate, generate_batch, jobs_for
@@ -31,22 +30,6 @@ PER_CLASS = 4
 SIZE = 16
 
 
-@pytest.fixture(scope="session")
-def tiny_sd(tmp_path_factory) -> Path:
-    """A random tiny Stable Diffusion folder, built once per session (other modules reuse the same folder)."""
-    folder = tmp_path_factory.getbasetemp() / "tiny-sd"
-    if not (folder / "model_index.json").is_file():
-        build_sd(folder)
-    return folder
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models: one thread is faster, and it avoids OpenMP spinning when other jobs share the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_toy_data(root: Path, classes=CLASSES, per_class: int = PER_CLASS, side: int = 20) -> Path:

@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-from promptset.backends.tiny import build_sd
 from promptset.cli import main
 from promptset.generate import generate
 from promptset.invert import invert
@@ -24,21 +23,6 @@ from promptset.select import select
 SRC = Path(__file__).resolve().parents[1] / "src" / "promptset"
 
 
-@pytest.fixture(scope="session")
-def tiny_sd(tmp_path_factory) -> Path:
-    """A random tiny Stable Diffusion folder, built once per session (other modules reuse the same folder)."""
-    folder = tmp_path_factory.getbasetemp() / "tiny-sd"
-    if not (folder / "model_index.json").is_file():
-        build_sd(folder)
-    return folder
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
