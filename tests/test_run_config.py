@@ -50,3 +50,18 @@ def test_unknown_yaml_option_is_refused(tmp_path, capsys):
     assert main(["select", "--config", str(path), "--data", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "num_crop" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_prompts(tiny_sd, tmp_path):
+    from test_pipeline import SIZE, invert_config
+
+    from promptset.artifacts import PromptSet
+    from promptset.invert import invert
+
+    data = write_toy_data(tmp_path / "data")
+    prompts = {}
+    for gc in (False, True):
+        run = tmp_path / f"run-gc{int(gc)}"
+        invert(invert_config(run, tiny_sd, data=str(data), steps=6, gradient_checkpointing=gc, resolution=SIZE))
+        prompts[gc] = PromptSet.load(run / "prompts.safetensors").embeddings
+    assert (prompts[False] - prompts[True]).abs().max() < 1e-5
