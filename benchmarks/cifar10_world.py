@@ -1,0 +1,821 @@
+"""The offline CIFAR-10 benchmark world (DESIGN.md section 7), end to end, in one resumable command.
+
+    .venv/bin/python benchmarks/cifar10_world.py --scale reduced [--cache /tmp/pscache] [--device cpu]
+
+1. Unpack `<shared>/data/cifar10-jpeg.tar.gz` (CIFAR-10 as JPEG q75) into `<cache>/cifar10-jpeg` (once; a marker).
+2. Split every training class by file index: 0-2499 "foundation" (trains the generator), 2500-4999 "distilled"
+   (the dataset being distilled), each materialised as an ImageFolder of symlinks in `<cache>/cifar10-jpeg-splits`.
+3. Pretrain the `mini` generator on the foundation split (TAEF2 latents at 64 px) and measure the ResNet-20
+   teacher's accuracy on its class-prompt samples (`<model>/pretrain.json`).
+4. On the distilled split: select (ResNet-20, factor 1, 32 px), invert (mini, 64 px), generate (max IPC, soft
+   labels, 32 px), evaluate d3m / rded / random-real / class-prompt at every IPC and `full` once, under P1 and P2,
+   ConvNet-3, several seeds, on the official test split.
+5. Write `benchmarks/results/cifar10_world{,_smoke}.{json,md}` and `..._accuracy_vs_bytes.png`.
+
+Every stage resumes or skips when rerun with the same options (the stages check their own outputs; evaluate
+entries already in `<run>/eval/results.json` with the same key, epochs and seeds are not trained again).
+
+Within one process, `promptset.generate.generate_batch` is memoised per image: the denoiser always sees exactly
+`micro_batch` images (padded), so an image is bit-for-bit independent of how jobs are grouped, and its pixels depend
+only on (generator, prompts, class, seed, sampler settings, micro_batch). The images `evaluate` regenerates for
+IPC 10 and 1 (prefixes of IPC 50's) and for P2 (the same seeds as P1) are therefore taken from the cache instead of
+being denoised again; the numbers are bit-for-bit those of uncached calls.
+
+Benchmarks report numbers, they assert nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+
+torch.set_flush_denormal(True)
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+SPLIT = 2500  # files 0..2499 of each training class: foundation; 2500..4999: the distilled split
+IPCS = (1, 10, 50)
+METHODS = ("d3m", "class-prompt", "rded", "random-real")  # per IPC; `full` once per protocol
+STUDENT = "convnet3"
+
+# Presets. `epochs` is per IPC; `rounds` lists the numbers of image rounds d3m / class-prompt are evaluated with
+# (1 = a fixed set; R > 1 = fresh variations, regen_every = ceil(epochs / R), at the same step count);
+# `test_per_class` 0 = the whole official test split; `eval_every` 0 = test
+# only after the last epoch (then best = final).
+PRESETS = {
+    "smoke": dict(
+        foundation_per_class=20,
+        unet_size="tiny",
+        pretrain_steps=20,
+        pretrain_batch=32,
+        pretrain_lr=5e-4,
+        warmup_steps=5,
+        ema_decay=0.99,
+        eval_samples=2,
+        distill_per_class=12,
+        invert_steps=5,
+        invert_batch=10,
+        invert_flip=False,
+        gen_steps=4,
+        guidance=3.0,
+        ipcs="1,10",
+        epochs="1:4,10:2,50:2",
+        full_epochs=1,
+        rounds="1,2",
+        seeds=2,
+        test_per_class=20,
+        eval_every=0,
+    ),
+    "reduced": dict(
+        foundation_per_class=200,
+        unet_size="small",
+        pretrain_steps=2500,
+        pretrain_batch=64,
+        pretrain_lr=8e-4,
+        warmup_steps=50,
+        ema_decay=0.99,
+        eval_samples=20,
+        distill_per_class=300,
+        invert_steps=200,
+        invert_batch=20,
+        invert_flip=False,
+        gen_steps=10,
+        guidance=3.0,
+        ipcs="1,10,50",
+        epochs="1:50,10:20,50:5",
+        full_epochs=2,
+        rounds="1,2",
+        seeds=3,
+        test_per_class=200,
+        eval_every=0,
+    ),
+    "full": dict(
+        foundation_per_class=2500,
+        unet_size="base",
+        pretrain_steps=20000,
+        pretrain_batch=128,
+        pretrain_lr=2e-4,
+        warmup_steps=500,
+        ema_decay=0.999,
+        eval_samples=50,
+        distill_per_class=2500,
+        invert_steps=1000,
+        invert_batch=20,
+        invert_flip=True,
+        gen_steps=25,
+        guidance=3.0,
+        ipcs="1,10,50",
+        epochs="1:300,10:300,50:300",
+        full_epochs=30,
+        rounds="1,30",
+        seeds=3,
+        test_per_class=0,
+        eval_every=1,
+    ),
+}
+
+# Rough CPU costs (2 shared cores), for the up-front estimate only.
+SEC_PER_STEP = {"tiny": 0.1, "small": 0.2, "base": 0.6}  # UNet step at batch 64 on 8x8x32 latents (measured, shared)
+ENCODE_PER_S = 25.0  # TAEF2 encodes at 64 px
+GEN_SEC_PER_STEP = {"tiny": 0.015, "small": 0.025, "base": 0.06}  # one denoising step of one image (with CFG)
+DECODE_S = 0.04  # TAEF2 decode of one 64 px image
+STUDENT_MS_PER_IMAGE = 6.0  # ConvNet-3 forward + backward per image
+TEST_MS_PER_IMAGE = 1.2
+
+
+# ------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def log(msg: str) -> None:
+    print(f"[cifar10_world {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str) -> dict:
+    gpu = "none"
+    if torch.cuda.is_available():
+        try:
+            gpu = torch.cuda.get_device_name(0)
+        except Exception:  # noqa: BLE001 - only a description
+            gpu = "cuda (name unavailable)"
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "gpu": gpu,
+        "device": device,
+        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def rounds_list(p: dict) -> list[int]:
+    return sorted({int(x) for x in str(p["rounds"]).split(",")})
+
+
+def parse_epochs(text: str) -> dict[int, int]:
+    out = {}
+    for part in text.split(","):
+        k, v = part.split(":")
+        out[int(k)] = int(v)
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 1-2. data
+
+
+def unpack(shared: Path, cache: Path) -> Path:
+    """`<cache>/cifar10-jpeg` with train/ and test/; unpacked once (marker file `.promptset-unpacked`)."""
+    root = cache / "cifar10-jpeg"
+    marker = root / ".promptset-unpacked"
+    if marker.is_file():
+        log(f"data: {root} already unpacked")
+        return root
+    complete = (root / "train").is_dir() and (root / "test").is_dir()
+    if complete:
+        classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+        complete = len(classes) == 10 and all(
+            len(list((root / "train" / c).glob("*.jpg"))) == 5000
+            and len(list((root / "test" / c).glob("*.jpg"))) == 1000
+            for c in classes
+        )
+    if not complete:
+        archive = shared / "data" / "cifar10-jpeg.tar.gz"
+        if not archive.is_file():
+            raise SystemExit(f"{archive} not found: pass --shared (the folder holding data/ and weights/)")
+        log(f"data: unpacking {archive} into {root} ...")
+        tmp = cache / ".cifar10-jpeg.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(tmp)
+        inner = tmp if (tmp / "train").is_dir() else next(p for p in tmp.iterdir() if (p / "train").is_dir())
+        shutil.rmtree(root, ignore_errors=True)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        inner.rename(root)
+        shutil.rmtree(tmp, ignore_errors=True)
+    marker.write_text(json.dumps({"archive_sha256_checked": False, "at": time.time()}))
+    log(f"data: {root} ready")
+    return root
+
+
+def symlink_split(src: Path, dst: Path, start: int, stop: int) -> Path:
+    """An ImageFolder at `dst` whose class folders hold symlinks to files [start, stop) (sorted) of `src`'s."""
+    marker = dst / ".promptset-split.json"
+    want = {"src": str(src), "start": start, "stop": stop}
+    if marker.is_file() and json.loads(marker.read_text()) == want:
+        return dst
+    shutil.rmtree(dst, ignore_errors=True)
+    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
+        files = sorted(f for f in cls.iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png"))[start:stop]
+        (dst / cls.name).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            os.symlink(f, dst / cls.name / f.name)
+    marker.write_text(json.dumps(want))
+    return dst
+
+
+# ------------------------------------------------------------------------------------------------------------
+# memoised generation (see the module docstring)
+
+_GEN_CACHE: dict[tuple, torch.Tensor] = {}
+_GEN_STATS = {"denoised": 0, "cached": 0}
+
+
+def _conditioner_key(conditioner) -> str:
+    t = getattr(conditioner, "vectors", None)
+    if t is None:
+        t = getattr(conditioner, "states", None)
+    data = t.detach().float().cpu().contiguous().numpy().tobytes() if t is not None else str(id(conditioner)).encode()
+    return type(conditioner).__name__ + ":" + hashlib.sha256(data).hexdigest()[:16]
+
+
+def install_generation_cache() -> None:
+    import inspect
+
+    import promptset.generate as gen
+
+    original = gen.generate_batch
+    if getattr(original, "_cifar10_world_cache", False):
+        return
+    params = inspect.signature(original).parameters
+    default_mb = params["micro_batch"].default if "micro_batch" in params else 1
+    unset = object()
+
+    def cached(backend, conditioner, jobs, *, micro_batch=unset, **kw):
+        mb = default_mb if micro_batch is unset else micro_batch
+        if mb is None:  # one call for all jobs: an image then depends on len(jobs), so nothing is reused
+            return original(backend, conditioner, jobs, micro_batch=None, **kw)
+        to_cpu = kw.pop("to_cpu", True)
+        base = (getattr(backend, "model_hash", None), getattr(backend, "resolution", None),
+                getattr(backend, "kind", None), str(getattr(backend, "dtype", None)), _conditioner_key(conditioner),
+                mb, kw["steps"], float(kw["guidance"]), kw["factor"], kw["image_size"],
+                kw["uncond"] is None)  # fmt: skip
+        missing = [j for j in jobs if (base, j.cls, j.seed) not in _GEN_CACHE]
+        if missing:
+            out = original(backend, conditioner, missing, micro_batch=mb, **kw)  # on the CPU
+            for j, img in zip(missing, out):
+                _GEN_CACHE[(base, j.cls, j.seed)] = img.cpu().clone()
+        _GEN_STATS["denoised"] += len(missing)
+        _GEN_STATS["cached"] += len(jobs) - len(missing)
+        result = torch.stack([_GEN_CACHE[(base, j.cls, j.seed)] for j in jobs])
+        return result if to_cpu else result.to(getattr(backend, "device", "cpu"))
+
+    cached._cifar10_world_cache = True
+    gen.generate_batch = cached
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the pipeline
+
+
+class Timer:
+    """Wall time per stage, accumulated over invocations in `<root>/walltimes.json`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+        self.this_run: dict[str, float] = {}
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.this_run[stage] = self.this_run.get(stage, 0.0) + seconds
+        self.data[stage] = round(self.data.get(stage, 0.0) + seconds, 1)
+        self.path.write_text(json.dumps(self.data, indent=1))
+
+
+def estimate(p: dict, ipcs: list[int], epochs: dict[int, int]) -> dict[str, float]:
+    """Seconds per stage on the 2-core CPU (rough)."""
+    f, d = p["foundation_per_class"] * 10, p["distill_per_class"] * 10
+    est = {
+        "pretrain": f * 2 / ENCODE_PER_S
+        + p["pretrain_steps"] * SEC_PER_STEP[p["unet_size"]] * p["pretrain_batch"] / 64
+        + (p["eval_samples"] + 8) * 10 * 20 * GEN_SEC_PER_STEP[p["unet_size"]] / 4,
+        "select": d * 0.01 + 10,
+        "invert": d * (2 if p["invert_flip"] else 1) / ENCODE_PER_S
+        + p["invert_steps"] * SEC_PER_STEP[p["unet_size"]] * p["invert_batch"] / 64 * 1.5,
+        "generate": max(ipcs) * 10 * (p["gen_steps"] * GEN_SEC_PER_STEP[p["unet_size"]] + DECODE_S) + 10,
+    }
+    ev = 0.0
+    test_n = (p["test_per_class"] or 1000) * 10
+    runs = 0
+    for ipc in ipcs:
+        e = epochs[ipc]
+        tests = 1 if not p["eval_every"] else math.ceil(e / p["eval_every"])
+        n_runs = 2 * p["seeds"] * (len(METHODS) + 2 * (len(rounds_list(p)) - 1))
+        ev += n_runs * (ipc * 10 * e * STUDENT_MS_PER_IMAGE + tests * test_n * TEST_MS_PER_IMAGE) / 1000
+        runs += n_runs
+    tests = 1 if not p["eval_every"] else math.ceil(p["full_epochs"] / p["eval_every"])
+    ev += 2 * p["seeds"] * (d * p["full_epochs"] * STUDENT_MS_PER_IMAGE + tests * test_n * TEST_MS_PER_IMAGE) / 1000
+    gen_imgs = max(ipcs) * 10 * (2 * max(rounds_list(p)) - 1)  # class-prompt: all rounds; d3m: round 0 from generate
+    ev += gen_imgs * (p["gen_steps"] * GEN_SEC_PER_STEP[p["unet_size"]] + DECODE_S) + 30
+    est["evaluate"] = ev
+    return est
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--scale", choices=list(PRESETS), default="reduced", help="preset (every value overridable)")
+    ap.add_argument(
+        "--shared",
+        default=os.environ.get("PROMPTSET_SHARED", str(REPO.parent / "shared")),
+        help="folder holding data/ and weights/ (default: $PROMPTSET_SHARED or ../shared)",
+    )
+    ap.add_argument(
+        "--cache",
+        default=os.path.expanduser("~/.cache/promptset"),
+        help="cache folder for the unpacked data, the model and the runs (never inside the repository)",
+    )
+    ap.add_argument("--device", default="cpu", help="torch device for every stage (full scale: cuda)")
+    ap.add_argument(
+        "--results-name",
+        default="",
+        help="output name under benchmarks/results (default: cifar10_world, cifar10_world_smoke for --scale smoke)",
+    )
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0 = torch's default). On a CPU shared with other jobs, 1 is often faster: "
+        "two OpenMP threads wait on each other whenever one core is taken (measured here: 0.5 vs 3.7 "
+        "pretrain steps/s)",
+    )
+    ap.add_argument(
+        "--redo",
+        default="",
+        help="comma-separated methods whose entries in results.json are dropped first (trained again)",
+    )
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run no stage: rewrite the results files from what the cache folder already holds",
+    )
+    for key, value in PRESETS["reduced"].items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            ap.add_argument(
+                flag,
+                type=lambda s: s.lower() in ("1", "true", "yes"),
+                default=None,
+                help=f"override the preset (true/false; reduced: {value})",
+            )
+        else:
+            ap.add_argument(flag, type=type(value), default=None, help=f"override the preset (reduced: {value})")
+    args = ap.parse_args(argv)
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    p = dict(PRESETS[args.scale])
+    for key in p:
+        v = getattr(args, key)
+        if v is not None:
+            p[key] = v
+    ipcs = sorted({int(x) for x in str(p["ipcs"]).split(",")}, reverse=True)  # largest first: smaller reuse images
+    epochs = parse_epochs(p["epochs"])
+    missing = [i for i in ipcs if i not in epochs]
+    if missing:
+        raise SystemExit(f"--epochs has no entry for IPC {missing}")
+    shared = Path(args.shared).resolve()
+    cache = Path(args.cache).expanduser().resolve()
+    if cache == REPO or REPO in cache.parents:
+        raise SystemExit(f"--cache {cache} is inside the repository; pass a folder outside it")
+    weights = shared / "weights"
+    teacher = f"resnet20:{weights / 'cifar10_resnet20.safetensors'}"
+    name = args.results_name or ("cifar10_world_smoke" if args.scale == "smoke" else "cifar10_world")
+    tag = (
+        args.scale
+        if all(p[k] == PRESETS[args.scale][k] for k in p)
+        else f"{args.scale}-custom-{hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest()[:8]}"
+    )
+    root = cache / "cifar10_world" / tag
+    root.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_progress
+
+    est = estimate(p, ipcs, epochs)
+    log(f"scale {args.scale} (folder {root}), device {args.device}")
+    log("preset: " + json.dumps(p))
+    log(
+        "estimate on a 2-core CPU (rough): "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in est.items())
+        + f"; total {sum(est.values()) / 60:.1f} min"
+    )
+    timer = Timer(root / "walltimes.json")
+    t_start = time.time()
+
+    from promptset.evaluate import entry_key, evaluate
+    from promptset.generate import generate
+    from promptset.invert import invert
+    from promptset.pretrain import pretrain
+    from promptset.report import report
+    from promptset.select import select
+
+    install_generation_cache()
+    if args.report_only:
+        run, model = root / "run", root / "model"
+        test = data_test = (
+            (cache / "cifar10-jpeg-splits" / f"test-first{p['test_per_class']}")
+            if p["test_per_class"]
+            else cache / "cifar10-jpeg" / "test"
+        )
+        report(runs=str(run), out=str(run / "eval"), title=f"CIFAR-10 JPEG world ({tag}): accuracy vs stored bytes")
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run / "eval" / "accuracy_vs_bytes.png", RESULTS_DIR / f"{name}_accuracy_vs_bytes.png")
+        pre = json.loads((model / "pretrain.json").read_text())
+        write_outputs(name, args, p, tag, root, model, run, data_test, pre, timer, ipcs, epochs, est, t_start)
+        return 0
+
+    # ---- 1-2. data ----------------------------------------------------------------------------------------
+    t = time.time()
+    data = unpack(shared, cache)
+    splits = cache / "cifar10-jpeg-splits"
+    foundation = symlink_split(data / "train", splits / "foundation", 0, SPLIT)
+    distill = symlink_split(data / "train", splits / "distill", SPLIT, 2 * SPLIT)
+    if p["test_per_class"]:
+        test = symlink_split(data / "test", splits / f"test-first{p['test_per_class']}", 0, p["test_per_class"])
+    else:
+        test = data / "test"
+    timer.add("data", time.time() - t)
+    log(f"data: foundation {foundation}, distilled {distill} (first {p['distill_per_class']}/class used), test {test}")
+
+    # ---- 3. pretrain -----------------------------------------------------------------------------------------
+    model = root / "model"
+    t = time.time()
+    log(
+        f"pretrain: mini {p['unet_size']} on {p['foundation_per_class']} foundation images/class, "
+        f"{p['pretrain_steps']} steps x batch {p['pretrain_batch']}"
+    )
+    pretrain(
+        out=str(model), data=str(foundation), backend="mini", vae=f"taef2:{weights}", resolution=64,
+        unet_size=p["unet_size"], steps=p["pretrain_steps"], batch_size=p["pretrain_batch"], lr=p["pretrain_lr"],
+        warmup_steps=p["warmup_steps"], ema_decay=p["ema_decay"], first_image=0,
+        max_images_per_class=p["foundation_per_class"], teacher=teacher, teacher_size=32,
+        eval_samples=p["eval_samples"], sample_steps=p["gen_steps"], guidance=p["guidance"],
+        checkpoint_every=max(50, p["pretrain_steps"] // 10), log_every=max(10, min(50, p["pretrain_steps"] // 20)),
+        device=args.device, progress=progress,
+    )  # fmt: skip
+    timer.add("pretrain", time.time() - t)
+    pre = json.loads((model / "pretrain.json").read_text())
+
+    # ---- 4. select, invert, generate ---------------------------------------------------------------------
+    run = root / "run"
+    t = time.time()
+    select(data=str(distill), out=str(run), teacher=teacher, factor=1, resolution=32,
+           max_images_per_class=p["distill_per_class"], device=args.device, progress=progress)  # fmt: skip
+    timer.add("select", time.time() - t)
+
+    t = time.time()
+    invert(out=str(run), backend="mini", model=str(model), steps=p["invert_steps"], batch_size=p["invert_batch"],
+           resolution=64, flip=p["invert_flip"], checkpoint_every=max(25, p["invert_steps"] // 5),
+           device=args.device, progress=progress)  # fmt: skip
+    timer.add("invert", time.time() - t)
+
+    t = time.time()
+    generate(run=str(run), ipc=max(ipcs), steps=p["gen_steps"], guidance=p["guidance"], image_size=32,
+             soft_labels=True, teacher=teacher, batch_size=16, device=args.device, progress=progress)  # fmt: skip
+    timer.add("generate", time.time() - t)
+
+    # ---- 4. evaluate -----------------------------------------------------------------------------------------
+    results_path = run / "eval" / "results.json"
+    if args.redo and results_path.is_file():
+        redo = {m.strip() for m in args.redo.split(",")}
+        data_ = json.loads(results_path.read_text())
+        dropped = [k for k, e in data_["entries"].items() if e["method"] in redo]
+        for k in dropped:
+            del data_["entries"][k]
+        results_path.write_text(json.dumps(data_, indent=1))
+        log(f"--redo: dropped {len(dropped)} entries of {sorted(redo)} from {results_path}")
+
+    def existing() -> dict:
+        return json.loads(results_path.read_text())["entries"] if results_path.is_file() else {}
+
+    def have(method, protocol, ipc, regen, n_epochs) -> bool:
+        e = existing().get(entry_key(method, protocol, STUDENT, ipc, regen))
+        return bool(e) and e.get("epochs") == n_epochs and len(e.get("seeds") or []) == p["seeds"]
+
+    plan = []
+    for protocol in ("p1", "p2"):
+        for ipc in ipcs:
+            n_epochs = epochs[ipc]
+            for i, r in enumerate(rounds_list(p)):
+                regen = math.ceil(n_epochs / r) if r > 1 else 0
+                methods = list(METHODS) if i == 0 else ["d3m", "class-prompt"]  # real methods: once
+                plan.append((protocol, ipc, n_epochs, regen, methods))
+        plan.append((protocol, None, p["full_epochs"], 0, ["full"]))
+    for protocol, ipc, n_epochs, regen, methods in plan:
+        todo = [m for m in methods if not have(m, protocol, ipc, regen, n_epochs)]
+        what = f"{protocol} IPC {'all' if ipc is None else ipc}: {', '.join(methods)}"
+        if not todo:
+            log(f"evaluate {what}: already in results.json, skipped")
+            continue
+        log(
+            f"evaluate {what} ({', '.join(todo)} to do), {n_epochs} epochs x {p['seeds']} seeds, "
+            f"regen_every {regen or 'fixed'}"
+        )
+        t = time.time()
+        evaluate(
+            run=str(run), test=str(test), method=",".join(todo), protocol=protocol, student=STUDENT,
+            ipc=ipc or max(ipcs), epochs=n_epochs, seeds=p["seeds"], regen_every=regen,
+            eval_every=p["eval_every"] or n_epochs, device=args.device, report=False, progress=progress,
+        )  # fmt: skip
+        timer.add(f"evaluate_{protocol}", time.time() - t)
+        log(f"  generation cache: {_GEN_STATS['denoised']} images denoised, {_GEN_STATS['cached']} reused")
+
+    # ---- 5. outputs ------------------------------------------------------------------------------------------
+    t = time.time()
+    eval_dir = run / "eval"
+    report(runs=str(run), out=str(eval_dir), title=f"CIFAR-10 JPEG world ({tag}): accuracy vs stored bytes")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(eval_dir / "accuracy_vs_bytes.png", RESULTS_DIR / f"{name}_accuracy_vs_bytes.png")
+    timer.add("report", time.time() - t)
+    write_outputs(name, args, p, tag, root, model, run, test, pre, timer, ipcs, epochs, est, t_start)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# outputs
+
+
+def reading(entries: dict, quality: dict, p: dict) -> list[str]:
+    """Data-driven remarks under the tables (only what the numbers themselves show)."""
+
+    def get(method, protocol, ipc, rounds=1):
+        for e in entries.values():
+            r = e["distilled"].get("rounds")
+            if e["method"] == method and e["protocol"] == protocol and e["ipc"] == ipc and (r in (None, rounds)):
+                return e["final_top1"]["mean"]
+        return None
+
+    out = ["### Reading the numbers", ""]
+    if quality:
+        acc, chance = quality["accuracy"], quality["chance"]
+        if acc < 2 * chance:
+            out.append(
+                f"- The generator is weak: the teacher recognises {acc:.0%} of its class-prompt samples (chance "
+                f"{chance:.0%}). d3m and class-prompt can only be as good as the images the generator renders, so at "
+                "this scale they measure this generator, not D3M; the `full` preset (a GPU job) is the one that "
+                "tests the method."
+            )
+        else:
+            out.append(
+                f"- The teacher recognises {acc:.0%} of the generator's class-prompt samples (chance {chance:.0%})."
+            )
+    ipcs = sorted({e["ipc"] for e in entries.values() if e["ipc"] is not None})
+    for protocol in ("p1", "p2"):
+        diffs = []
+        for ipc in ipcs:
+            a, b = get("rded", protocol, ipc), get("random-real", protocol, ipc)
+            if a is not None and b is not None:
+                diffs.append(f"{a - b:+.1f} at IPC {ipc}")
+        if diffs:
+            out.append(f"- {protocol.upper()}: rded minus random-real (points): " + ", ".join(diffs) + ".")
+    steps = sorted({e["optimizer_steps"] for e in entries.values() if e["ipc"] is not None})
+    full = [e for e in entries.values() if e["method"] == "full"]
+    if steps and p["eval_every"] == 0:
+        out.append(
+            f"- Students are far from converged: {min(steps)}-{max(steps)} optimizer steps per distilled set"
+            + (
+                f", and `full` reaches {max(e['final_top1']['mean'] for e in full):.1f}% after {full[0]['epochs']} "
+                "epochs"
+                if full
+                else ""
+            )
+            + ". Compare rows within one IPC and protocol (same steps), not with converged numbers."
+        )
+    out.append("")
+    return out
+
+
+def write_outputs(name, args, p, tag, root, model, run, test, pre, timer, ipcs, epochs, est, t_start) -> None:
+    from promptset.evaluate import fmt_bytes
+
+    stats_path = root / "generation_cache.json"
+    if _GEN_STATS["denoised"] or _GEN_STATS["cached"]:
+        stats_path.write_text(json.dumps(_GEN_STATS))
+    elif stats_path.is_file():
+        _GEN_STATS.update(json.loads(stats_path.read_text()))
+    results = json.loads((run / "eval" / "results.json").read_text())
+    entries = results["entries"]
+    select_info = json.loads((run / "select.json").read_text())
+    inv_rows = [json.loads(x) for x in (run / "invert" / "metrics.jsonl").read_text().splitlines() if x.strip()] \
+        if (run / "invert" / "metrics.jsonl").is_file() else []  # fmt: skip
+    device = args.device
+    mach = machine_info(device)
+    quality = pre.get("quality") or {}
+    summary = {
+        "benchmark": "cifar10_world",
+        "scale": args.scale,
+        "tag": tag,
+        "preset": p,
+        "settings": {
+            "data": "CIFAR-10 as JPEG q75 (../shared/data/cifar10-jpeg.tar.gz), official split",
+            "foundation_split": f"train files 0-{SPLIT - 1} per class; first {p['foundation_per_class']} used",
+            "distilled_split": f"train files {SPLIT}-{2 * SPLIT - 1} per class; first {p['distill_per_class']} used "
+            "(select, random-real and full all draw from these)",
+            "test": "official test split, "
+            + ("all 1000" if not p["test_per_class"] else f"first {p['test_per_class']}")
+            + " images per class",
+            "generator": f"mini: UNet {p['unet_size']} ({pre.get('unet_params')} parameters), TAEF2 latents at 64 px, "
+            "all-MiniLM-L6-v2 text encoder",
+            "teacher": "ResNet-20 (cifar10_resnet20.safetensors), 32 px",
+            "student": STUDENT,
+            "select": "ResNet-20 teacher, 5 crops, factor 1, 32 px",
+            "invert": f"mini, {p['invert_steps']} steps, batch {p['invert_batch']}, 64 px, flip {p['invert_flip']}",
+            "generate": f"ipc {max(ipcs)}, {p['gen_steps']} DDIM steps, guidance {p['guidance']}, 32 px patches, "
+            "ResNet-20 soft labels (fp16)",
+            "epochs_per_ipc": epochs,
+            "full_epochs": p["full_epochs"],
+            "rounds_of_generated_images": rounds_list(p),
+            "seeds": p["seeds"],
+            "test_every": "last epoch only (best = final)"
+            if not p["eval_every"]
+            else f"every {p['eval_every']} epochs",
+        },
+        "machine": mach,
+        "wall_time_s": {
+            "per_stage_cumulative": timer.data,
+            "this_invocation": timer.this_run,
+            "this_invocation_total": round(time.time() - t_start, 1),
+        },
+        "estimate_s": {k: round(v) for k, v in est.items()},
+        "generator": pre,
+        "invert_final_loss": inv_rows[-1]["loss"] if inv_rows else None,
+        "select": {"classes": select_info.get("classes")},
+        "generation_cache": dict(_GEN_STATS),
+        "paths": {"root": str(root), "model": str(model), "run": str(run), "test": str(test)},
+        "entries": entries,
+    }
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+    # ---- markdown ----
+    lines = [f"## CIFAR-10 (offline JPEG world), `{tag}` scale", ""]
+    lines += [
+        f"Command: `.venv/bin/python benchmarks/cifar10_world.py --scale {args.scale}"
+        + (f" --cache {args.cache}" if args.cache != os.path.expanduser("~/.cache/promptset") else "")
+        + (f" --device {device}" if device != "cpu" else "")
+        + (f" --threads {args.threads}" if args.threads else "")
+        + "` (resumable; every stage skips finished work).",
+        "",
+        "**Caveat:** this is CIFAR-10 stored as JPEG q75 (4:2:0 chroma). Classifiers score about 10 points lower on "
+        "this test set than on the original one (the ResNet-20 teacher: 81.0% here, 91.8% on the original), so these "
+        "numbers are comparable with each other, never with published CIFAR-10 tables.",
+        "",
+        f"Machine: {mach['cpu']}, {mach['cores']} cores (shared with other jobs), torch {mach['torch']}, "
+        f"GPU: {mach['gpu']} (stages ran on `{device}`).",
+        "",
+        "### Setting",
+        "",
+        f"- Split by file index per training class: files 0-2499 = foundation (trains the generator; first "
+        f"{p['foundation_per_class']} per class used), files 2500-4999 = the distilled split (first "
+        f"{p['distill_per_class']} per class used: select's collages, `random-real`'s draws and `full`'s "
+        "training set).",
+        "- Test: the official test split, "
+        + (
+            "all 10,000 images."
+            if not p["test_per_class"]
+            else f"first {p['test_per_class']} images per class ({p['test_per_class'] * 10:,} of 10,000) "
+            "to fit the CPU budget."
+        ),
+        f"- Generator `mini`: UNet `{p['unet_size']}` ({pre.get('unet_params', 0) / 1e6:.2f}M parameters) on TAEF2 "
+        f"latents at 64 px, {p['pretrain_steps']} steps x batch {p['pretrain_batch']} (lr {p['pretrain_lr']}, EMA "
+        f"{p['ema_decay']}), final loss {pre.get('final_loss')}. Samples are resized to 32 px.",
+        f"- D3M: select (ResNet-20, 5 crops, factor 1, 32 px) -> invert (one token per class, {p['invert_steps']} "
+        f"steps, batch {p['invert_batch']}, collages upsampled to 64 px) -> generate ({p['gen_steps']} DDIM steps, "
+        f"guidance {p['guidance']}, soft labels from ResNet-20 in fp16).",
+        f"- Students: ConvNet-3, AdamW lr 1e-3, cosine, batch 64 (capped at the set size), {p['seeds']} seeds; epochs "
+        + ", ".join(f"IPC {i}: {epochs[i]}" for i in sorted(ipcs))
+        + f"; `full`: {p['full_epochs']}. "
+        + "d3m / class-prompt are trained on one fixed generated set (`fixed`)"
+        + "".join(
+            f" and on {r} rounds of fresh images (new seeds, regen_every = ceil(epochs / {r}), the same number "
+            "of optimizer steps; the soft labels of every round are stored and counted under P1)"
+            for r in rounds_list(p)
+            if r > 1
+        )
+        + ", under both protocols. "
+        + (
+            "Tested after the last epoch only, so best = final."
+            if not p["eval_every"]
+            else f"Tested every {p['eval_every']} epoch(s)."
+        ),
+        "- P1: stored ResNet-20 soft labels (fp16, counted in the bytes), no augmentation. P2: one-hot labels, "
+        "random resized crop (scale 0.5-1) + flip.",
+        "",
+        "### Generator quality",
+        "",
+    ]
+    if quality:
+        lines.append(
+            f'ResNet-20 accuracy on the generator\'s class-prompt samples ("a photo of a {{name}}", '
+            f"{quality['samples']} samples, {quality['sample_steps']} DDIM steps, guidance {quality['guidance']}): "
+            f"**{quality['accuracy'] * 100:.1f}%** (chance {quality['chance'] * 100:.1f}%; mean confidence in the "
+            f"prompted class {quality['mean_class_confidence'] * 100:.1f}%)."
+        )
+        lines.append("")
+        lines.append("Per class: " + ", ".join(f"{k} {v * 100:.0f}%" for k, v in quality["per_class"].items()) + ".")
+    else:
+        lines.append("(not measured)")
+    lines += [""]
+    order = {"d3m": 0, "class-prompt": 1, "rded": 2, "random-real": 3, "full": 4}
+    for protocol, title in (
+        ("p1", "P1: stored soft labels, no augmentation"),
+        ("p2", "P2: one-hot labels + augmentation"),
+    ):
+        rows = [e for e in entries.values() if e["protocol"] == protocol and e["student"] == STUDENT]
+        rows.sort(key=lambda e: (order.get(e["method"], 9), e["ipc"] or 10**9, e["distilled"].get("rounds") or 0))
+        lines += [
+            f"### {title}",
+            "",
+            "| method | IPC | images | epochs (steps) | final top-1 (%) | best top-1 (%) | stored | IPC-equiv. |",
+            "|---|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        for e in rows:
+            f, b = e["final_top1"], e["best_top1"]
+            ipc = "all" if e["ipc"] is None else e["ipc"]
+            rounds = e["distilled"].get("rounds")
+            images = "real" if rounds is None else ("fixed" if rounds == 1 else f"{rounds} rounds")
+            lines.append(
+                f"| {e['method']} | {ipc} | {images} | {e['epochs']} ({e['optimizer_steps']}) "
+                f"| {f['mean']:.2f} ± {f['std']:.2f} "
+                f"| {b['mean']:.2f} ± {b['std']:.2f} | {fmt_bytes(e['stored_bytes'])} | {e['ipc_equivalent']:.3f} |"
+            )
+        lines.append("")
+    lines += [
+        "Stored bytes: d3m = prompts (fp32) + class list + seeds (+ P1 soft labels of every round); class-prompt = "
+        "the prompt strings + seeds (+ soft labels); rded / random-real / full = raw uint8 images (+ P1 soft labels). "
+        "Generator and teacher weights are not counted. IPC-equivalent = stored bytes / (10 x 32 x 32 x 3).",
+        "",
+        f"![accuracy vs bytes]({name}_accuracy_vs_bytes.png)",
+        "",
+        *reading(entries, quality, p),
+        "### Wall time (seconds, cumulative over resumed invocations)",
+        "",
+        "| stage | wall (s) |",
+        "|---|---:|",
+    ]
+    for k, v in timer.data.items():
+        lines.append(f"| {k} | {v:,.0f} |")
+    lines.append(f"| **total** | **{sum(timer.data.values()):,.0f}** |")
+    lines += [
+        "",
+        "Stages killed part-way are not in this table (they resume from their checkpoints); pretrain's own "
+        f"training clock, which includes them, says {pre.get('train_seconds')} s ({pre.get('seconds_per_step')} "
+        "s/step on average). "
+        + (
+            f"Images denoised by generate and evaluate in the last invocation: {_GEN_STATS['denoised']}; taken "
+            f"from the script's per-image cache instead of being denoised again: {_GEN_STATS['cached']}."
+            if _GEN_STATS["denoised"] or _GEN_STATS["cached"]
+            else ""
+        ),
+        "",
+        f"Preset `{args.scale}`"
+        + (" (with overrides)" if tag != args.scale else "")
+        + ": `"
+        + json.dumps(p)
+        + "`. The `full` preset (all 2,500 foundation images per class, UNet `base`, 20k "
+        "pretrain steps, all 2,500 distilled images per class, 300 student epochs (30 for `full`), "
+        "30 rounds of fresh images, whole test split) is a GPU job "
+        "(`--scale full --device cuda`).",
+        "",
+    ]
+    (RESULTS_DIR / f"{name}.md").write_text("\n".join(lines))
+    log(
+        f"wrote {RESULTS_DIR / (name + '.json')}, {RESULTS_DIR / (name + '.md')}, "
+        f"{RESULTS_DIR / (name + '_accuracy_vs_bytes.png')}"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
