@@ -49,9 +49,11 @@ def performance_section() -> list[str]:
         lines += [
             "### Textual inversion: promptset's multi-class run vs one concept per run",
             "",
-            f"Command: `python benchmarks/bench_invert.py --quick --threads 1 --json benchmarks/results/bench_invert.json`."
+            "Command: `python benchmarks/bench_invert.py --quick --threads 1 --json "
+            "benchmarks/results/bench_invert.json`."
             f" Machine: {_machine(inv['machine'])}. Model: {s['model']} (random weights: timings only), "
-            f"{s['resolution']} px, {s['classes']} classes, batch {s['batch_size']}, fp32. Both sides train every class on "
+            f"{s['resolution']} px, {s['classes']} classes, batch {s['batch_size']}, fp32. Both sides train every class "
+            "on "
             "the same number of samples; the baseline starts a fresh process and loads the model per class, encodes "
             "images with the VAE and tokenizes every step, one class per batch (what diffusers' textual-inversion "
             "example does per step).",
@@ -85,7 +87,8 @@ def performance_section() -> list[str]:
         lines += [
             "### Generation: `promptset generate` vs diffusers' `StableDiffusionPipeline.__call__`",
             "",
-            f"Command: `python benchmarks/bench_generate.py --quick --threads 1 --json benchmarks/results/bench_generate.json`."
+            "Command: `python benchmarks/bench_generate.py --quick --threads 1 --json "
+            "benchmarks/results/bench_generate.json`."
             f" Machine: {_machine(gen['machine'])}. Same model, DDIM {s['steps']} steps, guidance {s['guidance']}, "
             f"batch {s['batch_size']}, per-image generators, fp32.",
             "",
