@@ -52,8 +52,8 @@ def performance_section() -> list[str]:
             "Command: `python benchmarks/bench_invert.py --quick --threads 1 --json "
             "benchmarks/results/bench_invert.json`."
             f" Machine: {_machine(inv['machine'])}. Model: {s['model']} (random weights: timings only), "
-            f"{s['resolution']} px, {s['classes']} classes, batch {s['batch_size']}, fp32. Both sides train every class "
-            "on "
+            f"{s['resolution']} px, {s['classes']} classes, batch {s['batch_size']}, fp32. "
+            "Both sides train every class on "
             "the same number of samples; the baseline starts a fresh process and loads the model per class, encodes "
             "images with the VAE and tokenizes every step, one class per batch (what diffusers' textual-inversion "
             "example does per step).",
