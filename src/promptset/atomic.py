@@ -29,6 +29,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; artifacts get the usual permissions
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -104,7 +105,14 @@ def staged_dir(final: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if final.exists():
             shutil.rmtree(final)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
         os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
