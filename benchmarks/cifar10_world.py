@@ -40,6 +40,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model  # noqa: E402
+
 torch.set_flush_denormal(True)
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -141,16 +144,6 @@ TEST_MS_PER_IMAGE = 1.2
 
 def log(msg: str) -> None:
     print(f"[cifar10_world {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_info(device: str) -> dict:
