@@ -88,34 +88,27 @@ def ours_step_fn(backend, group: int, repeats: int, words: list[str], resolution
     return step
 
 
+def baseline_argv(model: str, data: Path, name: str, output_dir: str, args, dtype: str, resolution: int) -> list[str]:
+    """The baseline's command-line flags for one class (shared by the in-process step and the subprocess run)."""
+    return [
+        "--pretrained_model_name_or_path", model,
+        "--train_data_dir", str(data / name),
+        "--placeholder_token", f"<{name}>",
+        "--initializer_token", name,
+        "--output_dir", output_dir,
+        "--resolution", str(resolution),
+        "--train_batch_size", str(args.batch_size),
+        "--learning_rate", str(args.lr),
+        "--mixed_precision", "bf16" if dtype == "bf16" else "no",
+        "--device", args.device,
+    ]  # fmt: skip
+
+
 def baseline_step_fn(model: str, data: Path, name: str, args, dtype: str, resolution: int):
     """One step of the diffusers-style baseline, drawing its batch from its Dataset as the example does."""
     import baseline_textual_inversion as bl
 
-    bargs = bl.parse_args(
-        [
-            "--pretrained_model_name_or_path",
-            model,
-            "--train_data_dir",
-            str(data / name),
-            "--placeholder_token",
-            f"<{name}>",
-            "--initializer_token",
-            name,
-            "--output_dir",
-            "-",
-            "--resolution",
-            str(resolution),
-            "--train_batch_size",
-            str(args.batch_size),
-            "--learning_rate",
-            str(args.lr),
-            "--mixed_precision",
-            "bf16" if dtype == "bf16" else "no",
-            "--device",
-            args.device,
-        ]
-    )
+    bargs = bl.parse_args(baseline_argv(model, data, name, "-", args, dtype, resolution))
     m = bl.load(bargs)
     m["text_encoder"].train()
     dataset = bl.TextualInversionDataset(
@@ -331,28 +324,9 @@ def run_baseline(
         cmd = [
             sys.executable,
             str(common.BENCH_DIR / "baseline_textual_inversion.py"),
-            "--pretrained_model_name_or_path",
-            model,
-            "--train_data_dir",
-            str(data / name),
-            "--placeholder_token",
-            f"<{name}>",
-            "--initializer_token",
-            name,
-            "--output_dir",
-            str(work / tag / name),
-            "--resolution",
-            str(resolution),
-            "--train_batch_size",
-            str(args.batch_size),
+            *baseline_argv(model, data, name, str(work / tag / name), args, dtype, resolution),
             "--max_train_steps",
             str(args.steps),
-            "--learning_rate",
-            str(args.lr),
-            "--mixed_precision",
-            "bf16" if dtype == "bf16" else "no",
-            "--device",
-            args.device,
             "--result_json",
             str(result),
         ]
