@@ -138,14 +138,19 @@ def build_model(folder: Path, size: str) -> Path:
     return build_sd(folder, size)
 
 
-def run_subprocess(cmd: list[str], *, env: dict | None = None, timeout: float | None = None) -> float:
-    """Run `cmd`, fail loudly with its output on error; returns the perf_counter time it was spawned at."""
+def run_subprocess(
+    cmd: list[str], *, env: dict | None = None, timeout: float | None = None
+) -> tuple[float, float]:
+    """Run `cmd`, fail loudly with its output on error; returns the perf_counter times it was spawned and exited at.
+
+    perf_counter is CLOCK_MONOTONIC on Linux, so times the child records are comparable with these."""
     t_spawn = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    t_exit = time.perf_counter()
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
         raise SystemExit(f"benchmark subprocess failed ({proc.returncode}): {' '.join(cmd)}")
-    return t_spawn
+    return t_spawn, t_exit
 
 
 def quiet_env(threads: int = 0) -> dict:

@@ -68,18 +68,29 @@ def performance_section() -> list[str]:
                 ("start-up s", "startup_s"),
                 ("model load + setup s", "setup_s"),
                 ("training loop s", "loop_s"),
+                ("exit s", "teardown_s"),
                 ("steady step ms", "step_ms"),
                 ("steady samples/s", "steady_samples_per_s"),
             ],
         )
+        target = 5.0
+        verdict = "meets" if inv["speedup"] >= target else "does not meet"
         lines += [
             "",
-            f"**Time to distill: {inv['speedup']:.2f}x faster than the baseline**; steady per-step "
-            f"throughput {inv['steady_throughput_speedup']:.2f}x. The target in the issue is 5x on CPU `--quick`; "
-            "the ratio grows with the number of classes, since the baseline pays process start and model load "
-            "once per class.",
-            "",
+            f"**Time to distill: {inv['speedup']:.2f}x faster than the baseline** (spawn to exit of every process); "
+            f"steady per-step throughput {inv['steady_throughput_speedup']:.2f}x (both step functions timed "
+            f"alternately in one process). This {verdict} the issue's target of {target:.0f}x on CPU `--quick`. "
+            "The ratio grows with the number of classes, since the baseline pays interpreter start, imports, model "
+            "load and exit once per class and promptset once per run.",
         ]
+        proj = inv["rows"][0].get("projected_time_to_distill_speedup")
+        if proj:
+            lines += [
+                "Projected from this run's fixed and per-class costs (arithmetic, not a measurement): "
+                + ", ".join(f"{c} classes {x:.1f}x" for c, x in proj.items())
+                + ".",
+            ]
+        lines += [""]
         lines += [f"- {n}" for n in inv.get("notes", [])] + [""]
     gen = _load("bench_generate.json")
     if gen:

@@ -261,3 +261,22 @@ def test_resume_after_interruption_gives_the_same_prompts(inverted, tiny_sd, tmp
     assert (resumed / "prompts.safetensors").stat().st_mtime_ns == mtime
     steps = [row["step"] for row in map(json.loads, (resumed / "invert" / "metrics.jsonl").read_text().splitlines())]
     assert steps == [2, 4, 6, 8, 10, 12]  # the steps redone after the checkpoint are logged once
+
+
+# generate --compile: torch.compile of the UNet gives the eager images up to float rounding
+
+
+def _pixels(folder: Path) -> dict[str, np.ndarray]:
+    return {p.relative_to(folder).as_posix(): np.asarray(Image.open(p)).astype(int) for p in folder.rglob("*.png")}
+
+
+@pytest.mark.slow  # compiling takes tens of seconds on a CPU
+def test_compiled_generate_matches_eager(inverted, tmp_path):
+    run, _ = inverted
+    common = dict(run=str(run), ipc=2, steps=3, device="cpu", progress=False)
+    generate(out=str(tmp_path / "eager"), **common)
+    generate(out=str(tmp_path / "compiled"), compile=True, **common)
+    eager, compiled = _pixels(tmp_path / "eager"), _pixels(tmp_path / "compiled")
+    assert eager.keys() == compiled.keys() and len(eager) > 1
+    worst = max(int(np.abs(eager[k] - compiled[k]).max()) for k in eager)
+    assert worst <= 1, worst  # float rounding may move a pixel across a uint8 boundary, nothing more

@@ -53,6 +53,9 @@ class GenerateConfig:
     label_dtype: str = opt("fp16", "dtype of stored soft labels", choices=["fp32", "fp16"])
     device: str = opt("auto", "torch device")
     dtype: str = opt("fp32", "model dtype", choices=["fp32", "fp16", "bf16"])
+    compile: bool = opt(False, "torch.compile the UNet: one compile up front (tens of seconds), then faster batches; "
+                        "images match uncompiled ones to float rounding, not bit for bit (measure with "
+                        "benchmarks/bench_generate.py --compile)")
     progress: bool = opt(True, "show progress bars")
 
 
@@ -231,6 +234,8 @@ def _setup(cfg: GenerateConfig, create_backend) -> tuple:
         teacher = load_teacher(cfg.teacher, num_classes=len(classes), device="cpu")
     backend = create_backend(kind, model, device=cfg.device, dtype=cfg.dtype, sampler=cfg.sampler)
     prompts.check_backend(backend, prompts_path)
+    if cfg.compile:
+        backend.compile_denoiser()
     if cfg.resolution or invert_cfg.get("resolution"):
         backend.resolution = int(cfg.resolution or invert_cfg["resolution"])
     image_size = cfg.image_size or int(select_info.get("image_size", backend.resolution // factor))
@@ -240,6 +245,8 @@ def _setup(cfg: GenerateConfig, create_backend) -> tuple:
                 "model": backend.model_hash, "steps": cfg.steps, "guidance": cfg.guidance, "sampler": cfg.sampler,
                 "seed": cfg.seed, "resolution": backend.resolution, "factor": factor, "image_size": image_size,
                 "dtype": cfg.dtype, "sampler_batch": cfg.sampler_batch}
+    if cfg.compile:  # compiled kernels round differently (keys of uncompiled runs stay as they were)
+        settings["compile"] = True
     key = sha256_bytes(json.dumps(settings, sort_keys=True).encode())[:16]
     return run, out, classes, backend, prompts, teacher, factor, image_size, key
 

@@ -197,6 +197,8 @@ def _plan(cfg: InvertConfig) -> tuple:
     backend = create_backend(cfg.backend, cfg.model, device=cfg.device, dtype=cfg.dtype)
     if cfg.gradient_checkpointing:
         backend.unet.enable_gradient_checkpointing()  # diffusers checkpoints whenever grad is on, also in eval mode
+    # No torch.compile here: with torch 2.13 on CPU, inductor's backward of diffusers' UNet returns gradients 40-60%
+    # away from eager and fp64 (benchmarks/check_compile_grad.py), while its forward agrees.
     resolution = cfg.resolution or backend.resolution
     if resolution % backend.autoencoder.downscale:
         raise UserError(f"--resolution {resolution} must be a multiple of {backend.autoencoder.downscale}")
