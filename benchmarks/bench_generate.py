@@ -28,6 +28,7 @@ T_START = time.perf_counter()
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -428,6 +429,7 @@ METHODS = {
     "promptset_batched": "generate_batch(micro_batch=None): the whole batch in each UNet call",
     "diffusers": "StableDiffusionPipeline.__call__ on the batch",
     "diffusers_per_image": "StableDiffusionPipeline.__call__ image by image (batch 1, like micro_batch=1)",
+    "promptset_compiled": "`promptset generate --compile`: the same, UNet through torch.compile (compile excluded)",
 }
 
 
@@ -456,6 +458,17 @@ def measure(args, model: str, dtype: str, names: list[str], do_experiments: bool
         fns["promptset_batched"] = ours_fn(spec, backend, conditioner, uncond, micro_batch=None)
     if not args.no_per_image:
         fns["diffusers_per_image"] = diffusers_fn(spec, backend, conditioner, uncond, per_image=True)
+    compile_s = None
+    if args.compile:  # a second backend: compile_denoiser replaces its UNet in place
+        # a cold compile, as on a first run: inductor's on-disk cache goes to a fresh folder (main's temp dir)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(args.work_dir) / "inductor-cache")
+        backend_c, conditioner_c, uncond_c, _ = setup(spec)
+        backend_c.compile_denoiser()
+        fns["promptset_compiled"] = ours_fn(spec, backend_c, conditioner_c, uncond_c)
+        t0 = time.perf_counter()
+        fns["promptset_compiled"](batches[0])  # compiles (one shape: the fixed micro-batch)
+        common.sync(device)
+        compile_s = time.perf_counter() - t0
     for fn in fns.values():
         run_all(fn, batches[: args.warmup])
     memory = {k: peak_memory(fn, batches[0], device) for k, fn in fns.items()}
@@ -481,6 +494,7 @@ def measure(args, model: str, dtype: str, names: list[str], do_experiments: bool
                 "identical_to": ref if float((images[k] - images[ref]).abs().max()) == 0.0 else None,
                 "peak_gpu_bytes": memory[k]["peak_gpu_bytes"],
                 "max_rss_mb": memory[k]["max_rss_mb"],
+                "compile_s": compile_s if k == "promptset_compiled" else None,
             }
         )
     by = {m["method"]: m for m in methods}
@@ -491,6 +505,8 @@ def measure(args, model: str, dtype: str, names: list[str], do_experiments: bool
         "methods": methods,
         "speedup": by["promptset"]["speedup_vs_diffusers"],
         "speedup_batched": by.get("promptset_batched", {}).get("speedup_vs_diffusers"),
+        "speedup_compiled": by.get("promptset_compiled", {}).get("speedup_vs_diffusers"),
+        "compile_s": compile_s,
         "max_abs_diff": by["promptset"]["max_abs_diff_vs_diffusers"],
         "rss_peak_reset_between": memory["promptset"].get("rss_peak_reset"),
         "profile": profile_ours(fns["promptset"], batches[0], device) if args.profile else None,
@@ -539,7 +555,12 @@ def parse_args(argv=None):
         action="store_true",
         help="also time monkeypatched promptset variants (what would make src/ faster)",
     )
-    p.add_argument("--compile", action="store_true", help="with --experiments: also torch.compile the UNet")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time `promptset generate --compile` (compile time reported apart); with --experiments, also "
+        "the monkeypatched variants on a compiled UNet",
+    )
     p.add_argument("--profile", action="store_true", help="torch.profiler table of one promptset batch")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--work", default="", help="scratch folder for the model (default: temporary)")
@@ -574,6 +595,7 @@ def main(argv=None) -> dict:
             f"DDIM {args.steps} steps, guidance {args.guidance}, {common.model_label(args.size, args.model)}, "
             f"{args.device}, {torch.get_num_threads()} threads"
         )
+        args.work_dir = str(work)
         rows = [measure(args, model, dtype, names, args.experiments and i == 0) for i, dtype in enumerate(args.dtypes)]
     settings = {
         "model": "random-weight SD-shaped model from promptset.backends.tiny.build_sd" if not args.model else model,
@@ -610,6 +632,7 @@ def main(argv=None) -> dict:
                     ("max|diff| vs diffusers", "max_abs_diff_vs_diffusers", ".3g"),
                     ("max|diff| vs per-image", "max_abs_diff_vs_diffusers_per_image", ".3g"),
                     ("peak", "peak", ""),
+                    ("compile s", "compile_s", ".1f"),
                 ],
             )
         )

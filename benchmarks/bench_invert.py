@@ -13,8 +13,9 @@ teardown (about 1 s per process once diffusers is imported); the time to the lea
 beside it. The time-to-distill ratio grows with C (the baseline pays its fixed cost per class, promptset once):
 the script also prints the ratio projected to more classes from this run's fixed and per-class costs. The steady
 per-step throughput is reported twice: from the runs themselves (warm-up excluded), and from both step functions
-timed in one process in alternating blocks (median of rounds; robust to other jobs on a shared machine). FLOPs of one step of each come from FlopCounterMode;
-MFU divides the achieved FLOP/s by the GPU's dense peak for the dtype (table in common.py).
+timed in one process in alternating blocks (median of rounds; robust to other jobs on a shared machine). FLOPs of
+one step of each come from FlopCounterMode; MFU divides the achieved FLOP/s by the GPU's dense peak for the dtype
+(table in common.py).
 
     python benchmarks/bench_invert.py --quick --json bench_invert.json          # CPU, tiny model, 8 classes, < 1 min
     python benchmarks/bench_invert.py --device cuda --json bench_invert_gpu.json  # SD-1.5 shapes, 512 px, bf16+fp32

@@ -5,8 +5,10 @@ P1 (D3M): every `--regen-every` epochs a new round of C x ipc images is drawn fr
 labels); the student (`create_student`, ConvNet-3 by default) trains on them with `promptset.evaluate.train_student`
 at a fixed total number of optimizer steps (epochs x ceil(N / B)). Regeneration, teacher labelling and training
 are timed separately. The alternative is the same rounds regenerated with diffusers' `StableDiffusionPipeline`
-(same DDIM steps, guidance, batch, conditioning and seeds); `speedup` = (pipeline regen + labels + training) /
-(promptset regen + labels + training).
+(same DDIM steps, guidance, conditioning and seeds, and the same number of images per UNet call: evaluate's
+`--sampler-batch`, 8 by default; promptset pads a round's last chunk to that size so that an image never depends on
+the batch, the pipeline runs it short); `speedup` = (pipeline regen + labels + training) / (promptset regen + labels
++ training).
 
     python benchmarks/bench_student.py --quick --json bench_student.json
     python benchmarks/bench_student.py --device cuda --json bench_student_gpu.json   # SD-1.5 shapes, 512 px
@@ -53,7 +55,10 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=32, help="student input side (generated images are resized)")
     p.add_argument("--gen-steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance")
-    p.add_argument("--gen-batch-size", type=int, default=32, help="images per sampler batch (evaluate's default)")
+    p.add_argument("--gen-batch-size", type=int, default=32, help="images per progress step (evaluate's default)")
+    p.add_argument(
+        "--sampler-batch", type=int, default=8, help="images per UNet call, both generators (evaluate's default)"
+    )
     p.add_argument(
         "--teacher",
         default="",
@@ -145,11 +150,16 @@ def main(argv=None) -> dict:
         }
         backend, conditioner, uncond, _ = bench_generate.setup(spec)
         teacher, teacher_spec = load_teacher(args.teacher, args.classes, device)
-        gens = {"promptset": bench_generate.ours_fn(spec, backend, conditioner, uncond)}
+        gens = {
+            "promptset": bench_generate.ours_fn(spec, backend, conditioner, uncond, micro_batch=args.sampler_batch)
+        }
         if args.batched and bench_generate.supports_micro_batch():
             gens["promptset_batched"] = bench_generate.ours_fn(spec, backend, conditioner, uncond, micro_batch=None)
         if not args.no_pipeline:
-            gens["diffusers"] = bench_generate.diffusers_fn(spec, backend, conditioner, uncond)
+            pipe = bench_generate.diffusers_fn(spec, backend, conditioner, uncond)
+            gens["diffusers"] = lambda jobs, pipe=pipe, k=args.sampler_batch: torch.cat(
+                [pipe(jobs[i : i + k]) for i in range(0, len(jobs), k)]
+            )  # the same images per UNet call as promptset
         print(
             f"student benchmark (P1, fresh variations): {args.student} on {args.classes} classes x {args.ipc} ipc "
             f"= {n} images per round, {rounds} rounds ({args.epochs} epochs, new images every {args.regen_every}), "
@@ -286,6 +296,7 @@ def main(argv=None) -> dict:
         "gen_steps": args.gen_steps,
         "guidance": args.guidance,
         "gen_batch_size": args.gen_batch_size,
+        "sampler_batch": args.sampler_batch,
         "dtype": args.dtype,
         "teacher": teacher_spec,
         "threads": torch.get_num_threads(),

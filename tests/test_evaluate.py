@@ -26,6 +26,7 @@ from promptset.evaluate import (
     Recipe,
     TrainSet,
     _context,
+    _validate,
     build_generative,
     evaluate,
     random_resized_crop_flip,
@@ -222,6 +223,13 @@ def test_round0_reuses_generate_outputs_exactly(world):
     assert reused.info["round0_reused_generated"] and not fresh.info["round0_reused_generated"]
     assert torch.equal(reused.rounds[0].images, fresh.rounds[0].images)
     assert torch.equal(reused.rounds[0].logits, fresh.rounds[0].logits)
+    assert reused.info["generation"]["sampler_batch"] == 8  # generate's default, read from labels.safetensors
+    cfg.resolution, cfg.sampler_batch = 0, 3  # another sampler batch changes the last bits: generated/ is not reused
+    other = build_generative(_context(cfg, ["d3m"])[0], "d3m")
+    assert not other.info["round0_reused_generated"] and other.info["generation"]["sampler_batch"] == 3
+    cfg.sampler_batch = -1
+    with pytest.raises(UserError, match="--sampler-batch must not be negative"):
+        _validate(cfg)
 
 
 def test_test_folder_with_other_classes_is_refused(world, capsys):

@@ -114,7 +114,9 @@ class EvaluateConfig:
     )
     resolution: int = opt(0, "generation resolution in pixels (default: invert's)")
     factor: int = opt(0, "cut each generated image into factor x factor patches (default: select's)")
-    gen_batch_size: int = opt(32, "images per sampler batch while regenerating (does not change the images)")
+    gen_batch_size: int = opt(32, "images per progress step while regenerating (does not change the images)")
+    sampler_batch: int = opt(0, "images denoised together, padded to exactly this many (default: generate's, else 8); "
+                             "images depend on it in the last bits, larger is faster")
     dtype: str = opt("fp32", "generator dtype", choices=["fp32", "fp16", "bf16"])
     eval_every: int = opt(1, "test every N epochs (and after the last); best-epoch accuracy is over tested epochs")
     eval_batch_size: int = opt(512, "batch size on the test split")
@@ -689,6 +691,7 @@ def build_generative(ctx: Context, method: str) -> Distilled:
                     factor=ctx.factor,
                     image_size=ctx.image_size,
                     uncond=uncond,
+                    micro_batch=ctx.gen["sampler_batch"],
                 )  # (B, P, 3, S, S)
                 patches.append(_to_uint8(out))
             mine = torch.cat(patches) if patches else torch.zeros(0, p, 3, ctx.image_size, ctx.image_size).byte()
@@ -775,6 +778,7 @@ def _reuse_generated(ctx: Context, per_class: int) -> tuple[torch.Tensor | None,
         "seed": str(ctx.gen["seed"]),
         "steps": str(ctx.gen["steps"]),
         "sampler": ctx.gen["sampler"],
+        "sampler_batch": str(ctx.gen["sampler_batch"]),
     }
     if any(meta.get(k) != v for k, v in wanted.items()) or float(meta.get("guidance", "nan")) != ctx.gen["guidance"]:
         return None, None
@@ -924,7 +928,7 @@ def _validate(cfg: EvaluateConfig) -> list[str]:
     for name in ("epochs", "seeds", "batch_size", "eval_every", "eval_batch_size", "gen_batch_size"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
-    for name in ("ipc", "image_size", "regen_every", "gen_steps", "resolution", "factor"):
+    for name in ("ipc", "image_size", "regen_every", "gen_steps", "resolution", "factor", "sampler_batch"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative")
     if cfg.lr <= 0 or cfg.temperature < 0 or cfg.cutmix < 0 or not 0 <= cfg.crop_scale <= 1:
@@ -934,6 +938,7 @@ def _validate(cfg: EvaluateConfig) -> list[str]:
 
 def _context(cfg: EvaluateConfig, methods: list[str]) -> tuple[Context, dict]:
     from .backends.base import resolve_device
+    from .generate import SAMPLER_BATCH
     from .models import load_teacher
 
     run = Path(cfg.run)
@@ -971,6 +976,7 @@ def _context(cfg: EvaluateConfig, methods: list[str]) -> tuple[Context, dict]:
         "guidance": cfg.guidance or float(meta.get("guidance") or 7.5),
         "sampler": cfg.sampler or meta.get("sampler") or "ddim",
         "seed": cfg.gen_seed if cfg.gen_seed >= 0 else int(meta.get("seed") or 0),
+        "sampler_batch": cfg.sampler_batch or int(meta.get("sampler_batch") or SAMPLER_BATCH),  # generate's default
     }
     needs_teacher = cfg.protocol in ("p1", "p3")
     spec = (
