@@ -54,6 +54,7 @@ from .dist import agree, barrier, rank_world
 from .errors import TrainingDiverged, UserError
 from .runfolder import ClassInfo, check_same_classes, require_classes
 from .seeding import derive_seed
+from .transfer import to_device
 
 METHODS = ("d3m", "class-prompt", "rded", "random-real", "full")
 GENERATIVE = ("d3m", "class-prompt")
@@ -236,7 +237,7 @@ def _warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Apply per-sample affine crops `theta` (B, 2, 3) to images x (B, 3, S, S) with one grid_sample."""
     if len(x) == 0:
         return x
-    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)  # (B, S, S, 2)
+    grid = F.affine_grid(to_device(theta, x.device).to(x.dtype), list(x.shape), align_corners=False)  # (B, S, S, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
@@ -443,7 +444,7 @@ def train_student(
     bar = tqdm(range(recipe.epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         data = rounds[min(epoch // recipe.regen_every, len(rounds) - 1) if recipe.regen_every else 0]
-        perm = torch.randperm(n, generator=generator).to(device)
+        perm = to_device(torch.randperm(n, generator=generator), device)
         step_model.train()
         loss_sum = torch.zeros((), device=device)
         for s in range(steps_per_epoch):
@@ -458,9 +459,9 @@ def train_student(
                     box, shuffle = _cutmix_params(len(idx), x.shape[2], x.shape[3], generator, rng, aug["cutmix_beta"])
                     src = shuffle[lo:hi]
                     if world == 1:
-                        source = x[src.to(device)]
+                        source = x[to_device(src, device)]
                     else:  # the pasted samples may belong to other ranks: augment them here too
-                        source = _warp(data.images[idx[src.to(device)]].float().div_(255), theta[src])
+                        source = _warp(data.images[idx[to_device(src, device)]].float().div_(255), theta[src])
                     x = _paste(x, source, box)
             if recipe.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

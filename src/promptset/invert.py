@@ -47,6 +47,7 @@ from .runfolder import (
     write_config,
 )
 from .seeding import derive_seed
+from .transfer import to_device
 
 
 @dataclass
@@ -296,11 +297,11 @@ def _train_group(backend, cfg, index, classes, g, num_groups, init_vectors, layo
         # ---- one batch: every class of the group `repeats` times --------------------------------------------
         pick = (torch.rand(len(sample_class), generator=generator) * counts[sample_class]).long()  # (B,)
         view = torch.randint(0, views, (len(sample_class),), generator=generator)  # (B,)
-        rows = (offsets[sample_class] + pick).to(device)  # (B,) rows of the flat cache, one gather
-        view = view.to(device)
+        rows = to_device(offsets[sample_class] + pick, device)  # (B,) rows of the flat cache, one gather
+        view = to_device(view, device)
         latents = flat_means[rows, view]  # (B, c, h, w)
         if flat_stds is not None:
-            noise = torch.randn(latents.shape, generator=generator).to(device)
+            noise = to_device(torch.randn(latents.shape, generator=generator), device)
             latents = latents + flat_stds[rows, view] * noise
         states = backend.encode_placeholder_prompts(layout, vectors)  # (G, L, D_text): one prompt per class
         states = states.repeat(repeats, 1, 1)  # (B, L, D_text), sample k uses class k % G

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..transfer import to_device
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -228,8 +229,8 @@ class DiffusionBackend:
         """Token ids (B, L) to the conditioning states (B, L, D_text) the denoiser cross-attends to."""
         kwargs = {}
         if self.use_attention_mask and attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask.to(self.device)
-        return self.text_encoder(input_ids.to(self.device), **kwargs).last_hidden_state
+            kwargs["attention_mask"] = to_device(attention_mask, self.device)
+        return self.text_encoder(to_device(input_ids, self.device), **kwargs).last_hidden_state
 
     def encode_placeholder_prompts(self, layout: PromptLayout, vectors: torch.Tensor) -> torch.Tensor:
         """One template, per-sample placeholder vectors (B, V, D) -> conditioning states (B, L, D_text).
@@ -283,10 +284,13 @@ class DiffusionBackend:
     ) -> torch.Tensor:
         """Per-sample MSE between the denoiser's prediction and its target at a uniform random timestep. (B,)"""
         b = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(self.device)
-        t = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator, device=generator.device
-        ).to(self.device)
+        noise = to_device(torch.randn(latents.shape, generator=generator, device=generator.device), self.device)
+        t = to_device(
+            torch.randint(
+                0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator, device=generator.device
+            ),
+            self.device,
+        )
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         if self.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, t)
@@ -318,7 +322,7 @@ class DiffusionBackend:
         """
         scheduler = type(self.sample_scheduler).from_config(self.sample_scheduler.config)
         scheduler.set_timesteps(steps, device=self.device)
-        latents = noise.to(self.device, torch.float32) * scheduler.init_noise_sigma
+        latents = to_device(noise, self.device).float() * scheduler.init_noise_sigma
         use_cfg = uncond is not None and guidance != 1.0
         states = torch.cat([uncond, cond]) if use_cfg else cond
         states = states.to(self.dtype)
