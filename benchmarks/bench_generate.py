@@ -460,8 +460,6 @@ def measure(args, model: str, dtype: str, names: list[str], do_experiments: bool
         fns["diffusers_per_image"] = diffusers_fn(spec, backend, conditioner, uncond, per_image=True)
     compile_s = None
     if args.compile:  # a second backend: compile_denoiser replaces its UNet in place
-        # a cold compile, as on a first run: inductor's on-disk cache goes to a fresh folder (main's temp dir)
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(args.work_dir) / "inductor-cache")
         backend_c, conditioner_c, uncond_c, _ = setup(spec)
         backend_c.compile_denoiser()
         fns["promptset_compiled"] = ours_fn(spec, backend_c, conditioner_c, uncond_c)
@@ -595,7 +593,8 @@ def main(argv=None) -> dict:
             f"DDIM {args.steps} steps, guidance {args.guidance}, {common.model_label(args.size, args.model)}, "
             f"{args.device}, {torch.get_num_threads()} threads"
         )
-        args.work_dir = str(work)
+        if args.compile:  # a cold compile, as on a first run: inductor's on-disk cache starts empty in `work`
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor-cache")
         rows = [measure(args, model, dtype, names, args.experiments and i == 0) for i, dtype in enumerate(args.dtypes)]
     settings = {
         "model": "random-weight SD-shaped model from promptset.backends.tiny.build_sd" if not args.model else model,

@@ -91,7 +91,7 @@ def _place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Mo
 
 @dataclass
 class PromptLayout:
-    """Token ids of a template with `num_vectors` placeholder slots starting at `slot_start`."""
+    """Token ids of a template with `num_vectors` placeholder slots from `slot_start`, on the model's device."""
 
     input_ids: torch.Tensor  # (L,)
     attention_mask: torch.Tensor  # (L,)
@@ -200,7 +200,9 @@ class DiffusionBackend:
             )
         mask = [1] * len(ids) + [0] * (self.max_length - len(ids))
         ids = ids + [pad] * (self.max_length - len(ids))
-        return PromptLayout(torch.tensor(ids), torch.tensor(mask), 1 + len(prefix_ids), num_vectors)
+        # on the model's device once: every training step and sampler batch encodes this same template
+        return PromptLayout(torch.tensor(ids, device=self.device), torch.tensor(mask, device=self.device),
+                            1 + len(prefix_ids), num_vectors)
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Plain prompts (no placeholders) to padded ids and attention mask, both (B, L)."""
