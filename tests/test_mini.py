@@ -271,7 +271,10 @@ def test_pretrain_resume_is_bit_exact(tiny_data: Path, tmp_path: Path, monkeypat
 
     # finished at 3 steps, then extended to 6
     pretrain(out=str(tmp_path / "c"), data=str(tiny_data), **(opts | dict(steps=3)))
+    cached = {p: p.stat().st_mtime_ns for p in (tmp_path / "c" / "cache").iterdir()}
+    assert cached  # the latent cache stays after a finished run
     pretrain(out=str(tmp_path / "c"), data=str(tiny_data), **opts)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "c" / "cache").iterdir()} == cached  # not re-encoded
 
     ref = _checkpoint(tmp_path / "a")
     for other in ("b", "c"):
@@ -283,7 +286,6 @@ def test_pretrain_resume_is_bit_exact(tiny_data: Path, tmp_path: Path, monkeypat
         losses = [json.loads(x)["loss"] for x in (tmp_path / other / "metrics.jsonl").read_text().splitlines()]
         ref_losses = [json.loads(x)["loss"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
         assert losses == ref_losses  # no duplicated rows after the resume
-    assert not (tmp_path / "b" / "cache").exists()
 
     with pytest.raises(UserError, match="trained differently"):
         pretrain(out=str(tmp_path / "a"), data=str(tiny_data), **(opts | dict(lr=1e-3)))
@@ -315,3 +317,54 @@ def test_pretrain_refuses_bad_options(tiny_data: Path, tmp_path: Path):
         pretrain(out=str(tmp_path / "m"), data=str(tiny_data), **(TINY | dict(max_length=4, steps=1)))
     with pytest.raises(UserError, match="promptset_model.json"):
         load_mini(tiny_data, device="cpu")
+
+
+# --- the generator's conditioning: masked cross-attention, pooled caption vector, prediction target ----------------
+
+
+def test_denoiser_ignores_padding_and_pooled_path_reaches_prompt_vectors(tiny_model: Path):
+    """Padding tokens are absent for the UNet (its output equals the one on the unpadded states), and a placeholder
+    vector changes the output through the pooled path too (gradient reaches the vector with cross-attention off)."""
+    backend = load_mini(tiny_model, device="cpu")
+    info = json.loads((tiny_model / MODEL_FILE).read_text())
+    assert info["conditioning"] == "pooled" and info["prediction_type"] == "v_prediction"
+    states = backend.encode_prompts(["a photo of a apple"])  # (1, L, 384), padding zeroed
+    n = int((states.abs().amax(-1) > 0).sum())
+    assert 0 < n < states.shape[1] and torch.count_nonzero(states[0, n:]) == 0
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500])
+    with torch.no_grad():
+        full = backend.unet(x, t, encoder_hidden_states=states).sample
+        short = backend.unet(x, t, encoder_hidden_states=states[:, :n]).sample
+    torch.testing.assert_close(full, short, rtol=1e-5, atol=1e-5)
+
+    # the pooled path alone: zero every cross-attention output, the prompt vector still moves the prediction
+    layout = backend.layout("a photo of {token}", 1)
+    vec = backend.initializer_vector("apple").unsqueeze(0).unsqueeze(0).requires_grad_(True)  # (1, 1, 384)
+    handles = [m.register_forward_hook(lambda mod, args, out: out * 0)
+               for name, m in backend.unet.named_modules() if name.endswith("attn2")]  # fmt: skip
+    try:
+        cond = backend.encode_placeholder_prompts(layout, vec)
+        pred = backend.unet(x, t, encoder_hidden_states=cond).sample
+        pred.square().sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+    assert vec.grad is not None and float(vec.grad.abs().sum()) > 0
+
+
+def test_training_target_refuses_unknown_prediction_types():
+    from diffusers import DDPMScheduler
+
+    from promptset.backends.base import training_target
+    from promptset.backends.mini import build_noise_scheduler
+
+    x0, noise, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([10, 900])
+    v = build_noise_scheduler("taef2", "v_prediction")
+    a = v.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(training_target(v, x0, noise, t), a.sqrt() * noise - (1 - a).sqrt() * x0)
+    assert torch.equal(training_target(build_noise_scheduler("taef2", "epsilon"), x0, noise, t), noise)
+    with pytest.raises(UserError, match="sample"):
+        training_target(DDPMScheduler(prediction_type="sample"), x0, noise, t)
+    with pytest.raises(UserError, match="prediction-type"):
+        build_noise_scheduler("taef2", "sample")

@@ -36,10 +36,13 @@ from tqdm.auto import tqdm
 from . import __version__
 from .artifacts import load_tensors, save_tensors
 from .atomic import append_jsonl, read_jsonl, save_image, staged_dir, write_json, write_text
-from .backends.base import DiffusionBackend, resolve_device
+from .backends.base import DiffusionBackend, resolve_device, training_target
 from .backends.mini import (
     FORMAT_VERSION,
     MODEL_FILE,
+    MiniDenoiser,
+    CONDITIONINGS,
+    PREDICTION_TYPES,
     UNET_PRESETS,
     IdentityAutoencoder,
     TAEF2Autoencoder,
@@ -71,7 +74,8 @@ _OWNED = ("unet", "scheduler", "vae", "checkpoints", "cache", "samples", MODEL_F
 # Options that change the trained weights: a resumed run must keep them. `steps` may grow (training continues).
 _IDENTITY = ("vae", "resolution", "unet_size", "batch_size", "lr", "warmup_steps", "weight_decay", "max_grad_norm",
              "ema_decay", "cfg_dropout", "templates", "flip", "max_length", "seed", "first_image",
-             "max_images_per_class")  # fmt: skip
+             "max_images_per_class", "conditioning", "prediction_type", "timestep_spacing", "sample_clip",
+             "snr_gamma")  # fmt: skip
 
 
 @dataclass
@@ -90,6 +94,20 @@ class PretrainConfig:
     max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0 = no clipping)")
     ema_decay: float = opt(0.999, "decay of the weight EMA that is saved (warmed up as min(decay, (1+n)/(10+n)))")
     cfg_dropout: float = opt(0.1, "probability of the empty caption, so classifier-free guidance works")
+    conditioning: str = opt(
+        "pooled",
+        "how the caption reaches the UNet: cross (cross-attention to the real tokens) or pooled (also the pooled "
+        "caption vector added to the time embedding)",
+        choices=list(CONDITIONINGS),
+    )
+    prediction_type: str = opt(
+        "v_prediction", "what the UNet predicts: v_prediction or epsilon", choices=list(PREDICTION_TYPES)
+    )
+    timestep_spacing: str = opt(
+        "trailing", "sampler step placement: trailing (first step at t=T-1) or leading", choices=["trailing", "leading"]
+    )
+    sample_clip: float = opt(0.0, "samplers clip the predicted clean latent to +-this (scaled units); 0 = no clip")
+    snr_gamma: float = opt(0.0, "min-SNR loss weighting with this gamma (Hang et al. 2023, e.g. 5); 0 = uniform")
     templates: str = opt(
         "", "caption templates separated by '|', each with {} for the class name; '' = the 4 built in"
     )
@@ -104,6 +122,9 @@ class PretrainConfig:
     checkpoint_every: int = opt(500, "checkpoint interval in steps (a killed run loses at most this many)")
     log_every: int = opt(50, "metrics interval in steps (the only host syncs in the loop)")
     sample_every: int = opt(0, "also write samples/stepNNNNNNN.png every N steps (0 = only samples.png at the end)")
+    eval_every: int = opt(
+        0, "measure the teacher's accuracy on class-prompt samples every N steps (a learning curve in metrics.jsonl)"
+    )
     grid_samples: int = opt(8, "images per class in the sample grids")
     teacher: str = opt("", "classifier NAME:PATH.safetensors that measures the generator (accuracy on its samples)")
     teacher_size: int = opt(32, "input size of the teacher: samples are resized to it")
@@ -154,7 +175,7 @@ def _validate(cfg: PretrainConfig) -> None:
     ):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ("first_image", "max_images_per_class", "sample_every", "warmup_steps"):
+    for name in ("first_image", "max_images_per_class", "sample_every", "warmup_steps", "eval_every"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.cfg_dropout < 1.0:
@@ -163,6 +184,10 @@ def _validate(cfg: PretrainConfig) -> None:
         raise UserError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     if not cfg.lr > 0:
         raise UserError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.sample_clip < 0 or cfg.snr_gamma < 0:
+        raise UserError("--sample-clip and --snr-gamma must be >= 0 (0 turns them off)")
+    if cfg.eval_every and not cfg.teacher:
+        raise UserError("--eval-every needs --teacher NAME:PATH.safetensors (the classifier that measures samples)")
 
 
 def _identity(cfg: PretrainConfig, split_hash: str, text_fp: str) -> dict:
@@ -224,15 +249,18 @@ def pretrain(cfg: PretrainConfig | None = None, **overrides) -> Path:
     else:
         autoencoder = IdentityAutoencoder()
     sample_size = cfg.resolution // autoencoder.downscale
-    noise_scheduler = build_noise_scheduler(vae_kind)
+    noise_scheduler = build_noise_scheduler(vae_kind, cfg.prediction_type, cfg.timestep_spacing, cfg.sample_clip)
     with torch.random.fork_rng(devices=[]):  # initial weights from the seed, global RNG untouched
         torch.manual_seed(derive_seed(cfg.seed, "pretrain", "init"))
-        unet = build_unet(cfg.unet_size, autoencoder.latent_channels, sample_size, text_encoder.config.hidden_size)
+        unet = build_unet(cfg.unet_size, autoencoder.latent_channels, sample_size, text_encoder.config.hidden_size,
+                          cfg.conditioning)  # fmt: skip
+    unet = MiniDenoiser(unet, cfg.conditioning)
     ema = copy.deepcopy(unet)
     backend = mini_backend(
         tokenizer=tokenizer, text_encoder=text_encoder, unet=ema, autoencoder=autoencoder,
         scheduler_config=noise_scheduler.config, model_id=str(out), model_hash="training", resolution=cfg.resolution,
         max_length=cfg.max_length, device=device, dtype=torch.float32, sampler=cfg.sampler,
+        conditioning=cfg.conditioning,
     )  # fmt: skip
     unet = unet.to(device).train()
     num_params = sum(p.numel() for p in unet.parameters())
@@ -292,16 +320,15 @@ def pretrain(cfg: PretrainConfig | None = None, **overrides) -> Path:
         train_seconds = _load_checkpoint(ckpt_path, run)
         _truncate_metrics(out / "metrics.jsonl", start)
     if start < cfg.steps:
-        train_seconds = _train(run, latents, labels, text_states, len(templates), start, train_seconds)
-        del latents
-        shutil.rmtree(out / "cache", ignore_errors=True)  # rebuilt in minutes if training is extended later
+        train_seconds = _train(run, latents, labels, text_states, len(templates), start, train_seconds, teacher)
+        del latents  # the latent cache in <out>/cache stays, so training on to more steps does not re-encode
 
     # ---- samples and quality -----------------------------------------------------------------------------------
     backend.model_hash = model_fingerprint(out, info)
     grid = _sample_grid(backend, names, cfg, stage="pretrain-samples")
     save_image(out / "samples.png", grid)
     quality = _quality(backend, teacher, names, cfg) if teacher is not None else None
-    rows = read_jsonl(out / "metrics.jsonl")
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]  # training rows (eval rows have no loss)
     summary = {
         "model": str(out),
         "model_hash": backend.model_hash,
@@ -389,6 +416,8 @@ def _model_info(
         "vae": vae,
         "unet_size": cfg.unet_size,
         "unet_params": num_params,
+        "conditioning": cfg.conditioning,
+        "prediction_type": cfg.prediction_type,
         "class_folders": list(index.classes),
         "class_names": list(names),
         "templates": list(templates),
@@ -460,7 +489,9 @@ class _Run:
         return self.backend.unet
 
 
-def _train(run: _Run, latents, labels, text_states, num_templates: int, start: int, train_seconds: float) -> float:
+def _train(
+    run: _Run, latents, labels, text_states, num_templates: int, start: int, train_seconds: float, teacher=None
+) -> float:
     """Steps `start` .. `cfg.steps` on cached latents (M, c, h, w) and caption states (K, L, D); returns seconds."""
     cfg, out, unet, ema, optimizer, generator = run.cfg, run.out, run.unet, run.ema, run.optimizer, run.generator
     noise_scheduler = run.backend.noise_scheduler
@@ -472,6 +503,7 @@ def _train(run: _Run, latents, labels, text_states, num_templates: int, start: i
     params = [p for p in unet.parameters()]
     ema_params = [p for p in ema.parameters()]
     ckpt_path = out / CHECKPOINT
+    snr_weight = _snr_weights(noise_scheduler, cfg.snr_gamma, device) if cfg.snr_gamma > 0 else None  # (T,)
     loss_sum = torch.zeros((), device=device)
     loss_n = 0
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -491,7 +523,9 @@ def _train(run: _Run, latents, labels, text_states, num_templates: int, start: i
 
         noisy = noise_scheduler.add_noise(x0, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=states).sample
-        loss = F.mse_loss(pred, noise)
+        target = training_target(noise_scheduler, x0, noise, t)
+        per_sample = F.mse_loss(pred, target, reduction="none").flatten(1).mean(1)  # (B,)
+        loss = (per_sample * snr_weight[t]).mean() if snr_weight is not None else per_sample.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.max_grad_norm > 0:
@@ -532,9 +566,28 @@ def _train(run: _Run, latents, labels, text_states, num_templates: int, start: i
         if cfg.sample_every and done % cfg.sample_every == 0 and done < cfg.steps:
             grid = _sample_grid(run.backend, run.names, cfg, "pretrain-samples")
             save_image(out / "samples" / f"step{done:07d}.png", grid)
-        t_log += time.perf_counter() - t_extra  # steps_per_s counts training steps only
+        if teacher is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+            q = _quality(run.backend, teacher, run.names, cfg)
+            append_jsonl(out / "metrics.jsonl", {
+                "step": done, "teacher_accuracy": round(q["accuracy"], 4),
+                "mean_class_confidence": round(q["mean_class_confidence"], 4), "per_class": q["per_class"],
+                "samples": q["samples"], "sample_steps": cfg.sample_steps, "guidance": cfg.guidance,
+            })  # fmt: skip
+            bar.write(f"pretrain: step {done}: teacher accuracy on class-prompt samples {q['accuracy']:.1%}")
+        extra = time.perf_counter() - t_extra  # checkpoints, samples and evaluation: not training time
+        t0 += extra
+        t_log += extra
     bar.close()
     return seconds_at_start + time.perf_counter() - t0
+
+
+def _snr_weights(noise_scheduler, gamma: float, device) -> torch.Tensor:
+    """min-SNR-gamma loss weight per timestep (Hang et al. 2023), for the scheduler's prediction type. (T,)"""
+    alpha_bar = noise_scheduler.alphas_cumprod.to(torch.float64)
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = snr.clamp(max=gamma)
+    weight = clipped / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else clipped / snr
+    return weight.float().to(device)
 
 
 def _diverged_message(step: int, loss: float, ckpt_path: Path, cfg: PretrainConfig) -> str:

@@ -47,6 +47,24 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def check_prediction_type(name: str, where: str) -> None:
+    """Refuse a prediction type the objective does not implement (it would silently train as another)."""
+    if name not in PREDICTION_TYPES:
+        raise UserError(f"{where}: prediction_type {name!r} is not supported (one of {list(PREDICTION_TYPES)})")
+
+
+def training_target(noise_scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the denoiser learns to predict at timestep t: the noise (epsilon) or the velocity v (Salimans & Ho)."""
+    kind = noise_scheduler.config.prediction_type
+    check_prediction_type(kind, "noise scheduler")
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(x0, noise, t)
+    return noise
+
+
 class Autoencoder(nn.Module):
     """Uniform view of a VAE: images in [0, 1] <-> latents scaled to about unit variance."""
 
@@ -126,6 +144,7 @@ class DiffusionBackend:
         device: torch.device,
         dtype: torch.dtype,
         use_attention_mask: bool = False,
+        zero_padding_states: bool = False,
     ):
         self.kind = kind
         self.tokenizer = tokenizer
@@ -141,10 +160,12 @@ class DiffusionBackend:
         self.device = device
         self.dtype = dtype
         self.use_attention_mask = use_attention_mask
+        self.zero_padding_states = zero_padding_states
         self._slot_override: tuple[int, torch.Tensor] | None = None
         self.token_embedding: nn.Embedding = self.text_encoder.get_input_embeddings()
         self.token_embedding.register_forward_hook(self._inject_slots)
         self.prediction_type = getattr(noise_scheduler.config, "prediction_type", "epsilon")
+        check_prediction_type(self.prediction_type, f"the {kind} model's noise scheduler")
 
     def compile_denoiser(self, flag: str = "--compile") -> None:
         """`torch.compile` the UNet with static shapes. Each new input shape compiles on its first call (tens of
@@ -232,7 +253,10 @@ class DiffusionBackend:
         kwargs = {}
         if self.use_attention_mask and attention_mask is not None:
             kwargs["attention_mask"] = to_device(attention_mask, self.device)
-        return self.text_encoder(to_device(input_ids, self.device), **kwargs).last_hidden_state
+        states = self.text_encoder(to_device(input_ids, self.device), **kwargs).last_hidden_state
+        if self.zero_padding_states and attention_mask is not None:  # the denoiser reads zero states as absent
+            states = states * kwargs["attention_mask"].unsqueeze(-1).to(states.dtype)
+        return states
 
     def encode_placeholder_prompts(self, layout: PromptLayout, vectors: torch.Tensor) -> torch.Tensor:
         """One template, per-sample placeholder vectors (B, V, D) -> conditioning states (B, L, D_text).
@@ -294,10 +318,7 @@ class DiffusionBackend:
             self.device,
         )
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        if self.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, t)
-        else:
-            target = noise
+        target = training_target(self.noise_scheduler, latents, noise, t)
         pred = self.unet(noisy.to(self.dtype), t, encoder_hidden_states=states.to(self.dtype)).sample
         return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
 

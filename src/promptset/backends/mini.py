@@ -28,7 +28,7 @@ from ..artifacts import sha256_file
 from ..atomic import atomic_path
 from ..errors import UserError
 from ..models.taef2 import DECODER_FILE, ENCODER_FILE, TAEF2
-from .base import Autoencoder, DiffusionBackend, resolve_device, resolve_dtype
+from .base import PREDICTION_TYPES, Autoencoder, DiffusionBackend, resolve_device, resolve_dtype
 from .sd import make_sampler
 
 MODEL_FILE = "promptset_model.json"
@@ -225,35 +225,107 @@ def _quiet_transformers() -> Iterator[None]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # denoiser and schedule
-def build_unet(size: str, latent_channels: int, sample_size: int, cross_attention_dim: int = 384):
-    """A randomly initialised UNet of preset `size` (tiny, small, base), cross-attending to the text states."""
+CONDITIONINGS = ("cross", "pooled")
+
+
+def build_unet(
+    size: str, latent_channels: int, sample_size: int, cross_attention_dim: int = 384, conditioning: str = "cross"
+):
+    """A randomly initialised UNet of preset `size` (tiny, small, base), cross-attending to the text states.
+
+    `conditioning="pooled"` adds a projection of the pooled caption vector to the time embedding (a global
+    conditioning path beside cross-attention; see `MiniDenoiser`).
+    """
     from diffusers import UNet2DConditionModel
 
     if size not in UNET_PRESETS:
         raise UserError(f"--unet-size {size!r} is not one of {list(UNET_PRESETS)}")
+    if conditioning not in CONDITIONINGS:
+        raise UserError(f"--conditioning {conditioning!r} is not one of {list(CONDITIONINGS)}")
+    extra = {}
+    if conditioning == "pooled":
+        extra = dict(class_embed_type="projection", projection_class_embeddings_input_dim=cross_attention_dim)
     return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=latent_channels,
         out_channels=latent_channels,
         cross_attention_dim=cross_attention_dim,
         **UNET_PRESETS[size],
+        **extra,
     )
 
 
-def build_noise_scheduler(vae_kind: str):
-    """DDPM training schedule: cosine betas (Nichol & Dhariwal 2021, suited to small images), epsilon target.
+class MiniDenoiser(torch.nn.Module):
+    """The mini UNet with its text conditioning (models trained with a `conditioning` entry in promptset_model.json).
 
-    Pixel models clip the predicted image to [-1, 1]; latent models must not (scaled latents exceed that range).
+    The backend zeroes the token states of padding positions (`DiffusionBackend.zero_padding_states`), so the
+    conditioning tensor (B, L, D) carries its own mask: a token whose state is all zeros is absent. Here that mask
+    (1) keeps cross-attention off padding tokens, and (2) for `pooled`, averages the real tokens' states into one
+    caption vector (L2-normalised, times sqrt(D)) that the UNet adds to its time embedding, so class identity does
+    not rely on cross-attention alone. Both are functions of the text encoder's output, so a learned prompt vector
+    reaches both paths.
+    """
+
+    def __init__(self, unet, conditioning: str):
+        super().__init__()
+        if conditioning not in CONDITIONINGS:
+            raise UserError(f"unknown mini conditioning {conditioning!r} (one of {list(CONDITIONINGS)})")
+        self.unet = unet
+        self.conditioning = conditioning
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.unet.enable_gradient_checkpointing()
+
+    def save_pretrained(self, folder, **kwargs) -> None:
+        self.unet.save_pretrained(folder, **kwargs)
+
+    def forward(self, sample, timestep, encoder_hidden_states, **kwargs):
+        states = encoder_hidden_states  # (B, L, D), padding tokens zeroed
+        mask = states.detach().abs().amax(-1) > 0  # (B, L)
+        if self.conditioning == "pooled":
+            m = mask.to(states.dtype).unsqueeze(-1)  # (B, L, 1)
+            pooled = (states * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, D)
+            kwargs["class_labels"] = torch.nn.functional.normalize(pooled, dim=-1) * states.shape[-1] ** 0.5
+        return self.unet(sample, timestep, encoder_hidden_states=states, encoder_attention_mask=mask, **kwargs)
+
+
+def build_noise_scheduler(
+    vae_kind: str,
+    prediction_type: str = "epsilon",
+    timestep_spacing: str = "leading",
+    sample_clip: float = 0.0,
+):
+    """DDPM training schedule: cosine betas (Nichol & Dhariwal 2021, suited to small images).
+
+    `prediction_type`: what the UNet predicts, epsilon or v (Salimans & Ho 2022; with the cosine schedule
+    alpha-bar is near 0 at the last timesteps, where an epsilon model's x0 = (x - sqrt(1-a) eps) / sqrt(a)
+    amplifies every error, and v stays well conditioned). `timestep_spacing`: how samplers place their steps
+    (`trailing` starts at t = T-1, Lin et al. 2024). Pixel models clip the predicted image to [-1, 1]; latent models
+    clip it to +-`sample_clip` when that is positive (scaled latent units), else not at all.
     """
     from diffusers import DDPMScheduler
 
+    if prediction_type not in PREDICTION_TYPES:
+        raise UserError(f"--prediction-type {prediction_type!r} is not one of {list(PREDICTION_TYPES)}")
+    if timestep_spacing not in ("leading", "trailing"):
+        raise UserError(f"--timestep-spacing {timestep_spacing!r} is not one of ['leading', 'trailing']")
+    clip = vae_kind == "identity" or sample_clip > 0
     return DDPMScheduler(
         num_train_timesteps=1000,
         beta_schedule="squaredcos_cap_v2",
-        prediction_type="epsilon",
-        clip_sample=vae_kind == "identity",
-        timestep_spacing="leading",
-        steps_offset=1,
+        prediction_type=prediction_type,
+        clip_sample=clip,
+        clip_sample_range=1.0 if vae_kind == "identity" else (float(sample_clip) if sample_clip > 0 else 1.0),
+        timestep_spacing=timestep_spacing,
+        steps_offset=1 if timestep_spacing == "leading" else 0,
     )
 
 
@@ -331,9 +403,17 @@ def mini_backend(
     device: torch.device,
     dtype: torch.dtype,
     sampler: str = "ddim",
+    conditioning: str | None = None,
 ) -> DiffusionBackend:
-    """Wrap the mini model's parts in the shared `DiffusionBackend` (BERT needs its attention mask)."""
+    """Wrap the mini model's parts in the shared `DiffusionBackend` (BERT needs its attention mask).
+
+    `conditioning` (cross or pooled) wraps a bare UNet in `MiniDenoiser` and zeroes padding states; None is the
+    format of models trained before it existed (the UNet cross-attends to every position, padding included).
+    """
     from diffusers import DDPMScheduler
+
+    if conditioning is not None and not isinstance(unet, MiniDenoiser):
+        unet = MiniDenoiser(unet, conditioning)
 
     with _quiet_diffusers():  # diffusers warns on every `.to(dtype=...)` of a model, even one with no fp32 modules
         return DiffusionBackend(
@@ -351,6 +431,7 @@ def mini_backend(
             device=device,
             dtype=dtype,
             use_attention_mask=True,
+            zero_padding_states=conditioning is not None or isinstance(unet, MiniDenoiser),
         )
 
 
@@ -419,4 +500,5 @@ def load_mini(
         device=dev,
         dtype=torch_dtype,
         sampler=sampler,
+        conditioning=info.get("conditioning"),
     )
