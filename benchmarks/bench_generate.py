@@ -47,7 +47,7 @@ def setup(spec: dict):
     """Backend, conditioner, uncond states and the job batches (shared by promptset and the pipeline)."""
     from promptset.artifacts import PromptSet
     from promptset.backends import create_backend
-    from promptset.generate import PromptConditioner, TextConditioner, class_prompts, jobs_for
+    from promptset.backends.sampling import PromptConditioner, TextConditioner, class_prompts, jobs_for
 
     backend = create_backend("sd", spec["model"], device=spec["device"], dtype=spec["dtype"], sampler="ddim")
     if spec.get("resolution"):
@@ -127,14 +127,14 @@ DEFAULT = object()  # "call generate_batch as `promptset generate` does" (its ow
 def supports_micro_batch() -> bool:
     import inspect
 
-    from promptset.generate import generate_batch
+    from promptset.backends.sampling import generate_batch
 
     return "micro_batch" in inspect.signature(generate_batch).parameters
 
 
 def ours_fn(spec, backend, conditioner, uncond, micro_batch=DEFAULT):
     """promptset's `generate_batch` on one batch of jobs -> (B, 3, H, W) on CPU."""
-    from promptset.generate import generate_batch
+    from promptset.backends.sampling import generate_batch
 
     res = backend.resolution
     extra = {} if micro_batch is DEFAULT else {"micro_batch": micro_batch}
@@ -277,7 +277,7 @@ def fast_sample_factory(backend, *, inference_mode: bool, fused_ddim: bool):
     """`DiffusionBackend.sample` with the scheduler work hoisted out of the loop (same arithmetic, same order)."""
     cache: dict = {}
 
-    def sample(cond, uncond, noise, *, steps, guidance):
+    def sample(cond, uncond, noise, *, steps, guidance, generators=None):  # DDIM (eta 0) draws no noise
         key = (steps, str(backend.device))
         if key not in cache:
             scheduler = type(backend.sample_scheduler).from_config(backend.sample_scheduler.config)

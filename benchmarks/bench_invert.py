@@ -1,6 +1,6 @@
 """Time to distill C classes by textual inversion: promptset's one multi-class run vs. a diffusers-style run per class.
 
-(a) promptset: `promptset.invert.invert(...)` in one fresh process (one model load, latents encoded once and cached,
+(a) promptset: `promptset.invert(...)` in one fresh process (one model load, latents encoded once and cached,
     `--classes-per-batch` classes mixed in every batch, only the (G, V, D) placeholder vectors train).
 (b) baseline: `benchmarks/baseline_textual_inversion.py`, one fresh process and model load per class, doing per step
     what diffusers' textual-inversion example does (see that file).
@@ -48,7 +48,7 @@ TEMPLATE = "a photo of {token}"
 def ours_worker(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     common.quiet_libraries()
-    from promptset.invert import invert
+    from promptset.stages.invert import invert
 
     t_imported = time.perf_counter()
     invert(**spec["invert"])
@@ -68,7 +68,7 @@ def ours_worker(spec_path: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # interleaved steady-state steps: both methods in one process, alternating, so drifting load hits both alike
 def ours_step_fn(backend, group: int, repeats: int, words: list[str], resolution: int, lr: float):
-    """One promptset inversion step: the loop body of `promptset.invert._train_group` on cached latents."""
+    """One promptset inversion step: the loop body of `promptset.stages.invert._train_group` on cached latents."""
     layout = backend.layout(TEMPLATE, 1)
     init = torch.stack([backend.initializer_vector(w) for w in words[:group]]).unsqueeze(1)  # (G, 1, D)
     vectors = torch.nn.Parameter(init.to(backend.device))
@@ -450,7 +450,7 @@ def main(argv=None) -> dict:
             f"{args.batch_size}, {resolution} px, {common.model_label(args.size, args.model)}, {args.device}"
         )
         rows, notes = [], []
-        from promptset.invert import InvertConfig
+        from promptset.stages.invert import InvertConfig
 
         gc_supported = "gradient_checkpointing" in InvertConfig.__dataclass_fields__
         if not gc_supported:

@@ -1,14 +1,14 @@
 """Student images/s under protocol P1 with fresh variations, split into time regenerating and time training.
 
 P1 (D3M): every `--regen-every` epochs a new round of C x ipc images is drawn from the prompts with new seeds
-(`generate_batch`, as `promptset.evaluate.build_generative` does) and labelled once by the teacher (stored soft
-labels); the student (`create_student`, ConvNet-3 by default) trains on them with `promptset.evaluate.train_student`
-at a fixed total number of optimizer steps (epochs x ceil(N / B)). Regeneration, teacher labelling and training
-are timed separately. The alternative is the same rounds regenerated with diffusers' `StableDiffusionPipeline`
-(same DDIM steps, guidance, conditioning and seeds, and the same number of images per UNet call: evaluate's
-`--sampler-batch`, 8 by default; promptset pads a round's last chunk to that size so that an image never depends on
-the batch, the pipeline runs it short); `speedup` = (pipeline regen + labels + training) / (promptset regen + labels
-+ training).
+(`generate_batch`, as `promptset.evaluation.methods.build_generative` does) and labelled once by the teacher (stored
+soft labels); the student (`create_student`, ConvNet-3 by default) trains on them with
+`promptset.evaluation.student.train_student` at a fixed total number of optimizer steps (epochs x ceil(N / B)).
+Regeneration, teacher labelling and training are timed separately. The alternative is the same rounds regenerated with
+diffusers' `StableDiffusionPipeline` (same DDIM steps, guidance, conditioning and seeds, and the same number of images
+per UNet call: evaluate's `--sampler-batch`, 8 by default; promptset pads a round's last chunk to that size so that an
+image never depends on the batch, the pipeline runs it short); `speedup` = (pipeline regen + labels + training) /
+(promptset regen + labels + training).
 
     python benchmarks/bench_student.py --quick --json bench_student.json
     python benchmarks/bench_student.py --device cuda --json bench_student_gpu.json   # SD-1.5 shapes, 512 px
@@ -123,9 +123,11 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     info = common.machine(args.device)
-    from promptset import evaluate as ev
-    from promptset.generate import jobs_for
+    from promptset.backends.sampling import jobs_for
+    from promptset.evaluation.methods import teacher_logits
+    from promptset.evaluation.student import TrainSet, train_student
     from promptset.models import create_student
+    from promptset.stages.evaluate import EvaluateConfig, _recipe
 
     device = torch.device(args.device)
     names = common.cifar_names(args.classes)
@@ -186,14 +188,14 @@ def main(argv=None) -> dict:
             common.sync(device)
             t0 = time.perf_counter()
             images = ours_images.to(device)
-            logits = ev.teacher_logits(teacher, images).to(torch.float16).float()  # P1: stored as fp16
+            logits = teacher_logits(teacher, images).to(torch.float16).float()  # P1: stored as fp16
             common.sync(device)
             label_s += time.perf_counter() - t0
             labels = torch.arange(args.classes).repeat_interleave(args.ipc).to(device)
-            train_rounds.append(ev.TrainSet(images, labels, logits))
+            train_rounds.append(TrainSet(images, labels, logits))
 
         # ---- student training on the rounds ------------------------------------------------------------------
-        cfg = ev.EvaluateConfig(
+        cfg = EvaluateConfig(
             protocol="p1",
             epochs=args.epochs,
             batch_size=args.batch_size,
@@ -201,15 +203,15 @@ def main(argv=None) -> dict:
             eval_every=args.epochs,
             progress=False,
         )
-        recipe = ev._recipe(cfg)  # the exact P1 recipe evaluate would use
-        test = ev.TrainSet(
+        recipe = _recipe(cfg)  # the exact P1 recipe evaluate would use
+        test = TrainSet(
             torch.randint(
                 0, 256, (args.classes * 20, 3, args.image_size, args.image_size), dtype=torch.uint8, device=device
             ),
             torch.arange(args.classes).repeat_interleave(20).to(device),
         )
-        warm_recipe = ev._recipe(
-            ev.EvaluateConfig(
+        warm_recipe = _recipe(
+            EvaluateConfig(
                 protocol="p1",
                 epochs=1,
                 batch_size=args.batch_size,
@@ -218,7 +220,7 @@ def main(argv=None) -> dict:
                 progress=False,
             )
         )
-        ev.train_student(
+        train_student(
             create_student(args.student, args.classes, args.image_size).to(device),
             train_rounds[:1],
             test,
@@ -229,7 +231,7 @@ def main(argv=None) -> dict:
         student = create_student(args.student, args.classes, args.image_size).to(device)
         common.sync(device)
         t0 = time.perf_counter()
-        out = ev.train_student(student, train_rounds, test, recipe, seed=0, progress=False)
+        out = train_student(student, train_rounds, test, recipe, seed=0, progress=False)
         common.sync(device)
         train_s = time.perf_counter() - t0
 
@@ -301,7 +303,7 @@ def main(argv=None) -> dict:
         "teacher": teacher_spec,
         "threads": torch.get_num_threads(),
         "model_build_s": build_s,
-        "evaluate_api": "promptset.evaluate.train_student + _recipe(p1)",
+        "evaluate_api": "promptset.evaluation.student.train_student + stages.evaluate._recipe(p1)",
     }
     payload = {
         "benchmark": "student",

@@ -15,9 +15,9 @@
 Every stage resumes or skips when rerun with the same options (the stages check their own outputs; evaluate
 entries already in `<run>/eval/results.json` with the same key, epochs and seeds are not trained again).
 
-Within one process, `promptset.generate.generate_batch` is memoised per image: the denoiser always sees exactly
-`micro_batch` images (padded), so an image is bit-for-bit independent of how jobs are grouped, and its pixels depend
-only on (generator, prompts, class, seed, sampler settings, micro_batch). The images `evaluate` regenerates for
+Within one process, `promptset.backends.sampling.generate_batch` is memoised per image: the denoiser always sees
+exactly `micro_batch` images (padded), so an image is bit-for-bit independent of how jobs are grouped, and its pixels
+depend only on (generator, prompts, class, seed, sampler settings, micro_batch). The images `evaluate` regenerates for
 IPC 10 and 1 (prefixes of IPC 50's) and for P2 (the same seeds as P1) are therefore taken from the cache instead of
 being denoised again; the numbers are bit-for-bit those of uncached calls.
 
@@ -258,7 +258,7 @@ def _conditioner_key(conditioner) -> str:
 def install_generation_cache() -> None:
     import inspect
 
-    import promptset.generate as gen
+    import promptset.backends.sampling as gen
 
     original = gen.generate_batch
     if getattr(original, "_cifar10_world_cache", False):
@@ -427,12 +427,13 @@ def main(argv: list[str] | None = None) -> int:
     timer = Timer(root / "walltimes.json")
     t_start = time.time()
 
-    from promptset.evaluate import entry_key, evaluate
-    from promptset.generate import generate
-    from promptset.invert import invert
-    from promptset.pretrain import pretrain
-    from promptset.report import report
-    from promptset.select import select
+    from promptset.evaluation.results import entry_key
+    from promptset.stages.evaluate import evaluate
+    from promptset.stages.generate import generate
+    from promptset.stages.invert import invert
+    from promptset.stages.pretrain import pretrain
+    from promptset.stages.report import report
+    from promptset.stages.select import select
 
     install_generation_cache()
     if args.report_only:
@@ -611,7 +612,7 @@ def reading(entries: dict, quality: dict, p: dict) -> list[str]:
 
 
 def write_outputs(name, args, p, tag, root, model, run, test, pre, timer, ipcs, epochs, est, t_start) -> None:
-    from promptset.evaluate import fmt_bytes
+    from promptset.accounting import fmt_bytes
 
     stats_path = root / "generation_cache.json"
     if _GEN_STATS["denoised"] or _GEN_STATS["cached"]:

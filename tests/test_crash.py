@@ -25,9 +25,9 @@ from safetensors import safe_open
 from promptset.artifacts import load_tensors
 from promptset.backends.base import DiffusionBackend
 from promptset.cli import main
-from promptset.generate import generate
-from promptset.invert import InvertConfig, invert
-from promptset.select import select
+from promptset.stages.generate import generate
+from promptset.stages.invert import InvertConfig, invert
+from promptset.stages.select import select
 
 CLASSES = ("car", "cat", "dog")
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -176,7 +176,7 @@ def test_generate_redoes_only_missing_or_broken_images(tiny_sd, collages, tmp_pa
     mtime = untouched.stat().st_mtime_ns
 
     redone = []
-    module = importlib.import_module("promptset.generate")  # `promptset.generate` is the verb, not the module
+    module = importlib.import_module("promptset.backends.sampling")  # generate and evaluate sample through it
     real_batch = module.generate_batch
 
     def counting(backend, conditioner, jobs, **kwargs):

@@ -21,18 +21,11 @@ from safetensors.torch import load_file, save_file
 import promptset
 from promptset.data import load_class_images, scan_image_folder
 from promptset.errors import UserError
-from promptset.evaluate import (
-    EvaluateConfig,
-    Recipe,
-    TrainSet,
-    _context,
-    _validate,
-    build_generative,
-    evaluate,
-    random_resized_crop_flip,
-    train_student,
-)
+from promptset.evaluation.augment import crop_flip_params, warp
+from promptset.evaluation.methods import build_generative
+from promptset.evaluation.student import Recipe, TrainSet, train_student
 from promptset.models import create_student
+from promptset.stages.evaluate import EvaluateConfig, _context, _validate, evaluate
 
 COLOURS = {"blue": (40, 50, 210), "green": (40, 190, 60), "red": (210, 40, 40)}
 SIZE = 16
@@ -217,15 +210,21 @@ def test_round0_reuses_generate_outputs_exactly(world):
         device="cpu",
         progress=False,
     )
-    reused = build_generative(_context(cfg, ["d3m"])[0], "d3m")
-    cfg.resolution = SIZE  # an explicit generator flag: regenerate instead of reading generated/
-    fresh = build_generative(_context(cfg, ["d3m"])[0], "d3m")
+    reused = build_generative(_context(cfg, ["d3m"]), "d3m")
+    cfg.resolution = SIZE  # the resolution generate used, given explicitly: the same settings, still reused
+    assert build_generative(_context(cfg, ["d3m"]), "d3m").info["round0_reused_generated"]
+    hidden = world.root / "generated.hidden"  # without generate's images, round 0 is generated here
+    (world.run / "generated").rename(hidden)
+    try:
+        fresh = build_generative(_context(cfg, ["d3m"]), "d3m")
+    finally:
+        hidden.rename(world.run / "generated")
     assert reused.info["round0_reused_generated"] and not fresh.info["round0_reused_generated"]
     assert torch.equal(reused.rounds[0].images, fresh.rounds[0].images)
     assert torch.equal(reused.rounds[0].logits, fresh.rounds[0].logits)
     assert reused.info["generation"]["sampler_batch"] == 8  # generate's default, read from labels.safetensors
     cfg.resolution, cfg.sampler_batch = 0, 3  # another sampler batch changes the last bits: generated/ is not reused
-    other = build_generative(_context(cfg, ["d3m"])[0], "d3m")
+    other = build_generative(_context(cfg, ["d3m"]), "d3m")
     assert not other.info["round0_reused_generated"] and other.info["generation"]["sampler_batch"] == 3
     cfg.sampler_batch = -1
     with pytest.raises(UserError, match="--sampler-batch must not be negative"):
@@ -341,6 +340,10 @@ def test_training_is_deterministic_on_cpu():
     assert out["optimizer_steps"] == 9
 
 
+def random_resized_crop_flip(x, g, min_scale, flip):
+    return warp(x, crop_flip_params(len(x), g, min_scale, flip))
+
+
 def test_crop_and_flip_geometry():
     x = torch.rand(4, 3, 8, 8)
     g = torch.Generator().manual_seed(0)
@@ -354,7 +357,7 @@ def test_crop_and_flip_geometry():
 
 def test_report_writes_table_csv_and_plot(world, tmp_path):
     _eval(world, protocol="p2", method="rded", seeds=1)
-    from promptset.report import report
+    from promptset.stages.report import report
 
     path = report(runs=str(world.run), out=str(tmp_path))
     text = path.read_text()

@@ -22,10 +22,11 @@ from promptset.artifacts import PromptSet, load_tensors
 from promptset.backends import create_backend
 from promptset.backends.mini import MODEL_FILE, TAEF2Autoencoder, load_mini, model_fingerprint
 from promptset.errors import TrainingDiverged, UserError
-from promptset.generate import generate
-from promptset.invert import invert
+from promptset.evaluation.generator import sample_grid
 from promptset.models import create_student
-from promptset.pretrain import PretrainConfig, _sample_grid, pretrain
+from promptset.stages.generate import generate
+from promptset.stages.invert import invert
+from promptset.stages.pretrain import PretrainConfig, pretrain
 
 CLASSES = {"apple": (200, 40, 40), "grass": (40, 180, 40), "sky": (60, 90, 220)}  # single WordPiece tokens
 TINY = dict(vae="identity", resolution=16, unet_size="tiny", batch_size=8, warmup_steps=0, grid_samples=2,
@@ -217,7 +218,7 @@ def test_save_load_roundtrip_and_fingerprint(tiny_model: Path, tmp_path: Path):
     assert torch.equal(out_a, out_b)
     # the grid pretrain drew with its in-memory EMA weights, redrawn from the loaded folder
     info = json.loads((tiny_model / MODEL_FILE).read_text())
-    grid = _sample_grid(b, info["class_names"], PretrainConfig(**info["training"]["config"]), "pretrain-samples")
+    grid = sample_grid(b, info["class_names"], PretrainConfig(**info["training"]["config"]), "pretrain-samples")
     assert np.array_equal(np.asarray(grid), np.asarray(Image.open(tiny_model / "samples.png")))
 
     copy = tmp_path / "copy"
@@ -244,7 +245,7 @@ def _checkpoint(model: Path) -> dict[str, torch.Tensor]:
 
 def test_pretrain_resume_is_bit_exact(tiny_data: Path, tmp_path: Path, monkeypatch):
     from promptset import cli
-    from promptset import pretrain as pretrain_module
+    from promptset.stages import pretrain as pretrain_module
 
     opts = TINY | dict(steps=6, checkpoint_every=3, log_every=3, batch_size=4, grid_samples=1, sample_steps=2)
     # uninterrupted, through the CLI (flags generated from PretrainConfig)
@@ -294,7 +295,7 @@ def test_pretrain_resume_is_bit_exact(tiny_data: Path, tmp_path: Path, monkeypat
 
 
 def test_pretrain_divergence_keeps_last_good_checkpoint(tiny_data: Path, tmp_path: Path, monkeypatch):
-    from promptset import pretrain as pretrain_module
+    from promptset.stages import pretrain as pretrain_module
 
     monkeypatch.setattr(pretrain_module, "_lr_at", lambda step, cfg: float("inf") if step >= 2 else 1e-4)
     opts = TINY | dict(steps=8, checkpoint_every=2, log_every=4, batch_size=4)

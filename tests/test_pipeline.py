@@ -17,13 +17,15 @@ import torch
 from PIL import Image
 
 import promptset.backends
+from promptset.accounting import class_list_bytes, prompt_bytes
 from promptset.artifacts import PromptSet, load_tensors
 from promptset.backends.base import DiffusionBackend, KLAutoencoder
-from promptset.budget import budget, class_list_bytes, prompt_bytes
-from promptset.export import export
-from promptset.generate import PromptConditioner, generate, generate_batch, jobs_for
-from promptset.invert import InvertConfig, invert
-from promptset.select import select
+from promptset.backends.sampling import PromptConditioner, generate_batch, jobs_for
+from promptset.stages.budget import budget
+from promptset.stages.export import export
+from promptset.stages.generate import generate
+from promptset.stages.invert import InvertConfig, invert
+from promptset.stages.select import select
 
 CLASSES = ("car", "cat", "dog")  # single CLIP tokens, so the class names are valid initializers
 PER_CLASS = 4

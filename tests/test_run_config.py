@@ -56,7 +56,7 @@ def test_gradient_checkpointing_gives_the_same_prompts(tiny_sd, tmp_path):
     from test_pipeline import SIZE, invert_config
 
     from promptset.artifacts import PromptSet
-    from promptset.invert import invert
+    from promptset.stages.invert import invert
 
     data = write_toy_data(tmp_path / "data")
     prompts = {}

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from promptset.cli import main
-from promptset.generate import generate
-from promptset.invert import invert
-from promptset.select import select
+from promptset.stages.generate import generate
+from promptset.stages.invert import invert
+from promptset.stages.select import select
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "promptset"
 

@@ -1,11 +1,11 @@
-"""`promptset.transfer.to_device`: the copy helper of the hot loops."""
+"""`promptset.devices.to_device`: the copy helper of the hot loops."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from promptset.transfer import to_device
+from promptset.devices import to_device
 
 
 def test_cpu_to_cpu_is_the_same_tensor():

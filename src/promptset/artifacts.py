@@ -36,22 +36,52 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def fingerprint_path(path: str | os.PathLike, edge: int = 1 << 20) -> str:
-    """A cheap content fingerprint of a model file or folder: names, sizes, and the first and last MiB of each file."""
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime_ns) -> sha256, per process
+
+
+def sha256_file_cached(path: str | os.PathLike) -> str:
+    """`sha256_file`, remembered per (path, size, mtime) so a model loaded again in one process is hashed once."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        _FILE_HASHES[key] = sha256_file(p)
+    return _FILE_HASHES[key]
+
+
+def fingerprint_path(path: str | os.PathLike) -> str:
+    """Content fingerprint of a model file or folder: sha256 over every (non-hidden) file's name and full bytes.
+
+    Two fine-tunes of one model differ somewhere in their weights, rarely in the first or last MiB, so every byte
+    counts. Hashes are cached per (path, size, mtime) within a process.
+    """
     path = Path(path)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     h = hashlib.sha256()
     for p in files:
-        if any(part.startswith(".") for part in p.relative_to(path if path.is_dir() else p.parent).parts):
+        rel = p.relative_to(path) if path.is_dir() else Path(p.name)
+        if any(part.startswith(".") for part in rel.parts):
             continue
-        size = p.stat().st_size
-        h.update(f"{p.relative_to(path) if path.is_dir() else p.name}:{size}\n".encode())
-        with open(p, "rb") as f:
-            h.update(f.read(edge))
-            if size > 2 * edge:
-                f.seek(size - edge)
-                h.update(f.read(edge))
+        h.update(f"{rel.as_posix()}:{p.stat().st_size}:{sha256_file_cached(p)}\n".encode())
     return h.hexdigest()
+
+
+def hub_fingerprint(model: str, revision: str | None, resolved_commit: str | None) -> str:
+    """The identity of a Hub model: pinned to the commit that was actually loaded whenever it is known."""
+    if resolved_commit:
+        return f"hub:{model}@{resolved_commit}"
+    return f"hub:{model}@{revision or 'main'}"
+
+
+def snapshot_commit(folder: str | os.PathLike | None) -> str | None:
+    """The commit of a Hugging Face cache snapshot folder (`.../snapshots/<40 hex>/...`), or None."""
+    if not folder:
+        return None
+    parts = Path(folder).parts
+    for name, nxt in zip(parts, parts[1:]):
+        if name == "snapshots" and len(nxt) == 40 and all(c in "0123456789abcdef" for c in nxt):
+            return nxt
+    return None
 
 
 def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -134,9 +164,10 @@ class PromptSet:
     def stored_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors as written to disk in `stored_dtype` (int8: symmetric per-vector quantisation)."""
         if self.stored_dtype == "int8":
-            scale = self.embeddings.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0  # (C, V, 1)
-            q = torch.round(self.embeddings / scale).clamp(-127, 127).to(torch.int8)
-            return {"embeddings": q, "scales": scale.to(torch.float16)}
+            # quantise with the scale as it is stored (fp16), so decoding q * scale finds the nearest grid point
+            scale = (self.embeddings.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_min(1e-6).to(torch.float16)
+            q = torch.round(self.embeddings / scale.float()).clamp(-127, 127).to(torch.int8)  # (C, V, D)
+            return {"embeddings": q, "scales": scale}  # scale: (C, V, 1)
         return {"embeddings": self.embeddings.to(PROMPT_DTYPES[self.stored_dtype])}
 
     def stored_bytes(self) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import typing
 from pathlib import Path
 from typing import Any
@@ -53,21 +54,36 @@ def _base_type(kind) -> type:
     return kind if kind in (int, float, str) else str
 
 
+def read_yaml(path: str | Path, what: str, fix: str) -> dict:
+    """The one YAML reader: a mapping from `path`, or a UserError naming `what` and saying `fix`."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{what} {p} is not valid YAML ({err}); {fix}") from err
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {p}: expected a mapping of names to values; {fix}")
+    return data
+
+
 def load_yaml(path: str | None, section: str | None = None) -> dict:
+    """A `--config` file: its section for `section` when it has one, else its top level."""
     if not path:
         return {}
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--config {p}: file not found")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"--config {p}: not valid YAML ({err})") from err
-    if not isinstance(data, dict):
-        raise UserError(f"--config {p}: expected a mapping of option names to values")
+    data = read_yaml(p, "--config", "fix the file (a mapping of option names to values)")
     if section and isinstance(data.get(section), dict):
         return data[section]
     return data
+
+
+def unknown_option(key: str, names, where: str) -> UserError:
+    """The error for an option `key` that is not one of `names`, naming the nearest valid one."""
+    near = difflib.get_close_matches(key, list(names), n=1, cutoff=0.5)
+    hint = f"did you mean {near[0]!r}?" if near else f"known: {', '.join(sorted(names))}"
+    return UserError(f"{where}: unknown option {key!r}; {hint}")
 
 
 def resolve(cls: type, yaml_values: dict, flags: dict, *, source: str = "--config") -> Any:
@@ -77,10 +93,25 @@ def resolve(cls: type, yaml_values: dict, flags: dict, *, source: str = "--confi
     for key, value in (yaml_values or {}).items():
         key = key.replace("-", "_")
         if key not in names:
-            raise UserError(f"{source}: unknown option {key!r} for this command (known: {', '.join(sorted(names))})")
+            raise unknown_option(key, names, source)
         values[key] = value
     values.update({k: v for k, v in flags.items() if k in names})
     return cls(**values)
+
+
+def make_config(cls: type, cfg: Any, overrides: dict, verb: str) -> Any:
+    """What every verb does first: `cfg` (or the defaults) with keyword `overrides` applied, unknown names refused.
+
+    The caller's `cfg` is not modified: `promptset.invert(cfg, steps=5)` leaves `cfg.steps` as it was.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in overrides:
+        if key not in names:
+            raise unknown_option(key, names, f"promptset.{verb}()")
+    cfg = cls() if cfg is None else cfg
+    if not isinstance(cfg, cls):
+        raise UserError(f"promptset.{verb}(): the first argument must be a {cls.__name__}, not {type(cfg).__name__}")
+    return dataclasses.replace(cfg, **overrides)
 
 
 def to_dict(config: Any) -> dict:

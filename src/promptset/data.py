@@ -315,6 +315,19 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def cut_patches(images: torch.Tensor, factor: int, size: int) -> torch.Tensor:
+    """(B, 3, H, W) collages -> (B, k*k, 3, size, size): row-major patches, each resized to `size`."""
+    b, c, h, w = images.shape
+    ph, pw = h // factor, w // factor
+    patches = images[:, :, : ph * factor, : pw * factor].unfold(2, ph, ph).unfold(3, pw, pw)  # (B, 3, k, k, ph, pw)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(b * factor * factor, c, ph, pw)
+    if (ph, pw) != (size, size):
+        patches = torch.nn.functional.interpolate(
+            patches, size=(size, size), mode="bicubic", align_corners=False, antialias=True
+        )
+    return patches.clamp(0, 1).view(b, factor * factor, c, size, size)
+
+
 def display_name(folder: str) -> str:
     """Human name of a class folder for prompts: underscores and hyphens become spaces, lower-case."""
     return " ".join(folder.replace("_", " ").replace("-", " ").split()).lower()

@@ -1,7 +1,8 @@
-"""Multi-process runs under `torchrun` or `accelerate launch`: rank and world size from the environment.
+"""Multi-process runs under `torchrun` or `accelerate launch`: every helper that talks to other processes.
 
 Stages shard classes by rank (no gradient all-reduce). Every rank validates its inputs, then all ranks `agree` before
-anything is written; rank 0 alone writes the shared files, and a gloo barrier orders the writes.
+anything is written; rank 0 alone writes the shared files, and a gloo barrier orders the writes. Students train
+data-parallel: `span` gives each rank its contiguous slice of a batch, `all_gather_rows` reassembles shared work.
 """
 
 from __future__ import annotations
@@ -21,10 +22,6 @@ BARRIER_TIMEOUT = timedelta(hours=24)
 
 def rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main() -> bool:
-    return rank_world()[0] == 0
 
 
 def _process_group() -> bool:
@@ -79,9 +76,62 @@ def shutdown() -> None:
         torch_dist.destroy_process_group()
 
 
-def shard(items: list, rank: int | None = None, world: int | None = None) -> list:
-    """Round-robin share of `items` for this process."""
-    r, w = rank_world()
-    rank = r if rank is None else rank
-    world = w if world is None else world
-    return items[rank::world]
+# ------------------------------------------------------------------------------------------------------------
+# data parallelism: every process holds the same data and draws the same random numbers, so all agree on every
+# global batch; each works on its contiguous slice of it
+
+
+def ddp_world() -> tuple[int, int]:
+    """(rank, world size) of the joined process group; (0, 1) when there is none (a single process)."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return torch_dist.get_rank(), torch_dist.get_world_size()
+    return 0, 1
+
+
+def span(n: int, rank: int, world: int) -> tuple[int, int]:
+    """This rank's contiguous slice [lo, hi) of n items: sizes differ by at most one, earlier ranks take more."""
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
+
+
+_NCCL_GROUPS: dict[int, object] = {}
+
+
+def gradient_group(device: torch.device):
+    """The process group that reduces gradients: the default gloo group on CPU, an NCCL group on CUDA."""
+    if device.type != "cuda":
+        return None
+    key = id(torch_dist.group.WORLD)
+    if key not in _NCCL_GROUPS:  # new_group is collective: every rank reaches this in the same order
+        _NCCL_GROUPS[key] = torch_dist.new_group(backend="nccl")
+    return _NCCL_GROUPS[key]
+
+
+def all_gather_rows(part: torch.Tensor, total: int) -> torch.Tensor:
+    """Concatenate every rank's `span` slice (this rank's is `part`) of a (total, ...) tensor, on every rank."""
+    rank, world = ddp_world()
+    if world == 1:
+        return part
+    spans = [span(total, r, world) for r in range(world)]
+    width = max(hi - lo for lo, hi in spans)
+    buf = torch.zeros((width, *part.shape[1:]), dtype=part.dtype)
+    buf[: len(part)] = part.cpu()
+    out = [torch.empty_like(buf) for _ in range(world)]
+    torch_dist.all_gather(out, buf)  # on the CPU through gloo
+    return torch.cat([o[: hi - lo] for o, (lo, hi) in zip(out, spans)]).to(part.device)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of `x` over all ranks (through gloo, on the CPU), on `x`'s device; `x` itself in one process."""
+    if ddp_world()[1] == 1:
+        return x
+    total = x.cpu()
+    torch_dist.all_reduce(total)
+    return total.to(x.device)
+
+
+def broadcast_buffers(model: torch.nn.Module, group=None) -> None:
+    """Rank 0's buffers (batch norm running statistics) on every rank."""
+    for buf in model.buffers():
+        torch_dist.broadcast(buf, 0, group=group)

@@ -1,4 +1,5 @@
-"""The run folder: `classes.json` (the only source of class order), `config.yaml`, and the checks every stage runs.
+"""The run folder and the one reader of its shared files: `classes.json` (the only source of class order),
+`config.yaml` (each stage's resolved config), `select.json`, and the checks every stage runs on them.
 
 A stage that finds a class list disagreeing with its inputs refuses with a message saying what to pass.
 """
@@ -9,12 +10,17 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from .atomic import TMP_PREFIX, write_json, write_text
+from .config import read_yaml
 from .data import validate_class_name
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .artifacts import PromptSet
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,19 @@ def require_classes(run: Path) -> list[ClassInfo]:
     if classes is None:
         raise UserError(f"{Path(run) / 'classes.json'} not found: --run must be a folder made by select or invert")
     return classes
+
+
+def require_prompts(run: Path, classes: list[ClassInfo]) -> PromptSet:
+    """`<run>/prompts.safetensors`, checked against classes.json."""
+    from .artifacts import PromptSet
+
+    path = Path(run) / "prompts.safetensors"
+    if not path.is_file():
+        raise UserError(f"{path} not found: run invert in this run folder first")
+    prompts = PromptSet.load(path)
+    check_same_classes([c.folder for c in classes], prompts.class_folders, f"prompts file {path}",
+                       "regenerate the prompts with invert in this run folder")
+    return prompts
 
 
 def check_same_classes(expected: list[str], got: list[str], what: str, fix: str) -> None:
@@ -162,13 +181,6 @@ def write_config(run: Path, stage: str, config: dict) -> None:
     write_text(cfg_path, yaml.safe_dump(existing, sort_keys=False))
 
 
-def prepare_run(run: Path, stage: str, config: dict, *, overwrite: bool = False) -> bool:
-    """`check_run_folder`, then `write_config`; returns whether a different earlier run is being replaced."""
-    replaced = check_run_folder(run, stage, config, overwrite=overwrite)
-    write_config(run, stage, config)
-    return replaced
-
-
 def remove_outputs(run: Path, names: list[str]) -> None:
     """Delete files or folders of an earlier run that `--overwrite` replaces."""
     for name in names:
@@ -202,20 +214,42 @@ def remove_stale_tmp(folder: Path, *, recursive: bool = True) -> int:
 
 
 def _read_config(path: Path) -> dict:
+    return read_yaml(path, "run config", "delete it or pass a fresh --out (one section per stage)")
+
+
+def stage_config(run: Path, stage: str) -> dict:
+    """The resolved config a stage recorded in `<run>/config.yaml` ({} when it has not run here)."""
+    path = Path(run) / "config.yaml"
+    return (_read_config(path).get(stage) or {}) if path.is_file() else {}
+
+
+def select_info(run: Path) -> dict:
+    """`<run>/select.json` (data, split hash, teacher, resolution, factor, image size), or {} without select."""
+    path = Path(run) / "select.json"
+    if not path.is_file():
+        return {}
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML ({err}); delete it or pass a fresh --out") from err
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is not a promptset config (expected one section per stage); pass a fresh --out")
-    return data
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err}); run select again in this run folder") from err
+    if not isinstance(info, dict):
+        raise UserError(f"{path} is not a select summary; run select again in this run folder")
+    return info
+
+
+def artifact_metadata(run: Path, name: str) -> dict:
+    """The metadata of `<run>/<name>` (prompts.safetensors, labels.safetensors), or {} when it does not exist."""
+    from .artifacts import load_tensors
+
+    path = Path(run) / name
+    return load_tensors(path, name.split(".")[0] + " file")[1] if path.is_file() else {}
 
 
 # Flags that change a stage's result; others (device, progress, checkpoint interval) may differ on resume.
 _IDENTITY_KEYS = {
     "backend", "model", "data", "steps", "batch_size", "classes_per_batch", "lr", "resolution", "num_vectors",
     "seed", "template", "initializer", "initializers", "factor", "num_crops", "teacher", "ipc", "guidance",
-    "num_inference_steps", "sampler", "weight_decay", "warmup_steps", "prompt_dtype", "flip", "dtype",
+    "sampler", "weight_decay", "warmup_steps", "prompt_dtype", "flip", "dtype",
     "num_collages", "max_images_per_class", "image_size", "soft_labels",
 }
 

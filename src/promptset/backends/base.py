@@ -8,6 +8,7 @@ text encoder's token-embedding layer by a forward hook, so every weight of the m
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -15,37 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..devices import resolve_device, resolve_dtype, to_device
 from ..errors import UserError
-from ..transfer import to_device
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Map a `--dtype` flag to a torch dtype, refusing half precision on CPU (slow or unsupported there)."""
-    if name not in DTYPES:
-        raise UserError(f"--dtype {name!r} is not one of {sorted(DTYPES)}")
-    if device.type == "cpu" and name != "fp32":
-        raise UserError(f"--dtype {name} on CPU is very slow or unsupported; pass --dtype fp32 on CPU")
-    return DTYPES[name]
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """`auto` (or None) picks CUDA when available, else CPU. A bare `cuda` under a launcher is `cuda:LOCAL_RANK`."""
-    import os
-
-    if name in (None, "", "auto"):
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UserError(f"--device {name!r} is not a valid torch device (try cpu, cuda, cuda:0)") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} was asked for but CUDA is not available; pass --device cpu")
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return device
-
+__all__ = ["DiffusionBackend", "resolve_device", "resolve_dtype", "denoising_objective", "image_generators"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -63,6 +37,44 @@ def training_target(noise_scheduler, x0: torch.Tensor, noise: torch.Tensor, t: t
     if kind == "v_prediction":
         return noise_scheduler.get_velocity(x0, noise, t)
     return noise
+
+
+def snr_weights(noise_scheduler, gamma: float) -> torch.Tensor:
+    """min-SNR-gamma loss weight per timestep (Hang et al. 2023) for the scheduler's prediction type. (T,) fp32"""
+    kind = noise_scheduler.config.prediction_type
+    check_prediction_type(kind, "noise scheduler")
+    alpha_bar = noise_scheduler.alphas_cumprod.to(torch.float64)
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = snr.clamp(max=gamma)
+    return (clipped / (snr + 1) if kind == "v_prediction" else clipped / snr).float()
+
+
+def denoising_objective(
+    unet: nn.Module,
+    noise_scheduler,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    states: torch.Tensor,
+    *,
+    dtype: torch.dtype = torch.float32,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The one denoising loss (Ho et al. 2020; Rombach et al. 2022), for pretraining and for textual inversion.
+
+    Per-sample MSE between the denoiser's prediction on x_t = add_noise(x0, noise, t) and its target (epsilon or
+    v), times `weight[t]` (e.g. `snr_weights`) when given. x0, noise (B, c, h, w); t (B,); states (B, L, D). (B,)
+    """
+    noisy = noise_scheduler.add_noise(x0, noise, t)
+    target = training_target(noise_scheduler, x0, noise, t)
+    pred = unet(noisy.to(dtype), t, encoder_hidden_states=states.to(dtype)).sample
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)  # (B,)
+    return loss * weight[t] if weight is not None else loss
+
+
+def image_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per image: its initial noise and every noise a stochastic sampler adds come from it."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
 class Autoencoder(nn.Module):
@@ -308,7 +320,7 @@ class DiffusionBackend:
     def denoising_loss(
         self, latents: torch.Tensor, states: torch.Tensor, generator: torch.Generator
     ) -> torch.Tensor:
-        """Per-sample MSE between the denoiser's prediction and its target at a uniform random timestep. (B,)"""
+        """`denoising_objective` at a uniform random timestep, noise and timestep drawn from `generator`. (B,)"""
         b = latents.shape[0]
         noise = to_device(torch.randn(latents.shape, generator=generator, device=generator.device), self.device)
         t = to_device(
@@ -317,17 +329,14 @@ class DiffusionBackend:
             ),
             self.device,
         )
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        target = training_target(self.noise_scheduler, latents, noise, t)
-        pred = self.unet(noisy.to(self.dtype), t, encoder_hidden_states=states.to(self.dtype)).sample
-        return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+        return denoising_objective(self.unet, self.noise_scheduler, latents, noise, t, states, dtype=self.dtype)
 
     # ----------------------------------------------------------------------------------------------------------
     # sampling: the same update as diffusers' StableDiffusionPipeline.__call__, with per-image initial noise
-    def initial_noise(self, seeds: list[int]) -> torch.Tensor:
-        """One CPU generator per image, so an image depends on its seed only (never on batch size). (B, c, h, w)"""
+    def initial_noise(self, generators: list[torch.Generator]) -> torch.Tensor:
+        """The first draw of each image's own generator (`image_generators`), never batch-dependent. (B, c, h, w)"""
         shape = (self.autoencoder.latent_channels, self.latent_size, self.latent_size)
-        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
     @torch.no_grad()
     def sample(
@@ -338,13 +347,19 @@ class DiffusionBackend:
         *,
         steps: int,
         guidance: float,
+        generators: list[torch.Generator],
     ) -> torch.Tensor:
         """Denoise `noise` (B, c, h, w) under conditioning states `cond` (B, L, D) with classifier-free guidance.
 
+        A stochastic sampler (ddpm) draws each image's step noise from that image's generator (B of them), so an
+        image depends on its seed alone, never on the other images of the batch or on global random state.
         Returns images in [0, 1], (B, 3, H, W) fp32 on the backend's device.
         """
+        if len(generators) != noise.shape[0]:
+            raise ValueError(f"{len(generators)} generators for {noise.shape[0]} images; pass one per image")
         scheduler = type(self.sample_scheduler).from_config(self.sample_scheduler.config)
         scheduler.set_timesteps(steps, device=self.device)
+        step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
         latents = to_device(noise, self.device).float() * scheduler.init_noise_sigma
         use_cfg = uncond is not None and guidance != 1.0
         states = torch.cat([uncond, cond]) if use_cfg else cond
@@ -356,5 +371,5 @@ class DiffusionBackend:
             if use_cfg:
                 pred_uncond, pred_cond = pred.chunk(2)
                 pred = pred_uncond + guidance * (pred_cond - pred_uncond)
-            latents = scheduler.step(pred, t, latents).prev_sample
+            latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
         return self.decode_latents(latents)

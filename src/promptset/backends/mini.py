@@ -24,12 +24,14 @@ from pathlib import Path
 
 import torch
 
+from .. import __version__
 from ..artifacts import sha256_file
-from ..atomic import atomic_path
+from ..atomic import atomic_path, staged_dir, write_json
+from ..devices import resolve_device, resolve_dtype
 from ..errors import UserError
 from ..models.taef2 import DECODER_FILE, ENCODER_FILE, TAEF2
-from .base import PREDICTION_TYPES, Autoencoder, DiffusionBackend, resolve_device, resolve_dtype
-from .sd import make_sampler
+from .base import PREDICTION_TYPES, Autoencoder, DiffusionBackend
+from .sampling import make_sampler
 
 MODEL_FILE = "promptset_model.json"
 FORMAT_VERSION = "1"
@@ -197,10 +199,24 @@ def load_text_encoder(source: dict):
     from transformers import AutoModel, AutoTokenizer
 
     folder = text_encoder_dir(source)
+    require_safetensors(folder, "text encoder", "model.save_pretrained(folder, safe_serialization=True)")
     with _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = AutoModel.from_pretrained(folder, local_files_only=True)
+        model = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
     return tokenizer, model
+
+
+def require_safetensors(folder: Path, what: str, convert: str) -> None:
+    """Refuse a weights folder without .safetensors files: pickled weights (.bin, .pt) are never loaded."""
+    folder = Path(folder)
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    found = f"only pickled weights ({', '.join(pickles)})" if pickles else "no .safetensors weights"
+    raise UserError(
+        f"{what} folder {folder} holds {found}; promptset never unpickles weights. Convert them once, on a machine "
+        f"you trust, with {convert}, and point promptset at the converted folder"
+    )
 
 
 def describe_text_encoder(source: dict) -> str:
@@ -358,6 +374,45 @@ def read_model_info(folder: str | Path) -> dict:
     return info
 
 
+def model_info(
+    *, resolution: int, max_length: int, scaling_factor: float, text_encoder: dict, vae_spec: str, vae_kind: str,
+    vae_source: Path | None, vae_fingerprint: str | None, autoencoder: Autoencoder, unet_size: str, unet_params: int,
+    conditioning: str, prediction_type: str, class_folders: list[str], class_names: list[str], templates: list[str],
+) -> dict:
+    """Everything promptset_model.json says about a model (pretrain adds its `training` summary)."""
+    vae = {"kind": vae_kind, "spec": vae_spec, "latent_channels": autoencoder.latent_channels,
+           "downscale": autoencoder.downscale}
+    if vae_kind == "taef2":
+        vae.update(source=str(Path(vae_source).resolve()), copy=VAE_DIR, fingerprint=vae_fingerprint)
+    return {
+        "format": "promptset.mini", "format_version": FORMAT_VERSION, "kind": "mini", "promptset_version": __version__,
+        "resolution": resolution, "latent_size": resolution // autoencoder.downscale, "max_length": max_length,
+        "scaling_factor": float(scaling_factor), "text_encoder": text_encoder,
+        "text_encoder_name": describe_text_encoder(text_encoder), "vae": vae, "unet_size": unet_size,
+        "unet_params": unet_params, "conditioning": conditioning, "prediction_type": prediction_type,
+        "class_folders": list(class_folders), "class_names": list(class_names), "templates": list(templates),
+        "class_prompt": "a photo of a {name}",
+    }  # fmt: skip
+
+
+def write_model_folder(folder: Path, info: dict, noise_scheduler, taef2_source: Path | None) -> None:
+    """Write what a model folder holds besides its UNet: promptset_model.json, scheduler/ and (TAEF2) vae/."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if taef2_source is not None:
+        copy_taef2(taef2_source, folder)
+    if not (folder / "scheduler").is_dir():
+        with staged_dir(folder / "scheduler") as tmp:
+            noise_scheduler.save_pretrained(tmp)
+    write_json(folder / MODEL_FILE, info)
+
+
+def export_unet(folder: Path, unet) -> None:
+    """Write the UNet (pretrain: the EMA weights) as the diffusers folder `unet/`, replacing the old in one rename."""
+    with staged_dir(Path(folder) / "unet") as tmp:
+        unet.save_pretrained(tmp, safe_serialization=True)
+
+
 def model_fingerprint(folder: str | Path, info: dict | None = None) -> str:
     """Content fingerprint of what decides the model's outputs, and nothing else.
 
@@ -485,7 +540,9 @@ def load_mini(
         )
     tokenizer, text_encoder = load_text_encoder(source)
     autoencoder = load_autoencoder(info["vae"], folder, float(info["scaling_factor"]), vae_path)
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    require_safetensors(folder / "unet", "UNet", "UNet2DConditionModel.from_pretrained(unet).save_pretrained(unet, "
+                        "safe_serialization=True)")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
     scheduler_config = DDPMScheduler.load_config(folder / "scheduler")
     return mini_backend(
         tokenizer=tokenizer,

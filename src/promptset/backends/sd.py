@@ -7,33 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..artifacts import fingerprint_path
+from ..artifacts import fingerprint_path, hub_fingerprint, snapshot_commit
+from ..devices import resolve_device, resolve_dtype
 from ..errors import UserError
-from .base import DiffusionBackend, KLAutoencoder, resolve_device, resolve_dtype
-
-SAMPLERS = ("ddim", "dpm", "euler", "pndm", "ddpm")
-
-
-def make_sampler(name: str, config):
-    """A sampling scheduler built from the model's scheduler config (swap samplers with `from_config`)."""
-    from diffusers import (
-        DDIMScheduler,
-        DDPMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerDiscreteScheduler,
-        PNDMScheduler,
-    )
-
-    classes = {
-        "ddim": DDIMScheduler,
-        "dpm": DPMSolverMultistepScheduler,
-        "euler": EulerDiscreteScheduler,
-        "pndm": PNDMScheduler,
-        "ddpm": DDPMScheduler,
-    }
-    if name not in classes:
-        raise UserError(f"--sampler {name!r} is not one of {list(classes)}")
-    return classes[name].from_config(config)
+from .base import DiffusionBackend, KLAutoencoder
+from .sampling import make_sampler
 
 
 def load_sd(
@@ -97,7 +75,8 @@ def load_sd(
             ) from err
         tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
         scheduler_config = pipe.scheduler.config
-        model_hash = f"hub:{model}@{revision or 'main'}"
+        # pinned to the commit the cache resolved `revision` to, so a later push to the Hub is another model
+        model_hash = hub_fingerprint(model, revision, snapshot_commit(getattr(unet.config, "_name_or_path", None)))
 
     noise_scheduler = DDPMScheduler.from_config(scheduler_config)
     autoencoder = KLAutoencoder(vae)

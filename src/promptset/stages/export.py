@@ -11,11 +11,10 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .artifacts import PromptSet
-from .atomic import atomic_path, write_json
-from .config import opt
-from .errors import UserError
-from .runfolder import check_same_classes, require_classes
+from ..atomic import atomic_path, write_json
+from ..config import make_config, opt
+from ..errors import UserError
+from ..runfolder import require_classes, require_prompts
 
 
 @dataclass
@@ -26,17 +25,12 @@ class ExportConfig:
 
 def export(cfg: ExportConfig | None = None, **overrides) -> Path:
     """Write `<out>/<class>.safetensors` (one token each) and `<out>/tokens.json`; returns the folder."""
-    cfg = cfg or ExportConfig()
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
+    cfg = make_config(ExportConfig, cfg, overrides, "export")
     if not cfg.run:
         raise UserError("--run is required")
     run = Path(cfg.run)
     classes = require_classes(run)
-    prompts_path = run / "prompts.safetensors"
-    prompts = PromptSet.load(prompts_path)
-    check_same_classes([c.folder for c in classes], prompts.class_folders, f"prompts file {prompts_path}",
-                       "regenerate the prompts with invert in this run folder")
+    prompts = require_prompts(run, classes)
     out = Path(cfg.out) if cfg.out else run / "export"
     out.mkdir(parents=True, exist_ok=True)
     rows = []

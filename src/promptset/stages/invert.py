@@ -30,24 +30,27 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .artifacts import PromptSet, load_tensors, save_tensors, token_name_for
-from .atomic import append_jsonl, read_jsonl, write_text
-from .config import opt, to_dict
-from .data import MAX_IMAGE_PIXELS, load_class_images, scan_image_folder, verify_images
-from .dist import agree, barrier, rank_world
-from .errors import TrainingDiverged, UserError
-from .runfolder import (
+from ..accounting import print_budget, prompt_bytes
+from ..artifacts import PromptSet, load_tensors, save_tensors, token_name_for
+from ..atomic import append_jsonl, read_jsonl, write_text
+from ..backends.base import DiffusionBackend, PromptLayout
+from ..config import make_config, opt, to_dict
+from ..data import MAX_IMAGE_PIXELS, ImageFolderIndex, load_class_images, scan_image_folder, verify_images
+from ..devices import to_device
+from ..dist import agree, barrier, rank_world
+from ..errors import TrainingDiverged, UserError
+from ..runfolder import (
     check_run_folder,
     check_same_classes,
     read_classes,
     remove_outputs,
     remove_stale_tmp,
     resolve_class_names,
+    select_info,
     write_classes,
     write_config,
 )
-from .seeding import derive_seed
-from .transfer import to_device
+from ..seeding import derive_seed
 
 
 @dataclass
@@ -107,43 +110,38 @@ def _lr_at(step: int, cfg: InvertConfig) -> float:
 
 def invert(cfg: InvertConfig | None = None, **overrides) -> Path:
     """Run textual inversion for every class of `cfg.data`; returns the path of `prompts.safetensors`."""
-    cfg = cfg or InvertConfig()
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    from .budget import print_budget, prompt_bytes
-
+    cfg = make_config(InvertConfig, cfg, overrides, "invert")
     rank, world = rank_world()
     try:  # validate on every rank before anything is written
-        plan = _plan(cfg)
+        plan = _prepare(cfg)
     except UserError as err:
         agree(err)
         raise
     agree(None)
-    run, index, names, backend, words, init_vectors, layout, resolution, per_group, rewrite_classes, replaced = plan
+    run, index, backend = plan.run, plan.index, plan.backend
     num_classes = index.num_classes
-    repeats = cfg.batch_size // per_group
     taken: set[str] = set()
     token_names = [token_name_for(f, taken) for f in index.classes]
     folder = run / "invert"
 
     if rank == 0:
-        if replaced:
+        if plan.replaced:
             remove_outputs(run, ["invert", "prompts.safetensors"])
-        write_config(run, "invert", to_dict(cfg) | {"resolution": resolution})
-        if rewrite_classes:
-            write_classes(run, index.classes, names)
+        write_config(run, "invert", to_dict(cfg) | {"resolution": plan.resolution})
+        if plan.rewrite_classes:
+            write_classes(run, index.classes, plan.names)
         remove_stale_tmp(folder)  # half-written files of a killed run; nobody writes there before the barrier
         remove_stale_tmp(run, recursive=False)
         print(f"invert: --data {cfg.data}: {num_classes} classes, {index.num_images} images; skipped "
               f"{index.skipped_hidden} hidden and {index.skipped_non_image} non-image entries", flush=True)
-        print_budget(run, prompt_bytes(num_classes, cfg.num_vectors, backend.token_dim, cfg.prompt_dtype),
-                     num_classes=num_classes, image_size=None, title="invert: stored bytes of the distilled set")
+        print_budget(prompt_bytes(num_classes, cfg.num_vectors, backend.token_dim, cfg.prompt_dtype),
+                     num_classes=num_classes, image_size=select_info(run).get("image_size"),
+                     title="invert: stored bytes of the distilled set")
     barrier()
 
-    groups = _groups(num_classes, per_group)
+    groups = _groups(num_classes, plan.per_group)
     for g in range(rank, len(groups), world):
-        _train_group(backend, cfg, index, groups[g], g, len(groups), init_vectors, layout, resolution, repeats,
-                     folder, show=cfg.progress and rank == 0)
+        _train_group(plan, cfg, groups[g], g, len(groups), folder, show=cfg.progress and rank == 0)
     barrier()
 
     prompts_path = run / "prompts.safetensors"
@@ -155,7 +153,7 @@ def invert(cfg: InvertConfig | None = None, **overrides) -> Path:
         prompts = PromptSet(
             embeddings=torch.cat(vectors), token_names=token_names, class_folders=index.classes,
             template=cfg.template, backend=backend.kind, model_id=backend.model_id, model_hash=backend.model_hash,
-            initializers=words, stored_dtype=cfg.prompt_dtype,
+            initializers=plan.words, stored_dtype=cfg.prompt_dtype,
         )
         if not prompts.same_as_file(prompts_path):  # a no-op rerun keeps the file (and its mtime) as it was
             prompts.save(prompts_path)
@@ -165,9 +163,27 @@ def invert(cfg: InvertConfig | None = None, **overrides) -> Path:
     return prompts_path
 
 
-def _plan(cfg: InvertConfig) -> tuple:
+@dataclass
+class _Plan:
+    """What `invert` resolved and checked before writing anything."""
+
+    run: Path
+    index: ImageFolderIndex
+    names: list[str]  # display names, in class order
+    backend: DiffusionBackend
+    words: list[str]  # one single-token initializer word per class
+    init_vectors: torch.Tensor  # (C, D) their embedding rows
+    layout: PromptLayout
+    resolution: int
+    per_group: int  # classes per batch
+    repeats: int  # samples per class in a batch
+    rewrite_classes: bool  # classes.json is missing, lists other classes or other display names
+    replaced: bool  # --overwrite replaces a different earlier inversion
+
+
+def _prepare(cfg: InvertConfig) -> _Plan:
     """Everything invert can refuse, checked before any output exists (reads only, so every rank runs it)."""
-    from .backends import create_backend
+    from ..backends import create_backend
 
     if not cfg.out:
         raise UserError("--out is required: the run folder to write")
@@ -188,7 +204,11 @@ def _plan(cfg: InvertConfig) -> tuple:
         check_same_classes([c.folder for c in existing], index.classes, f"--data {data_dir}",
                            "pass the data the run was made from, or a new --out (or --overwrite)")
     same_classes = existing is not None and [c.folder for c in existing] == index.classes
-    names = [c.name for c in existing] if same_classes else resolve_class_names(index.classes, cfg.class_names)
+    if same_classes and not cfg.class_names:
+        names = [c.name for c in existing]  # as select (or an earlier invert) named them
+    else:  # --class-names names the classes (and so chooses the initializer words) even after select
+        names = resolve_class_names(index.classes, cfg.class_names)
+    rewrite_classes = not same_classes or names != [c.name for c in existing]
     num_classes = index.num_classes
     per_group = cfg.classes_per_batch or min(num_classes, cfg.batch_size)
     if cfg.batch_size % per_group:
@@ -210,8 +230,8 @@ def _plan(cfg: InvertConfig) -> tuple:
     init_vectors = torch.stack([backend.initializer_vector(w, flag=flag) for w in words])  # (C, D)
     layout = backend.layout(cfg.template, cfg.num_vectors)
     replaced = check_run_folder(run, "invert", to_dict(cfg) | {"resolution": resolution}, overwrite=cfg.overwrite)
-    return (run, index, names, backend, words, init_vectors, layout, resolution, per_group, not same_classes,
-            replaced)
+    return _Plan(run, index, names, backend, words, init_vectors, layout, resolution, per_group,
+                 cfg.batch_size // per_group, rewrite_classes, replaced)
 
 
 def _metrics_path(folder: Path) -> Path:
@@ -258,9 +278,10 @@ def _latent_cache(backend, cfg, index, classes, g, resolution, folder) -> tuple[
     return means, stds
 
 
-def _train_group(backend, cfg, index, classes, g, num_groups, init_vectors, layout, resolution, repeats, folder,
-                 show) -> None:
+def _train_group(plan: _Plan, cfg: InvertConfig, classes: list[int], g: int, num_groups: int, folder: Path,
+                 show: bool) -> None:
     """Train the placeholder vectors of one class group; resumes from its checkpoint; writes groups/gNNNNN."""
+    backend, index, layout, repeats = plan.backend, plan.index, plan.layout, plan.repeats
     result_path = folder / "groups" / f"g{g:05d}.safetensors"
     ckpt_path = folder / "checkpoints" / f"g{g:05d}.safetensors"
     data_key = {"split_hash": index.split_hash(), "classes": ",".join(map(str, classes))}
@@ -268,7 +289,7 @@ def _train_group(backend, cfg, index, classes, g, num_groups, init_vectors, layo
         ckpt_path.unlink(missing_ok=True)  # a run killed between writing the result and cleaning up
         return  # finished on an earlier run
     device = backend.device
-    means, stds = _latent_cache(backend, cfg, index, classes, g, resolution, folder)
+    means, stds = _latent_cache(backend, cfg, index, classes, g, plan.resolution, folder)
     counts = torch.tensor([m.shape[0] for m in means])  # (G,)
     offsets = torch.cumsum(counts, 0) - counts  # (G,) first row of each class in the flat cache
     views = means[0].shape[1]
@@ -276,7 +297,7 @@ def _train_group(backend, cfg, index, classes, g, num_groups, init_vectors, layo
     flat_stds = torch.cat(stds).to(device) if stds[0] is not None else None
     del means, stds
 
-    init = init_vectors[classes].unsqueeze(1).repeat(1, cfg.num_vectors, 1)  # (G, V, D)
+    init = plan.init_vectors[classes].unsqueeze(1).repeat(1, cfg.num_vectors, 1)  # (G, V, D)
     vectors = torch.nn.Parameter(init.clone().to(device))
     optimizer = torch.optim.AdamW([vectors], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "invert", g))

@@ -30,41 +30,41 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import __version__
-from .artifacts import load_tensors, save_tensors
-from .atomic import append_jsonl, read_jsonl, save_image, staged_dir, write_json, write_text
-from .backends.base import DiffusionBackend, resolve_device, training_target
-from .backends.mini import (
-    FORMAT_VERSION,
-    MODEL_FILE,
-    MiniDenoiser,
+from ..artifacts import load_tensors, save_tensors
+from ..atomic import append_jsonl, read_jsonl, save_image, write_json, write_text
+from ..backends.base import DiffusionBackend, denoising_objective, snr_weights
+from ..backends.mini import (
     CONDITIONINGS,
+    MODEL_FILE,
     PREDICTION_TYPES,
     UNET_PRESETS,
     IdentityAutoencoder,
+    MiniDenoiser,
     TAEF2Autoencoder,
     build_noise_scheduler,
     build_unet,
-    copy_taef2,
-    describe_text_encoder,
+    export_unet,
     load_text_encoder,
     mini_backend,
     model_fingerprint,
+    model_info,
     parse_vae_spec,
     taef2_fingerprint,
     text_encoder_dir,
     text_encoder_fingerprint,
     text_encoder_source,
+    write_model_folder,
 )
-from .backends.sd import SAMPLERS
-from .config import opt, to_dict
-from .data import load_class_images, scan_image_folder, to_pil
-from .errors import TrainingDiverged, UserError
-from .runfolder import resolve_class_names
-from .seeding import derive_seed
+from ..backends.sampling import SAMPLERS
+from ..config import make_config, opt, to_dict
+from ..data import load_class_images, scan_image_folder
+from ..devices import resolve_device
+from ..errors import TrainingDiverged, UserError
+from ..evaluation.generator import generator_quality, sample_grid
+from ..runfolder import resolve_class_names
+from ..seeding import derive_seed
 
 DEFAULT_TEMPLATES = ("a photo of a {}", "a {}", "a picture of a {}", "an image of a {}")
 CHECKPOINT = "checkpoints/last.safetensors"
@@ -104,7 +104,8 @@ class PretrainConfig:
         "v_prediction", "what the UNet predicts: v_prediction or epsilon", choices=list(PREDICTION_TYPES)
     )
     timestep_spacing: str = opt(
-        "trailing", "sampler step placement: trailing (first step at t=T-1) or leading", choices=["trailing", "leading"]
+        "trailing", "sampler step placement: trailing (first step at t=T-1) or leading",
+        choices=["trailing", "leading"],
     )
     sample_clip: float = opt(0.0, "samplers clip the predicted clean latent to +-this (scaled units); 0 = no clip")
     snr_gamma: float = opt(0.0, "min-SNR loss weighting with this gamma (Hang et al. 2023, e.g. 5); 0 = uniform")
@@ -206,11 +207,7 @@ def _file_list_hash(paths: list[Path]) -> str:
 
 def pretrain(cfg: PretrainConfig | None = None, **overrides) -> Path:
     """Train (or resume, or extend) a mini model in `cfg.out`; returns the model folder."""
-    cfg = cfg or PretrainConfig()
-    for k, v in overrides.items():
-        if not hasattr(cfg, k):
-            raise TypeError(f"pretrain() got an unknown option {k!r}")
-        setattr(cfg, k, v)
+    cfg = make_config(PretrainConfig, cfg, overrides, "pretrain")
     _validate(cfg)
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
@@ -232,7 +229,7 @@ def pretrain(cfg: PretrainConfig | None = None, **overrides) -> Path:
     info = _prepare_out(out, cfg, identity)
     teacher = None
     if cfg.teacher:
-        from .models import load_teacher
+        from ..models import load_teacher
 
         teacher = load_teacher(cfg.teacher, num_classes=index.num_classes, device=device)
 
@@ -295,22 +292,17 @@ def pretrain(cfg: PretrainConfig | None = None, **overrides) -> Path:
         text_states = backend.encode_prompts(captions)  # (K, L, 384)
 
     previous = info.get("training", {})
-    info.update(
-        _model_info(
-            cfg, index, names, templates, source, vae_kind, vae_source, vae_fp, scaling, autoencoder, num_params
-        )
-    )
+    info.update(model_info(
+        resolution=cfg.resolution, max_length=cfg.max_length, scaling_factor=scaling, text_encoder=source,
+        vae_spec=cfg.vae, vae_kind=vae_kind, vae_source=vae_source, vae_fingerprint=vae_fp, autoencoder=autoencoder,
+        unet_size=cfg.unet_size, unet_params=num_params, conditioning=cfg.conditioning,
+        prediction_type=cfg.prediction_type, class_folders=index.classes, class_names=names, templates=templates,
+    ))  # fmt: skip
     info["training"] = previous | {
         "identity": identity, "config": to_dict(cfg), "images": index.num_images, "step": start,
         "complete": bool(previous.get("complete")) and start >= cfg.steps,
     }  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    if vae_kind == "taef2":
-        copy_taef2(vae_source, out)
-    if not (out / "scheduler").is_dir():
-        with staged_dir(out / "scheduler") as tmp:
-            noise_scheduler.save_pretrained(tmp)
-    write_json(out / MODEL_FILE, info)
+    write_model_folder(out, info, noise_scheduler, vae_source if vae_kind == "taef2" else None)
 
     # ---- train ----------------------------------------------------------------------------------------------
     run = _Run(cfg, out, backend, unet, torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
@@ -325,9 +317,9 @@ def pretrain(cfg: PretrainConfig | None = None, **overrides) -> Path:
 
     # ---- samples and quality -----------------------------------------------------------------------------------
     backend.model_hash = model_fingerprint(out, info)
-    grid = _sample_grid(backend, names, cfg, stage="pretrain-samples")
+    grid = sample_grid(backend, names, cfg, stage="pretrain-samples")
     save_image(out / "samples.png", grid)
-    quality = _quality(backend, teacher, names, cfg) if teacher is not None else None
+    quality = generator_quality(backend, teacher, names, cfg) if teacher is not None else None
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]  # training rows (eval rows have no loss)
     summary = {
         "model": str(out),
@@ -388,41 +380,6 @@ def _prepare_out(out: Path, cfg: PretrainConfig, identity: dict) -> dict:
             "pass a new --out, the same options to resume, or --overwrite to replace it"
         )
     return info
-
-
-def _model_info(
-    cfg, index, names, templates, source, vae_kind, vae_source, vae_fp, scaling, autoencoder, num_params
-) -> dict:
-    """Everything promptset_model.json says about the model (the training summary is added by the caller)."""
-    vae = {
-        "kind": vae_kind,
-        "spec": cfg.vae,
-        "latent_channels": autoencoder.latent_channels,
-        "downscale": autoencoder.downscale,
-    }
-    if vae_kind == "taef2":
-        vae.update(source=str(vae_source.resolve()), copy="vae", fingerprint=vae_fp)
-    return {
-        "format": "promptset.mini",
-        "format_version": FORMAT_VERSION,
-        "kind": "mini",
-        "promptset_version": __version__,
-        "resolution": cfg.resolution,
-        "latent_size": cfg.resolution // autoencoder.downscale,
-        "max_length": cfg.max_length,
-        "scaling_factor": float(scaling),
-        "text_encoder": source,
-        "text_encoder_name": describe_text_encoder(source),
-        "vae": vae,
-        "unet_size": cfg.unet_size,
-        "unet_params": num_params,
-        "conditioning": cfg.conditioning,
-        "prediction_type": cfg.prediction_type,
-        "class_folders": list(index.classes),
-        "class_names": list(names),
-        "templates": list(templates),
-        "class_prompt": "a photo of a {name}",
-    }
 
 
 def _latent_cache(backend, index, cfg, out: Path, vae_fp) -> tuple[torch.Tensor, torch.Tensor]:
@@ -503,7 +460,7 @@ def _train(
     params = [p for p in unet.parameters()]
     ema_params = [p for p in ema.parameters()]
     ckpt_path = out / CHECKPOINT
-    snr_weight = _snr_weights(noise_scheduler, cfg.snr_gamma, device) if cfg.snr_gamma > 0 else None  # (T,)
+    snr_weight = snr_weights(noise_scheduler, cfg.snr_gamma).to(device) if cfg.snr_gamma > 0 else None  # (T,)
     loss_sum = torch.zeros((), device=device)
     loss_n = 0
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -521,11 +478,7 @@ def _train(
         x0 = latents[pick.to(device)]  # (B, c, h, w)
         states = text_states[caption.to(device)]  # (B, L, 384)
 
-        noisy = noise_scheduler.add_noise(x0, noise, t)
-        pred = unet(noisy, t, encoder_hidden_states=states).sample
-        target = training_target(noise_scheduler, x0, noise, t)
-        per_sample = F.mse_loss(pred, target, reduction="none").flatten(1).mean(1)  # (B,)
-        loss = (per_sample * snr_weight[t]).mean() if snr_weight is not None else per_sample.mean()
+        loss = denoising_objective(unet, noise_scheduler, x0, noise, t, states, weight=snr_weight).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.max_grad_norm > 0:
@@ -560,14 +513,14 @@ def _train(
                 raise TrainingDiverged(_diverged_message(done, float("nan"), ckpt_path, cfg))
             train_seconds = seconds_at_start + time.perf_counter() - t0
             _save_checkpoint(ckpt_path, run, done, train_seconds)
-            _export_unet(out, ema)
+            export_unet(out, ema)
             run.info["training"].update(step=done, train_seconds=round(train_seconds, 1))
             write_json(out / MODEL_FILE, run.info)
         if cfg.sample_every and done % cfg.sample_every == 0 and done < cfg.steps:
-            grid = _sample_grid(run.backend, run.names, cfg, "pretrain-samples")
+            grid = sample_grid(run.backend, run.names, cfg, "pretrain-samples")
             save_image(out / "samples" / f"step{done:07d}.png", grid)
         if teacher is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-            q = _quality(run.backend, teacher, run.names, cfg)
+            q = generator_quality(run.backend, teacher, run.names, cfg)
             append_jsonl(out / "metrics.jsonl", {
                 "step": done, "teacher_accuracy": round(q["accuracy"], 4),
                 "mean_class_confidence": round(q["mean_class_confidence"], 4), "per_class": q["per_class"],
@@ -581,25 +534,10 @@ def _train(
     return seconds_at_start + time.perf_counter() - t0
 
 
-def _snr_weights(noise_scheduler, gamma: float, device) -> torch.Tensor:
-    """min-SNR-gamma loss weight per timestep (Hang et al. 2023), for the scheduler's prediction type. (T,)"""
-    alpha_bar = noise_scheduler.alphas_cumprod.to(torch.float64)
-    snr = alpha_bar / (1 - alpha_bar)
-    clipped = snr.clamp(max=gamma)
-    weight = clipped / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else clipped / snr
-    return weight.float().to(device)
-
-
 def _diverged_message(step: int, loss: float, ckpt_path: Path, cfg: PretrainConfig) -> str:
     kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else "no checkpoint was written"
     return (f"pretrain: loss became {loss} by step {step}; {kept}. Lower --lr (now {cfg.lr}) or --max-grad-norm "
             "and rerun with a new --out or --overwrite")  # fmt: skip
-
-
-def _export_unet(out: Path, ema) -> None:
-    """Write the EMA weights as a diffusers folder, replacing the previous export in one rename."""
-    with staged_dir(out / "unet") as tmp:
-        ema.save_pretrained(tmp, safe_serialization=True)
 
 
 def _save_checkpoint(path: Path, run: _Run, step: int, train_seconds: float) -> None:
@@ -647,65 +585,3 @@ def _truncate_metrics(path: Path, step: int) -> None:
     rows = read_jsonl(path)
     if any(r.get("step", 0) > step for r in rows):
         write_text(path, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= step))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# samples and the generator's quality
-@torch.no_grad()
-def _class_prompt_samples(backend, names: list[str], per_class: int, cfg: PretrainConfig, stage: str) -> torch.Tensor:
-    """`per_class` images of "a photo of a {name}" per class, seeds from (seed, stage, class, i): (C, n, 3, H, W)."""
-    from .generate import class_prompts
-
-    cond_all = backend.encode_prompts(class_prompts(names))  # (C, L, D)
-    uncond = backend.encode_prompts([""])  # (1, L, D)
-    jobs = [(c, i) for c in range(len(names)) for i in range(per_class)]
-    images = []
-    for s in range(0, len(jobs), cfg.batch_size):
-        batch = jobs[s : s + cfg.batch_size]
-        cond = cond_all[torch.tensor([c for c, _ in batch], device=cond_all.device)]
-        noise = backend.initial_noise([derive_seed(cfg.seed, stage, c, i) for c, i in batch])
-        out = backend.sample(
-            cond, uncond.expand(len(batch), -1, -1), noise, steps=cfg.sample_steps, guidance=cfg.guidance
-        )
-        images.append(out.float().cpu())
-    images = torch.cat(images)
-    return images.view(len(names), per_class, *images.shape[1:])
-
-
-def _sample_grid(backend, names, cfg, stage: str):
-    images = _class_prompt_samples(backend, names, cfg.grid_samples, cfg, stage)  # (C, n, 3, H, W)
-    rows = [torch.cat(list(row), dim=2) for row in images]  # a row per class
-    return to_pil(torch.cat(rows, dim=1))
-
-
-@torch.no_grad()
-def _quality(backend, teacher, names, cfg) -> dict:
-    """Accuracy of the teacher on class-prompt samples, resized to its input size: how class-faithful the model is."""
-    images = _class_prompt_samples(backend, names, cfg.eval_samples, cfg, "pretrain-eval")  # (C, n, 3, H, W)
-    c, n = images.shape[:2]
-    x = images.flatten(0, 1)
-    x = (x.clamp(0, 1) * 255).round() / 255  # as saved to PNG
-    if x.shape[-1] != cfg.teacher_size:
-        x = F.interpolate(x, size=(cfg.teacher_size, cfg.teacher_size), mode="bicubic", antialias=True,
-                          align_corners=False).clamp(0, 1)  # fmt: skip
-    device = next(teacher.parameters()).device
-    logits = torch.cat([teacher(x[s : s + 256].to(device)).float().cpu() for s in range(0, len(x), 256)])
-    target = torch.arange(c).repeat_interleave(n)  # (C*n,)
-    correct = (logits.argmax(1) == target).float().view(c, n)
-    confidence = logits.softmax(1).gather(1, target[:, None]).view(c, n)
-    return {
-        "teacher": teacher.spec,
-        "teacher_sha256": teacher.weights_sha256,
-        "accuracy": float(correct.mean()),
-        "chance": 1.0 / c,
-        "mean_class_confidence": float(confidence.mean()),
-        "per_class": {name: round(float(a), 4) for name, a in zip(names, correct.mean(1))},
-        "samples": c * n,
-        "samples_per_class": n,
-        "teacher_size": cfg.teacher_size,
-        "resolution": cfg.resolution,
-        "sample_steps": cfg.sample_steps,
-        "guidance": cfg.guidance,
-        "sampler": cfg.sampler,
-        "prompt": "a photo of a {name}",
-    }

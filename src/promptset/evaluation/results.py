@@ -1,19 +1,146 @@
-"""Summaries of evaluated runs: a Markdown table, a CSV and an accuracy-versus-stored-bytes plot (log x).
-
-Reads `<run>/eval/results.json` of every run given; each row is one method/protocol/student/IPC entry.
+"""What evaluate writes and report reads: `results.json` entries, the printed table, and the report files
+(report.md, report.csv, accuracy_vs_bytes.png). Reads and writes files only; trains nothing.
 """
 
 from __future__ import annotations
 
 import csv
+import datetime
 import io
 import json
-from dataclasses import dataclass
+import platform
 from pathlib import Path
 
-from .atomic import atomic_path, write_text
-from .config import opt
-from .errors import UserError
+import numpy as np
+import torch
+
+from .. import __version__
+from ..accounting import fmt_bytes
+from ..atomic import atomic_path, write_text
+from ..config import to_dict
+from ..errors import UserError
+
+GENERATIVE = ("d3m", "class-prompt")  # methods whose images come from the generator
+RESULTS_FORMAT = "promptset.eval"
+RESULTS_VERSION = 1
+DEFAULT_TITLE = "promptset: accuracy versus stored bytes"
+
+
+def entry_key(method: str, protocol: str, student: str, ipc: int | None, regen_every: int) -> str:
+    """results.json key: method/protocol/student/ipc, plus the variation schedule for generated methods."""
+    key = f"{method}/{protocol}/{student}/ipc{'all' if ipc is None else ipc}"
+    if method in GENERATIVE:
+        key += f"/regen{regen_every}" if regen_every else "/fixed"
+    return key
+
+
+def load_results(path: Path) -> dict:
+    if not path.is_file():
+        return {"format": RESULTS_FORMAT, "format_version": RESULTS_VERSION, "entries": {}}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err}); move it away to start a new results file") from None
+    if data.get("format") != RESULTS_FORMAT or not isinstance(data.get("entries"), dict):
+        raise UserError(f"{path} is not a promptset results file; move it away to start a new one")
+    return data
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "promptset": __version__}
+    for pkg in ("torch", "diffusers", "transformers", "timm", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def mean_std(values: list[float]) -> dict:
+    arr = np.asarray(values, dtype=np.float64)
+    return {"mean": float(arr.mean()), "std": float(arr.std()), "per_seed": [float(v) for v in values]}
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def make_entry(ctx, method: str, key: str, data, runs: list[dict], *, png: int | None, per_image: int,
+               split_hash: dict, recipe, wall: float) -> dict:
+    """One results.json entry: the mean and std over seeds, stored bytes, the recipe, versions and hashes."""
+    cfg = ctx.cfg
+    recipe_dict = dict(recipe.__dict__)
+    recipe_dict.update(
+        {
+            "batch_size": runs[0]["batch_size"],
+            "steps_per_epoch": runs[0]["steps_per_epoch"],
+            "world_size": runs[0]["world_size"],  # processes (torchrun); batch_size is the global batch
+            "sync_batchnorm": runs[0]["sync_batchnorm"],
+            "loss": {
+                "one-hot": "cross-entropy",
+                "stored-soft": "KL(teacher_T || student_T), batchmean",
+                "online-teacher": "KL(teacher_T || student_T), batchmean",
+            }[recipe.targets],
+            "config": to_dict(cfg),
+        }
+    )
+    teacher = None
+    if ctx.teacher is not None:
+        teacher = {"spec": ctx.teacher.spec, "sha256": ctx.teacher.weights_sha256}
+    return {
+        "key": key,
+        "method": method,
+        "protocol": cfg.protocol,
+        "student": cfg.student,
+        "ipc": data.ipc,
+        "num_classes": len(ctx.classes),
+        "image_size": ctx.image_size,
+        "train_samples": len(data.rounds[0]),
+        "epochs": cfg.epochs,
+        "seeds": [r["seed"] for r in runs],
+        "final_top1": mean_std([r["final_top1"] for r in runs]),
+        "best_top1": {**mean_std([r["best_top1"] for r in runs]), "best_epoch": [r["best_epoch"] for r in runs]},
+        "optimizer_steps": runs[0]["optimizer_steps"],
+        "stored_bytes": data.stored_bytes,
+        "stored_components": data.components,
+        "png_bytes": png,
+        "ipc_equivalent": data.stored_bytes / per_image,
+        "not_counted": {
+            "generator": ctx.gen.get("model") if method in GENERATIVE else None,
+            "teacher": teacher["spec"] if teacher and recipe.targets != "one-hot" else None,
+        },
+        "distilled": data.info,
+        "teacher": teacher,
+        "recipe": recipe_dict,
+        "split_hash": split_hash,
+        "versions": versions(),
+        "device": str(ctx.device)
+        + (f" ({torch.cuda.get_device_name(ctx.device)})" if ctx.device.type == "cuda" else ""),
+        "wall_time_s": wall,
+        "finished_at": now(),
+    }
+
+
+def print_table(entries: list[dict]) -> None:
+    header = (
+        f"{'method':<13} {'protocol':<8} {'IPC':>4} {'stored':>10} {'IPC-eq':>8} "
+        f"{'final top-1':>14} {'best top-1':>14}"
+    )
+    print(header)
+    print("-" * len(header))
+    for e in entries:
+        f, b = e["final_top1"], e["best_top1"]
+        ipc = "all" if e["ipc"] is None else str(e["ipc"])
+        print(
+            f"{e['method']:<13} {e['protocol']:<8} {ipc:>4} {fmt_bytes(e['stored_bytes']):>10} "
+            f"{e['ipc_equivalent']:>8.3f} {f['mean']:>7.2f} ± {f['std']:<5.2f} {b['mean']:>7.2f} ± {b['std']:<5.2f}"
+        )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the report: one flat row per entry of every run
 
 COLUMNS = [
     "run",
@@ -33,13 +160,6 @@ COLUMNS = [
     "png_bytes",
     "key",
 ]
-
-
-@dataclass
-class ReportConfig:
-    runs: str = opt("", "comma-separated run folders whose eval/results.json to summarise")
-    out: str = opt("", "output folder for report.md, report.csv, accuracy_vs_bytes.png (default: <first run>/eval)")
-    title: str = opt("promptset: accuracy versus stored bytes", "title of the table and the plot")
 
 
 def load_rows(runs: list[Path]) -> list[dict]:
@@ -82,12 +202,6 @@ def load_rows(runs: list[Path]) -> list[dict]:
     return rows
 
 
-def _bytes(n: float | None) -> str:
-    from .evaluate import fmt_bytes
-
-    return "-" if n is None else fmt_bytes(n)
-
-
 def markdown(rows: list[dict], title: str) -> str:
     lines = [
         f"# {title}",
@@ -105,7 +219,7 @@ def markdown(rows: list[dict], title: str) -> str:
             f"| {r['run']} | {r['method']} | {r['protocol']} | {r['student']} | {ipc} | {r['variations']} "
             f"| {r['final_top1_mean']:.2f} ± {r['final_top1_std']:.2f} "
             f"| {r['best_top1_mean']:.2f} ± {r['best_top1_std']:.2f} "
-            f"| {_bytes(r['stored_bytes'])} | {r['ipc_equivalent']:.3f} |"
+            f"| {fmt_bytes(r['stored_bytes'])} | {r['ipc_equivalent']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -165,23 +279,14 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def report(cfg: ReportConfig | None = None, **overrides) -> Path:
-    """Write report.md, report.csv and accuracy_vs_bytes.png for the runs' evaluations; returns report.md's path."""
-    cfg = cfg or ReportConfig()
-    for k, v in overrides.items():
-        if not hasattr(cfg, k):
-            raise UserError(f"report: unknown option {k!r}")
-        setattr(cfg, k, v)
-    runs = [Path(r.strip()) for r in cfg.runs.split(",") if r.strip()]
-    if not runs:
-        raise UserError("--runs is required: one or more run folders, comma-separated")
+def write_report(runs: list[Path], out: Path, title: str = DEFAULT_TITLE) -> Path:
+    """Write report.md, report.csv and accuracy_vs_bytes.png of the runs' evaluations into `out`; returns report.md."""
     rows = load_rows(runs)
     if not rows:
         raise UserError(f"no evaluated entries in {', '.join(str(r / 'eval' / 'results.json') for r in runs)}")
-    out = Path(cfg.out) if cfg.out else runs[0] / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "report.md", markdown(rows, cfg.title))
+    write_text(out / "report.md", markdown(rows, title))
     write_text(out / "report.csv", to_csv(rows))
-    plot(rows, out / "accuracy_vs_bytes.png", cfg.title)
+    plot(rows, out / "accuracy_vs_bytes.png", title)
     print(f"report: {len(rows)} rows -> {out / 'report.md'}, {out / 'report.csv'}, {out / 'accuracy_vs_bytes.png'}")
     return out / "report.md"

@@ -1,4 +1,6 @@
-"""`promptset demo`: the whole D3M pipeline on scikit-learn's digits, offline, in minutes on a laptop CPU.
+"""The drivers that chain stages: `promptset run` (the stages a config file names, in order) and `promptset demo`
+(the whole D3M pipeline on scikit-learn's digits, offline, in minutes on a laptop CPU). Only here and in the CLI does
+one stage's output feed another's call.
 
 Digits (1,797 8x8 images, 10 classes, shipped inside scikit-learn) are upsampled to 16 px RGB and split per class
 like the CIFAR-10 benchmark world: a foundation split trains the `mini` generator, a disjoint split is distilled,
@@ -17,7 +19,11 @@ import torch
 from PIL import Image
 
 from .atomic import write_json
-from .config import opt
+from .config import load_yaml, make_config, opt, resolve
+from .errors import UserError
+
+# the stages `run` chains, in order; each reads its own section of the config file
+STAGE_ORDER = ["select", "invert", "generate", "budget", "evaluate", "report"]
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -94,15 +100,13 @@ def train_teacher(train_dirs: list[Path], out: Path, size: int, epochs: int, see
 
 def demo(cfg: DemoConfig | None = None, **overrides) -> dict:
     """Run pretrain -> select -> invert -> generate -> evaluate on digits; print and return the results table."""
-    cfg = cfg or DemoConfig()
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    from .backends.base import resolve_device
-    from .evaluate import evaluate
-    from .generate import generate
-    from .invert import invert
-    from .pretrain import pretrain
-    from .select import select
+    cfg = make_config(DemoConfig, cfg, overrides, "demo")
+    from .devices import resolve_device
+    from .stages.evaluate import evaluate
+    from .stages.generate import generate
+    from .stages.invert import invert
+    from .stages.pretrain import pretrain
+    from .stages.select import select
 
     quick = cfg.quick
     pretrain_steps = cfg.pretrain_steps or (100 if quick else 2000)
@@ -171,3 +175,36 @@ def demo(cfg: DemoConfig | None = None, **overrides) -> dict:
     write_json(root / "demo.json", summary)
     print(f"\ndemo finished in {timings['total']:.0f} s; results in {run / 'eval'}, sample grid {run / 'grid.png'}")
     return results
+
+
+def stage(name: str) -> tuple[type, object]:
+    """The config class and verb of stage `name` (its module is imported on first use)."""
+    import importlib
+
+    module = importlib.import_module(f"promptset.stages.{name}")
+    return getattr(module, f"{name.capitalize()}Config"), getattr(module, name)
+
+
+def run_all(config_path: str, run: str | None) -> None:
+    """Run the stages the config file has sections for, in `STAGE_ORDER`, all in run folder `run`."""
+    data = load_yaml(config_path)
+    run = run or data.get("run")
+    if not run:
+        raise UserError(f"--config {config_path}: give the run folder as a top-level 'run:' or pass --run")
+    stages = [s for s in STAGE_ORDER if s in data]
+    unknown = [k for k in data if k not in STAGE_ORDER and k != "run"]
+    if unknown:
+        raise UserError(f"--config {config_path}: unknown sections {unknown}; known: {STAGE_ORDER}")
+    if not stages:
+        raise UserError(f"--config {config_path}: no stage sections ({', '.join(STAGE_ORDER)})")
+    for name in stages:
+        cls, fn = stage(name)
+        section = dict(data[name] or {})
+        fields = cls.__dataclass_fields__
+        for key in ("out", "run"):
+            if key in fields and key not in section and not (name == "generate" and key == "out"):
+                section[key] = run
+        if name == "report":
+            section.setdefault("runs", run)
+        print(f"== promptset run: {name} ==", flush=True)
+        fn(resolve(cls, section, {}, source=f"--config {config_path} [{name}]"))

@@ -1,12 +1,11 @@
 """Regenerate training images from the learned prompts (D3M step 3/4), and optionally the teacher's soft labels.
 
-Image i of class c starts from noise drawn with seed derive_seed(seed, "generate", c, i) on its own generator and the
-sampler is deterministic. Kernels round differently for different batch *shapes* (not for different rows of one
-shape), so images are always denoised in padded micro-batches of exactly `--sampler-batch` images: an image depends on
-(prompts, seed, c, i, sampler batch) only, and its PNG is byte-identical for any `--batch-size`, resume or process
-count. Each generated collage is cut into its factor x factor patches,
-resized to the dataset resolution. A rerun skips images whose files exist, decode, and were made with the same
-settings (the manifest records them), so an interrupted or partly deleted generation is completed, not redone.
+Image i of class c depends only on (prompts, seed, c, i, sampler batch) (see `backends.sampling`), so its PNG is
+byte-identical for any `--batch-size`, resume or process count. Each generated collage is cut into its
+factor x factor patches, resized to the dataset resolution. A rerun skips images whose files exist, decode, and were
+made with the same settings (the manifest records their key), so an interrupted or partly deleted generation is
+completed, not redone. `labels.safetensors` records the settings themselves, so `evaluate` can tell whether these
+images are the ones it would make.
 """
 
 from __future__ import annotations
@@ -17,17 +16,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .artifacts import PromptSet, save_tensors, sha256_bytes, tensors_hash
-from .atomic import append_jsonl, read_jsonl, save_image, write_text
-from .config import opt, to_dict
-from .data import load_image, to_pil, to_tensor
-from .dist import agree, barrier, rank_world
-from .errors import UserError
-from .runfolder import check_same_classes, check_teacher_classes, remove_stale_tmp, require_classes, write_config
-from .seeding import derive_seed
+from ..artifacts import PromptSet, save_tensors, tensors_hash
+from ..atomic import append_jsonl, read_jsonl, save_image, write_text
+from ..backends import sampling
+from ..backends.sampling import SAMPLERS, Job, PromptConditioner, generation_key, generation_settings, jobs_for
+from ..config import make_config, opt, to_dict
+from ..data import load_image, to_pil, to_tensor
+from ..dist import agree, barrier, rank_world
+from ..errors import UserError
+from ..runfolder import (
+    ClassInfo,
+    check_same_classes,
+    check_teacher_classes,
+    remove_stale_tmp,
+    require_classes,
+    select_info,
+    stage_config,
+    write_config,
+)
 
 
 @dataclass
@@ -44,7 +52,7 @@ class GenerateConfig:
     seed: int = opt(0, "random seed; image seeds are derived from (seed, class, index)")
     backend: str = opt("", "backend kind (default: the one invert used)")
     model: str = opt("", "model (default: the one invert used)")
-    sampler: str = opt("ddim", "sampler", choices=["ddim", "dpm", "euler", "pndm", "ddpm"])
+    sampler: str = opt("ddim", "sampler", choices=list(SAMPLERS))
     resolution: int = opt(0, "generation resolution in pixels (default: invert's)")
     factor: int = opt(0, "cut each image into factor x factor patches (default: select's factor, else 1)")
     image_size: int = opt(0, "side of each saved patch in pixels (default: the dataset resolution from select)")
@@ -59,111 +67,18 @@ class GenerateConfig:
     progress: bool = opt(True, "show progress bars")
 
 
-@dataclass(frozen=True)
-class Job:
-    """One generated image: class index and image index (its seed is derived from both)."""
-
-    cls: int
-    index: int
-    seed: int
-
-
-class PromptConditioner:
-    """Conditioning states from learned placeholder vectors (one prompt per class)."""
-
-    def __init__(self, backend, prompts: PromptSet):
-        self.backend = backend
-        self.layout = backend.layout(prompts.template, prompts.num_vectors)
-        self.vectors = prompts.embeddings.to(backend.device)  # (C, V, D)
-
-    @torch.no_grad()
-    def __call__(self, classes: torch.Tensor) -> torch.Tensor:
-        return self.backend.encode_placeholder_prompts(self.layout, self.vectors[classes])  # (B, L, D_text)
-
-
-class TextConditioner:
-    """Conditioning states from plain text prompts, one per class (the engineered `class-prompt` baseline)."""
-
-    def __init__(self, backend, prompts: list[str]):
-        self.backend = backend
-        with torch.no_grad():
-            self.states = backend.encode_prompts(prompts)  # (C, L, D_text)
-
-    def __call__(self, classes: torch.Tensor) -> torch.Tensor:
-        return self.states[classes.to(self.states.device)]
-
-
-def class_prompts(names: list[str], template: str = "a photo of a {name}") -> list[str]:
-    return [template.format(name=n) for n in names]
-
-
-def cut_patches(images: torch.Tensor, factor: int, size: int) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, k*k, 3, size, size): row-major patches, each resized to `size`."""
-    b, c, h, w = images.shape
-    ph, pw = h // factor, w // factor
-    patches = images[:, :, : ph * factor, : pw * factor].unfold(2, ph, ph).unfold(3, pw, pw)  # (B, 3, k, k, ph, pw)
-    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(b * factor * factor, c, ph, pw)
-    if (ph, pw) != (size, size):
-        patches = F.interpolate(patches, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-    return patches.clamp(0, 1).view(b, factor * factor, c, size, size)
-
-
-SAMPLER_BATCH = 8
-
-
-def generate_batch(backend, conditioner, jobs: list[Job], *, steps: int, guidance: float, factor: int,
-                   image_size: int, uncond: torch.Tensor | None, micro_batch: int | None = SAMPLER_BATCH,
-                   to_cpu: bool = True) -> torch.Tensor:
-    """Images for `jobs`, cut into patches: (B, k*k, 3, size, size) in [0, 1] (on CPU unless `to_cpu=False`).
-
-    The denoiser always sees exactly `micro_batch` images: the last chunk is padded with copies of its last job and
-    the copies are dropped. Rows of one batch shape are computed alike, so an image is bit-for-bit the same however
-    the jobs are grouped. `micro_batch=None` runs all jobs in one call (fastest; images then depend on len(jobs)).
-    """
-    chunk = len(jobs) if micro_batch is None else micro_batch
-    parts = []
-    for s in range(0, len(jobs), chunk):
-        part = jobs[s : s + chunk]
-        real = len(part)
-        part = part + [part[-1]] * (chunk - real)  # pad to the fixed shape
-        cond = conditioner(torch.tensor([j.cls for j in part]))  # (b, L, D_text)
-        noise = backend.initial_noise([j.seed for j in part])  # (b, c, h, w)
-        neg = uncond.expand(len(part), -1, -1) if uncond is not None else None
-        images = backend.sample(cond, neg, noise, steps=steps, guidance=guidance)[:real]  # (b, 3, H, W)
-        images = images.float().cpu() if to_cpu else images.float()
-        parts.append(cut_patches(images, factor, image_size))
-    return torch.cat(parts)  # (B, k*k, 3, size, size)
-
-
-def jobs_for(classes: list[int], images_per_class: int, seed: int, stage: str = "generate") -> list[Job]:
-    return [Job(c, i, derive_seed(seed, stage, c, i)) for c in classes for i in range(images_per_class)]
-
-
-def _run_defaults(run: Path) -> tuple[dict, dict]:
-    import yaml
-
-    cfg = {}
-    if (run / "config.yaml").is_file():
-        cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
-    select_info = json.loads((run / "select.json").read_text()) if (run / "select.json").is_file() else {}
-    return cfg.get("invert", {}), select_info
-
-
 def generate(cfg: GenerateConfig | None = None, **overrides) -> Path:
     """Write `generated/<class>/<idx>.png`, `generated/manifest.jsonl`, `grid.png` (and `labels.safetensors`)."""
-    cfg = cfg or GenerateConfig()
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    from .backends import create_backend
-
+    cfg = make_config(GenerateConfig, cfg, overrides, "generate")
     rank, world = rank_world()
     try:  # validate on every rank before anything is written
-        setup = _setup(cfg, create_backend)
+        plan = _prepare(cfg)
     except UserError as err:
         agree(err)
         raise
     agree(None)
-    run, out, classes, backend, prompts, teacher, factor, image_size, key = setup
+    run, out, classes, backend = plan.run, plan.out, plan.classes, plan.backend
+    factor, image_size, key = plan.factor, plan.image_size, plan.key
     gen_dir = out / "generated"
     per_class = math.ceil(cfg.ipc / factor**2)
     if rank == 0:
@@ -179,7 +94,7 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> Path:
               f"making {len(todo)}", flush=True)
     barrier()
 
-    conditioner = PromptConditioner(backend, prompts)
+    conditioner = PromptConditioner(backend, plan.prompts)
     with torch.no_grad():
         uncond = backend.encode_prompts([""]) if cfg.guidance != 1.0 else None
     part = gen_dir / f".manifest.rank{rank}.jsonl"
@@ -187,8 +102,9 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> Path:
                disable=not (cfg.progress and rank == 0))
     for s in range(0, len(todo), cfg.batch_size):
         batch = todo[s : s + cfg.batch_size]
-        patches = generate_batch(backend, conditioner, batch, steps=cfg.steps, guidance=cfg.guidance,
-                                 factor=factor, image_size=image_size, uncond=uncond, micro_batch=cfg.sampler_batch)
+        patches = sampling.generate_batch(backend, conditioner, batch, steps=cfg.steps, guidance=cfg.guidance,
+                                          factor=factor, image_size=image_size, uncond=uncond,
+                                          micro_batch=cfg.sampler_batch)  # (B, P, 3, S, S)
         for job, job_patches in zip(batch, patches):
             folder = classes[job.cls].folder
             for p in range(factor**2):
@@ -202,13 +118,34 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> Path:
     bar.close()
     barrier()
     if rank == 0:
-        _finish(run, out, gen_dir, classes, cfg, factor, per_class, image_size, teacher, key)
+        _finish(plan, cfg, gen_dir, per_class)
     barrier()
     return gen_dir
 
 
-def _setup(cfg: GenerateConfig, create_backend) -> tuple:
+@dataclass
+class _Plan:
+    """What `generate` resolved and checked before writing anything."""
+
+    run: Path
+    out: Path
+    classes: list[ClassInfo]
+    backend: object
+    prompts: PromptSet
+    teacher: object
+    factor: int
+    image_size: int
+    settings: dict  # everything that changes a pixel (`generation_settings`)
+
+    @property
+    def key(self) -> str:
+        return generation_key(self.settings)
+
+
+def _prepare(cfg: GenerateConfig) -> _Plan:
     """Check the run, the prompts and the flags, and load the model; raises UserError before anything is written."""
+    from ..backends import create_backend
+
     if not cfg.run:
         raise UserError("--run is required")
     run = Path(cfg.run)
@@ -220,15 +157,15 @@ def _setup(cfg: GenerateConfig, create_backend) -> tuple:
     prompts = PromptSet.load(prompts_path)
     check_same_classes([c.folder for c in classes], prompts.class_folders, f"prompts file {prompts_path}",
                        "regenerate the prompts with invert in this run folder")
-    invert_cfg, select_info = _run_defaults(run)
+    invert_cfg, selected = stage_config(run, "invert"), select_info(run)
     kind = cfg.backend or invert_cfg.get("backend") or prompts.backend
     model = cfg.model or invert_cfg.get("model") or prompts.model_id
-    factor = cfg.factor or int(select_info.get("factor", 1))
+    factor = cfg.factor or int(selected.get("factor", 1))
     if cfg.soft_labels and not cfg.teacher:
         raise UserError("--soft-labels needs --teacher NAME:PATH.safetensors")
     teacher = None
     if cfg.soft_labels:
-        from .models import load_teacher
+        from ..models import load_teacher
 
         check_teacher_classes(cfg.teacher, [c.folder for c in classes])
         teacher = load_teacher(cfg.teacher, num_classes=len(classes), device="cpu")
@@ -238,17 +175,15 @@ def _setup(cfg: GenerateConfig, create_backend) -> tuple:
         backend.compile_denoiser()
     if cfg.resolution or invert_cfg.get("resolution"):
         backend.resolution = int(cfg.resolution or invert_cfg["resolution"])
-    image_size = cfg.image_size or int(select_info.get("image_size", backend.resolution // factor))
+    image_size = cfg.image_size or int(selected.get("image_size", backend.resolution // factor))
     out = Path(cfg.out) if cfg.out else run
-    # everything that changes a pixel; a manifest row made with another key is regenerated
-    settings = {"prompts": tensors_hash({"embeddings": prompts.embeddings}), "template": prompts.template,
-                "model": backend.model_hash, "steps": cfg.steps, "guidance": cfg.guidance, "sampler": cfg.sampler,
-                "seed": cfg.seed, "resolution": backend.resolution, "factor": factor, "image_size": image_size,
-                "dtype": cfg.dtype, "sampler_batch": cfg.sampler_batch}
-    if cfg.compile:  # compiled kernels round differently (keys of uncompiled runs stay as they were)
-        settings["compile"] = True
-    key = sha256_bytes(json.dumps(settings, sort_keys=True).encode())[:16]
-    return run, out, classes, backend, prompts, teacher, factor, image_size, key
+    settings = generation_settings(
+        prompts_hash=tensors_hash({"embeddings": prompts.embeddings}), template=prompts.template,
+        model_hash=backend.model_hash, steps=cfg.steps, guidance=cfg.guidance, sampler=cfg.sampler, seed=cfg.seed,
+        resolution=backend.resolution, factor=factor, image_size=image_size, dtype=cfg.dtype,
+        sampler_batch=cfg.sampler_batch, compile=cfg.compile,
+    )
+    return _Plan(run, out, classes, backend, prompts, teacher, factor, image_size, settings)
 
 
 def _finished_images(gen_dir: Path, classes, jobs: list[Job], key: str, factor: int, ipc: int,
@@ -289,7 +224,9 @@ def _image_ok(path: Path, size: int) -> bool:
         return False
 
 
-def _finish(run, out, gen_dir, classes, cfg, factor, per_class, image_size, teacher, key) -> None:
+def _finish(plan: _Plan, cfg: GenerateConfig, gen_dir: Path, per_class: int) -> None:
+    """Write the final manifest, grid.png and labels.safetensors (with the generation settings) from rank 0."""
+    classes, factor, image_size, teacher, key = plan.classes, plan.factor, plan.image_size, plan.teacher, plan.key
     rows = _manifest_rows(gen_dir)
     manifest, seeds = [], []
     for job in jobs_for(list(range(len(classes))), per_class, cfg.seed):
@@ -305,19 +242,19 @@ def _finish(run, out, gen_dir, classes, cfg, factor, per_class, image_size, teac
     for part in gen_dir.glob(".manifest.rank*.jsonl"):
         part.unlink(missing_ok=True)
     _remove_unlisted(gen_dir, classes, {m["file"] for m in manifest})
-    _grid(out / "grid.png", gen_dir, classes, min(cfg.ipc, 8), image_size)
+    _grid(plan.out / "grid.png", gen_dir, classes, min(cfg.ipc, 8), image_size)
     meta = {"ipc": str(cfg.ipc), "factor": str(factor), "images_per_class": str(per_class),
             "steps": str(cfg.steps), "guidance": str(cfg.guidance), "sampler": cfg.sampler,
             "sampler_batch": str(cfg.sampler_batch), "seed": str(cfg.seed),
             "image_size": str(image_size), "class_folders": json.dumps([c.folder for c in classes]),
-            "generation_key": key}
+            "generation_key": key, "generation": json.dumps(plan.settings, sort_keys=True)}
     tensors = {"seeds": torch.tensor(seeds, dtype=torch.int32)}  # (N,)
     if teacher is not None:
         tensors["soft_labels"] = soft_labels_for(teacher, gen_dir, manifest, len(classes), per_class, factor,
                                                  cfg.label_dtype)
         meta.update({"teacher": teacher.spec, "teacher_sha256": teacher.weights_sha256, "label_kind": "logits",
                      "label_dtype": cfg.label_dtype})
-    save_tensors(out / "labels.safetensors", tensors, meta)
+    save_tensors(plan.out / "labels.safetensors", tensors, meta)
 
 
 def _remove_unlisted(gen_dir: Path, classes, listed: set[str]) -> None:

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .atomic import save_image, write_json
-from .config import opt, to_dict
-from .data import (
+from ..atomic import save_image, write_json
+from ..config import make_config, opt, to_dict
+from ..data import (
     MAX_IMAGE_PIXELS,
     ImageFolderIndex,
     load_image,
@@ -29,9 +29,9 @@ from .data import (
     to_tensor,
     verify_images,
 )
-from .dist import agree, barrier, rank_world
-from .errors import UserError
-from .runfolder import (
+from ..dist import agree, barrier, rank_world
+from ..errors import UserError
+from ..runfolder import (
     check_run_folder,
     check_same_classes,
     check_teacher_classes,
@@ -42,7 +42,7 @@ from .runfolder import (
     write_classes,
     write_config,
 )
-from .seeding import derive_seed
+from ..seeding import derive_seed
 
 STAGING = "collages.partial"  # finished classes of an interrupted select; a rerun resumes from it
 
@@ -121,30 +121,29 @@ def stitch(patches: torch.Tensor, factor: int) -> torch.Tensor:
 
 def select(cfg: SelectConfig | None = None, **overrides) -> Path:
     """Write `<out>/collages/<class>/<idx>.png` and `<out>/select.json`; returns the collages folder."""
-    cfg = cfg or SelectConfig()
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
+    cfg = make_config(SelectConfig, cfg, overrides, "select")
     rank, world = rank_world()
     run = Path(cfg.out or ".")
     try:  # validate on every rank before anything is written
-        index, names, teacher, device, rewrite_classes, replaced = _check_inputs(cfg, run)
+        plan = _prepare(cfg, run)
     except UserError as err:
         agree(err)
         raise
     agree(None)
+    index, teacher, device = plan.index, plan.teacher, plan.device
     collages, staging = run / "collages", run / STAGING
-    if not replaced and _finished(run, index):
+    if not plan.replaced and _finished(run, index):
         if rank == 0:
             print(f"select: {collages} is already complete for this data and config; nothing to do "
                   "(pass --overwrite with other options to redo it)", flush=True)
         return collages
 
     if rank == 0:
-        if replaced:
+        if plan.replaced:
             remove_outputs(run, ["collages", STAGING, "select.json"])
         write_config(run, "select", to_dict(cfg))
-        if rewrite_classes:
-            write_classes(run, index.classes, names)
+        if plan.rewrite_classes:
+            write_classes(run, index.classes, plan.names)
         remove_stale_tmp(staging)  # half-written files of a killed run; finished classes are kept
         remove_stale_tmp(run, recursive=False)
         staging.mkdir(parents=True, exist_ok=True)
@@ -211,10 +210,22 @@ def select(cfg: SelectConfig | None = None, **overrides) -> Path:
     return collages
 
 
-def _check_inputs(cfg: SelectConfig, run: Path) -> tuple:
+@dataclass
+class _Plan:
+    """What `select` resolved and checked before writing anything."""
+
+    index: ImageFolderIndex
+    names: list[str]
+    teacher: torch.nn.Module | None
+    device: torch.device
+    rewrite_classes: bool  # classes.json is missing or lists other classes
+    replaced: bool  # --overwrite replaces a different earlier select
+
+
+def _prepare(cfg: SelectConfig, run: Path) -> _Plan:
     """Everything select can refuse, checked before any output exists (reads only, so every rank runs it)."""
-    from .backends.base import resolve_device
-    from .models import load_teacher
+    from ..devices import resolve_device
+    from ..models import load_teacher
 
     if not cfg.data or not cfg.out:
         raise UserError("--data and --out are required")
@@ -245,7 +256,7 @@ def _check_inputs(cfg: SelectConfig, run: Path) -> tuple:
     check_teacher_classes(cfg.teacher, index.classes)
     teacher = load_teacher(cfg.teacher, num_classes=index.num_classes, device=device)
     verify_images(index, max_pixels=cfg.max_image_pixels, progress=cfg.progress and rank_world()[0] == 0)
-    return index, names, teacher, device, rewrite_classes, replaced
+    return _Plan(index, names, teacher, device, rewrite_classes, replaced)
 
 
 def _finished(run: Path, index: ImageFolderIndex) -> bool:

@@ -1,0 +1,142 @@
+"""Sampling from a backend: the samplers, and images from (class, seed) jobs, batched without changing a pixel.
+
+Image i of class c starts from noise drawn with seed derive_seed(seed, stage, c, i) on its own generator, which also
+feeds any noise a stochastic sampler adds. Kernels round differently for different batch *shapes* (not for different
+rows of one shape), so images are always denoised in padded micro-batches of exactly `micro_batch` images: an image
+depends on (prompts, seed, c, i, micro batch) only, never on the batch it was asked for in or the process count.
+`generate`, `evaluate` (fresh variations) and `pretrain` (sample grids) all sample through here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from ..artifacts import PromptSet, sha256_bytes
+from ..data import cut_patches
+from ..errors import UserError
+from ..seeding import derive_seed
+from .base import image_generators
+
+SAMPLERS = ("ddim", "dpm", "euler", "pndm", "ddpm")
+SAMPLER_BATCH = 8  # generate's default micro batch
+
+
+def make_sampler(name: str, config):
+    """A sampling scheduler built from the model's scheduler config (swap samplers with `from_config`)."""
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+    )
+
+    classes = {
+        "ddim": DDIMScheduler,
+        "dpm": DPMSolverMultistepScheduler,
+        "euler": EulerDiscreteScheduler,
+        "pndm": PNDMScheduler,
+        "ddpm": DDPMScheduler,
+    }
+    if name not in classes:
+        raise UserError(f"--sampler {name!r} is not one of {list(classes)}")
+    return classes[name].from_config(config)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One generated image: class index and image index (its seed is derived from both)."""
+
+    cls: int
+    index: int
+    seed: int
+
+
+def jobs_for(classes: list[int], images_per_class: int, seed: int, stage: str = "generate") -> list[Job]:
+    return [Job(c, i, derive_seed(seed, stage, c, i)) for c in classes for i in range(images_per_class)]
+
+
+class PromptConditioner:
+    """Conditioning states from learned placeholder vectors (one prompt per class)."""
+
+    def __init__(self, backend, prompts: PromptSet):
+        self.backend = backend
+        self.layout = backend.layout(prompts.template, prompts.num_vectors)
+        self.vectors = prompts.embeddings.to(backend.device)  # (C, V, D)
+
+    @torch.no_grad()
+    def __call__(self, classes: torch.Tensor) -> torch.Tensor:
+        return self.backend.encode_placeholder_prompts(self.layout, self.vectors[classes])  # (B, L, D_text)
+
+
+class TextConditioner:
+    """Conditioning states from plain text prompts, one per class (the engineered `class-prompt` baseline)."""
+
+    def __init__(self, backend, prompts: list[str]):
+        self.backend = backend
+        with torch.no_grad():
+            self.states = backend.encode_prompts(prompts)  # (C, L, D_text)
+
+    def __call__(self, classes: torch.Tensor) -> torch.Tensor:
+        return self.states[classes.to(self.states.device)]
+
+
+def class_prompts(names: list[str], template: str = "a photo of a {name}") -> list[str]:
+    return [template.format(name=n) for n in names]
+
+
+def sample_images(backend, conditioner, jobs: list[Job], *, steps: int, guidance: float,
+                  uncond: torch.Tensor | None, micro_batch: int | None = SAMPLER_BATCH) -> torch.Tensor:
+    """Images for `jobs`, (B, 3, H, W) in [0, 1] on the backend's device, in padded micro-batches.
+
+    The denoiser always sees exactly `micro_batch` images: the last chunk is padded with copies of its last job and
+    the copies are dropped. Rows of one batch shape are computed alike, so an image is bit-for-bit the same however
+    the jobs are grouped. `micro_batch=None` runs all jobs in one call (fastest; images then depend on len(jobs)).
+    """
+    chunk = len(jobs) if micro_batch is None else micro_batch
+    parts = []
+    for s in range(0, len(jobs), chunk):
+        part = jobs[s : s + chunk]
+        real = len(part)
+        part = part + [part[-1]] * (chunk - real)  # pad to the fixed shape
+        cond = conditioner(torch.tensor([j.cls for j in part]))  # (b, L, D_text)
+        generators = image_generators([j.seed for j in part])
+        noise = backend.initial_noise(generators)  # (b, c, h, w)
+        neg = uncond.expand(len(part), -1, -1) if uncond is not None else None
+        images = backend.sample(cond, neg, noise, steps=steps, guidance=guidance, generators=generators)
+        parts.append(images[:real].float())  # (real, 3, H, W)
+    return torch.cat(parts)
+
+
+def generate_batch(backend, conditioner, jobs: list[Job], *, steps: int, guidance: float, factor: int,
+                   image_size: int, uncond: torch.Tensor | None, micro_batch: int | None = SAMPLER_BATCH,
+                   to_cpu: bool = True) -> torch.Tensor:
+    """`sample_images` cut into patches: (B, k*k, 3, size, size) in [0, 1] (on CPU unless `to_cpu=False`)."""
+    chunk = len(jobs) if micro_batch is None else micro_batch
+    parts = []
+    for s in range(0, len(jobs), chunk):  # one micro batch at a time, so memory holds one batch of full images
+        images = sample_images(backend, conditioner, jobs[s : s + chunk], steps=steps, guidance=guidance,
+                               uncond=uncond, micro_batch=micro_batch)
+        parts.append(cut_patches(images.cpu() if to_cpu else images, factor, image_size))
+    return torch.cat(parts)  # (B, k*k, 3, size, size)
+
+
+def generation_key(settings: dict) -> str:
+    """A short hash of everything that changes a generated pixel (see `generation_settings`)."""
+    return sha256_bytes(json.dumps(settings, sort_keys=True).encode())[:16]
+
+
+def generation_settings(*, prompts_hash: str, template: str, model_hash: str, steps: int, guidance: float,
+                        sampler: str, seed: int, resolution: int, factor: int, image_size: int, dtype: str,
+                        sampler_batch: int, compile: bool) -> dict:
+    """Everything that changes a pixel of a generated image, as `generate` records it and `evaluate` compares it."""
+    settings = {"prompts": prompts_hash, "template": template, "model": model_hash, "steps": int(steps),
+                "guidance": float(guidance), "sampler": sampler, "seed": int(seed), "resolution": int(resolution),
+                "factor": int(factor), "image_size": int(image_size), "dtype": dtype,
+                "sampler_batch": int(sampler_batch)}
+    if compile:  # compiled kernels round differently (keys of uncompiled runs stay as they were)
+        settings["compile"] = True
+    return settings

@@ -1,0 +1,436 @@
+"""The methods evaluate compares, each a builder of the set a student trains on plus its stored bytes.
+
+`d3m` (the run's prompts), `class-prompt` (the engineered "a photo of a {name}" through the same generator), `rded`
+(the run's selected collages, stored as images), `random-real` (ipc real images per class drawn with each student
+seed) and `full` (all of --train). Generated images depend only on (gen seed, round, class, index), never on the
+student seed: they are what a user would store (prompts + seeds), so every student seed trains on the same set.
+Under DDP the ranks split the generation of every round and the teacher's labels and exchange them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..accounting import DTYPE_BYTES, SEED_BYTES, check_stored_bytes, class_list_bytes
+from ..artifacts import PromptSet, load_tensors, save_tensors, sha256_bytes, tensors_hash
+from ..atomic import read_jsonl
+from ..backends import sampling
+from ..backends.sampling import PromptConditioner, TextConditioner, class_prompts, generation_settings, jobs_for
+from ..data import ImageFolderIndex, cut_patches, load_class_images, load_image, scan_image_folder, to_tensor
+from ..dist import all_gather_rows, ddp_world, span
+from ..errors import UserError
+from ..runfolder import ClassInfo, check_same_classes
+from ..seeding import derive_seed
+from .results import GENERATIVE
+from .student import TrainSet
+
+
+@dataclass
+class RealFolder:
+    """A real ImageFolder loaded at one resolution: its index, images (N, 3, S, S) uint8 and labels (N,)."""
+
+    index: ImageFolderIndex
+    images: torch.Tensor
+    labels: torch.Tensor
+    split_hash: str
+
+
+REAL_CACHE_SIZE = 4  # real splits kept loaded per process (a test and a train split, at two sizes)
+_FOLDERS: OrderedDict[tuple[str, int, int, str], RealFolder] = OrderedDict()  # least recently used first
+
+
+def load_real_folder(
+    root: str | Path, size: int, flag: str, classes: list[ClassInfo], limit: int = 0, progress: bool = True
+) -> RealFolder:
+    """Scan `root`, check its classes against classes.json, and load it at `size` px.
+
+    The last `REAL_CACHE_SIZE` splits loaded stay in memory, so evaluating many runs in one process reads the test
+    split once; the least recently used is dropped first.
+    """
+    index = scan_image_folder(root, flag=flag, check_headers=False)
+    check_same_classes(
+        [c.folder for c in classes],
+        index.classes,
+        f"{flag} {root}",
+        f"pass a folder with exactly these class subfolders: {[c.folder for c in classes][:10]}",
+    )
+    if limit:
+        index = index.subset(0, limit)
+    split_hash = index.split_hash()
+    key = (str(index.root), size, limit, split_hash)
+    if key in _FOLDERS:
+        _FOLDERS.move_to_end(key)
+    else:
+        images, labels = [], []
+        for c in tqdm(range(index.num_classes), desc=f"load {flag}", unit="class", disable=not progress, leave=False):
+            x = load_class_images(index, c, size)  # (n_c, 3, S, S) in [0, 1], exact multiples of 1/255
+            images.append(to_uint8(x))
+            labels.append(torch.full((len(x),), c, dtype=torch.long))
+        _FOLDERS[key] = RealFolder(index, torch.cat(images), torch.cat(labels), split_hash)
+        while len(_FOLDERS) > REAL_CACHE_SIZE:
+            _FOLDERS.popitem(last=False)
+    return _FOLDERS[key]
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+@dataclass
+class Distilled:
+    """What one method trains on: rounds of samples, and what storing it costs."""
+
+    rounds: list[TrainSet]
+    components: dict[str, int]  # stored bytes per component
+    ipc: int | None
+    info: dict = field(default_factory=dict)
+    png_bytes: int | None = None
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(self.components.values())
+
+
+@dataclass
+class Context:
+    """Resolved inputs shared by every method of one evaluate call (built by the evaluate stage)."""
+
+    cfg: object  # the EvaluateConfig
+    run: Path
+    classes: list[ClassInfo]
+    device: torch.device
+    image_size: int
+    ipc: int
+    factor: int
+    gen: dict  # backend, model, resolution, steps, guidance, sampler, seed, sampler_batch
+    teacher: torch.nn.Module | None
+    needs_soft: bool  # P1: the teacher's logits are stored with every sample
+    rounds: int
+    train: RealFolder | None = None  # --train, for random-real and full
+    _backend: object = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def backend(self):
+        if self._backend is None:
+            from ..backends import create_backend
+
+            if not self.gen["backend"] or not self.gen["model"]:
+                raise UserError(
+                    f"{self.run} does not say which generator made it (no invert section in config.yaml); "
+                    "pass --backend and --model"
+                )
+            self._backend = create_backend(
+                self.gen["backend"], self.gen["model"], device=self.cfg.device, dtype=self.cfg.dtype,
+                sampler=self.gen["sampler"],
+            )
+            if self.gen["resolution"]:
+                self._backend.resolution = int(self.gen["resolution"])
+        return self._backend
+
+    def generation_settings(self, prompts: PromptSet) -> dict:
+        """What changes a pixel of the d3m images evaluate makes, in the form `generate` records them."""
+        explicit = self.cfg.backend or self.cfg.model  # another model than the prompts were learned on
+        return generation_settings(
+            prompts_hash=tensors_hash({"embeddings": prompts.embeddings}), template=prompts.template,
+            model_hash=self.backend().model_hash if explicit else prompts.model_hash, steps=self.gen["steps"],
+            guidance=self.gen["guidance"], sampler=self.gen["sampler"], seed=self.gen["seed"],
+            resolution=self.gen["resolution"] or self.backend().resolution, factor=self.factor,
+            image_size=self.image_size, dtype=self.cfg.dtype, sampler_batch=self.gen["sampler_batch"], compile=False,
+        )
+
+
+@torch.no_grad()
+def teacher_logits(teacher: torch.nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The teacher's logits on uint8 images (N, 3, S, S), computed on the images' device: (N, C) fp32."""
+    out = [teacher(images[s : s + batch_size].float().div_(255)).float() for s in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
+def shared_teacher_logits(teacher: torch.nn.Module, images: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """`teacher_logits` of every image, each rank labelling its `span` slice; every rank gets them all."""
+    rank, world = ddp_world()
+    if world == 1:
+        return teacher_logits(teacher, images)
+    lo, hi = span(len(images), rank, world)
+    part = teacher_logits(teacher, images[lo:hi]) if hi > lo else torch.zeros(0, num_classes, device=images.device)
+    return all_gather_rows(part, len(images))
+
+
+def stored_logits(logits: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Logits as the student sees them: rounded to the stored dtype."""
+    return logits.to(torch.float16 if dtype == "fp16" else torch.float32)
+
+
+def label_bytes(ctx: Context, samples: int) -> dict[str, int]:
+    if not ctx.needs_soft:
+        return {}
+    return {"soft_labels": samples * ctx.num_classes * DTYPE_BYTES[ctx.cfg.label_dtype]}
+
+
+def plan_generative(ctx: Context, method: str) -> dict[str, int]:
+    """Stored bytes of d3m / class-prompt, known before any image is generated."""
+    c, per_class = ctx.num_classes, math.ceil(ctx.ipc / ctx.factor**2)
+    if method == "d3m":
+        parts = {
+            "prompts": PromptSet.load(ctx.run / "prompts.safetensors").stored_bytes(),
+            "class_list": class_list_bytes([x.folder for x in ctx.classes]),
+        }
+    else:
+        parts = {"prompt_strings": sum(len(p.encode("utf-8")) for p in class_prompt_strings(ctx))}
+    parts["seeds"] = ctx.rounds * c * per_class * SEED_BYTES  # int32 per generated image per round
+    parts.update(label_bytes(ctx, ctx.rounds * c * ctx.ipc))
+    return parts
+
+
+def class_prompt_strings(ctx: Context) -> list[str]:
+    return class_prompts([x.name for x in ctx.classes], ctx.cfg.class_prompt)
+
+
+def build_generative(ctx: Context, method: str) -> Distilled:
+    """Rounds of images regenerated from the prompts (images stay on the device, never written as PNG)."""
+    c, p = ctx.num_classes, ctx.factor**2
+    per_class = math.ceil(ctx.ipc / p)
+    labels = torch.arange(c).repeat_interleave(ctx.ipc)  # (C*K,)
+    rounds, seeds, logits, reused = [], [], [], False
+    conditioner = uncond = None
+    rank, world = ddp_world()
+    show = ctx.cfg.progress and rank == 0
+    bar = tqdm(range(ctx.rounds), desc=f"{method}: images", unit="round", disable=not show, leave=False)
+    for r in bar:
+        stage = "generate" if r == 0 else f"eval-round{r}"
+        jobs = jobs_for(list(range(c)), per_class, ctx.gen["seed"], stage)
+        images = stored = None
+        if r == 0 and method == "d3m":
+            images, stored = _reuse_generated(ctx)
+            reused = images is not None
+        if images is None:
+            if conditioner is None:
+                backend = ctx.backend()
+                if method == "d3m":
+                    prompts = PromptSet.load(ctx.run / "prompts.safetensors")
+                    prompts.check_backend(backend, ctx.run / "prompts.safetensors")
+                    conditioner = PromptConditioner(backend, prompts)
+                else:
+                    conditioner = TextConditioner(backend, class_prompt_strings(ctx))
+                with torch.no_grad():
+                    uncond = backend.encode_prompts([""]) if ctx.gen["guidance"] != 1.0 else None
+            # each rank makes its slice of the round (an image depends on its seed only) and all get every image
+            lo, hi = span(len(jobs), rank, world)
+            patches = []
+            for s in range(lo, hi, ctx.cfg.gen_batch_size):
+                out = sampling.generate_batch(
+                    ctx.backend(),
+                    conditioner,
+                    jobs[s : min(s + ctx.cfg.gen_batch_size, hi)],
+                    steps=ctx.gen["steps"],
+                    guidance=ctx.gen["guidance"],
+                    factor=ctx.factor,
+                    image_size=ctx.image_size,
+                    uncond=uncond,
+                    micro_batch=ctx.gen["sampler_batch"],
+                )  # (B, P, 3, S, S)
+                patches.append(to_uint8(out))
+            mine = torch.cat(patches) if patches else torch.zeros(0, p, 3, ctx.image_size, ctx.image_size).byte()
+            per_image = all_gather_rows(mine, len(jobs)).view(c, per_class * p, 3, ctx.image_size, ctx.image_size)
+            images = per_image[:, : ctx.ipc].reshape(c * ctx.ipc, 3, ctx.image_size, ctx.image_size)
+        images = images.to(ctx.device)
+        if ctx.needs_soft:
+            stored = (
+                stored
+                if stored is not None
+                else stored_logits(shared_teacher_logits(ctx.teacher, images, c), ctx.cfg.label_dtype)
+            )
+            logits.append(stored.cpu())
+        seeds.append(torch.tensor([j.seed for j in jobs], dtype=torch.int32))
+        rounds.append(
+            TrainSet(images, labels.to(ctx.device), None if stored is None else stored.to(ctx.device).float())
+        )
+    tensors = {"seeds": torch.stack(seeds)}  # (R, C*per_class)
+    if logits:
+        tensors["soft_labels"] = torch.stack(logits)  # (R, C*K, C)
+    components = plan_generative(ctx, method)
+    actual = {"seeds": tensors["seeds"].numel() * 4}
+    if logits:
+        actual["soft_labels"] = tensors["soft_labels"].numel() * tensors["soft_labels"].element_size()
+    check_stored_bytes(components, actual, f"evaluate {method}")
+    labels_file = _write_labels(ctx, method, tensors)
+    info = {
+        "rounds": ctx.rounds,
+        "regen_every": ctx.cfg.regen_every,
+        "images_per_class_per_round": per_class,
+        "round0_reused_generated": reused,
+        "labels_file": labels_file,
+        "generation": dict(ctx.gen),
+    }
+    if method == "class-prompt":
+        info["prompts"] = class_prompt_strings(ctx)
+    return Distilled(rounds, components, ctx.ipc, info)
+
+
+def _write_labels(ctx: Context, method: str, tensors: dict[str, torch.Tensor]) -> str:
+    """Store the seeds (and P1 soft labels) of every round in `<run>/eval/labels/`, as the budget counts them."""
+    teacher = getattr(ctx.teacher, "weights_sha256", "none") if ctx.needs_soft else "onehot"
+    # one file per distinct stored set: the name hashes everything that changes its tensors
+    what = json.dumps([ctx.gen, ctx.factor, ctx.image_size, ctx.cfg.regen_every, ctx.cfg.label_dtype, teacher])
+    name = f"{method}-ipc{ctx.ipc}-r{ctx.rounds}-{sha256_bytes(what.encode())[:12]}.safetensors"
+    meta = {
+        "format": "promptset.eval-labels",
+        "method": method,
+        "ipc": str(ctx.ipc),
+        "rounds": str(ctx.rounds),
+        "regen_every": str(ctx.cfg.regen_every),
+        "factor": str(ctx.factor),
+        "image_size": str(ctx.image_size),
+        "class_folders": json.dumps([c.folder for c in ctx.classes]),
+        "generation": json.dumps(ctx.gen),
+        "label_kind": "logits" if ctx.needs_soft else "none",
+        "label_dtype": ctx.cfg.label_dtype,
+        "teacher": getattr(ctx.teacher, "spec", "none") if ctx.needs_soft else "none",
+        "seed_stages": "round 0: 'generate', round r: 'eval-round{r}'",
+    }
+    path = ctx.run / "eval" / "labels" / name
+    if ddp_world()[0] == 0:
+        save_tensors(path, tensors, meta)
+    return str(path.relative_to(ctx.run))
+
+
+def _reuse_generated(ctx: Context) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Round 0 of d3m from `generate`'s PNGs (and its soft labels, when the same teacher made them).
+
+    Only when generate recorded exactly the settings evaluate would generate with (prompts, model, steps, guidance,
+    sampler, seed, resolution, factor, image size, dtype, compile, sampler batch) and its manifest lists every file
+    with that key; file times are never trusted. Anything else is regenerated.
+    """
+    gen_dir, labels_path = ctx.run / "generated", ctx.run / "labels.safetensors"
+    if not (labels_path.is_file() and (gen_dir / "manifest.jsonl").is_file()):
+        return None, None
+    if any(gen_dir.glob(".manifest.rank*.jsonl")):
+        return None, None  # a later generate is under way or was killed: its PNGs may be half replaced
+    tensors, meta = load_tensors(labels_path, "labels file")
+    prompts = PromptSet.load(ctx.run / "prompts.safetensors")
+    if "generation" not in meta or json.loads(meta["generation"]) != ctx.generation_settings(prompts):
+        return None, None  # other settings, or a labels file from before generate recorded them
+    if json.loads(meta.get("class_folders", "[]")) != [c.folder for c in ctx.classes] or int(meta["ipc"]) < ctx.ipc:
+        return None, None
+    listed = {row.get("file"): row.get("key") for row in read_jsonl(gen_dir / "manifest.jsonl")}
+    files = [f"{c.folder}/{i:05d}.png" for c in ctx.classes for i in range(ctx.ipc)]
+    if any(listed.get(f) != meta.get("generation_key") or not (gen_dir / f).is_file() for f in files):
+        return None, None
+    images = to_uint8(torch.stack([to_tensor(load_image(gen_dir / f)) for f in files]))  # (C*K, 3, S, S)
+    if tuple(images.shape[-2:]) != (ctx.image_size, ctx.image_size):
+        return None, None
+    stored = None
+    sha = getattr(ctx.teacher, "weights_sha256", None)
+    if ctx.needs_soft and "soft_labels" in tensors and meta.get("teacher_sha256") == sha:
+        soft = tensors["soft_labels"]  # (C*per_class_gen, P, C)
+        gen_per_class, p = int(meta["images_per_class"]), ctx.factor**2
+        rows = [soft[c * gen_per_class + i // p, i % p] for c in range(ctx.num_classes) for i in range(ctx.ipc)]
+        stored = stored_logits(torch.stack(rows).float(), ctx.cfg.label_dtype)
+    return images, stored
+
+
+def build_rded(ctx: Context, seed: int | None = None) -> Distilled:
+    """The run's selected collages (RDED's distilled set), cut into patches; the first ipc per class (lowest CE)."""
+    folder = ctx.run / "collages"
+    index = scan_image_folder(folder, flag="rded collages", check_headers=False)
+    check_same_classes([c.folder for c in ctx.classes], index.classes, f"{folder}", "run select again in this run")
+    chosen = []
+    for c, files in enumerate(index.files):
+        patches = []
+        for f in files:
+            patches.append(cut_patches(to_tensor(load_image(f))[None], ctx.factor, ctx.image_size)[0])  # (P, 3, S, S)
+            if sum(len(x) for x in patches) >= ctx.ipc:
+                break
+        got = torch.cat(patches) if patches else torch.zeros(0, 3, ctx.image_size, ctx.image_size)
+        if len(got) < ctx.ipc:
+            raise UserError(
+                f"rded: class {index.classes[c]!r} has {len(got)} selected patches in {folder}, fewer "
+                f"than --ipc {ctx.ipc}; lower --ipc or select more images"
+            )
+        chosen.append(to_uint8(got[: ctx.ipc]))
+    images = torch.cat(chosen)
+    return _real_distilled(
+        ctx, images, torch.arange(ctx.num_classes).repeat_interleave(ctx.ipc), ctx.ipc, {"source": str(folder)}
+    )
+
+
+def build_random_real(ctx: Context, seed: int) -> Distilled:
+    """ipc real images per class from --train, drawn with the student seed (the baseline's own randomness)."""
+    train = ctx.train
+    picks = []
+    for c in range(ctx.num_classes):
+        where = (train.labels == c).nonzero().squeeze(1)
+        if len(where) < ctx.ipc:
+            raise UserError(
+                f"random-real: class {ctx.classes[c].folder!r} has {len(where)} training images, fewer "
+                f"than --ipc {ctx.ipc}"
+            )
+        g = torch.Generator().manual_seed(derive_seed(seed, "random-real", c))
+        picks.append(where[torch.randperm(len(where), generator=g)[: ctx.ipc]])
+    idx = torch.cat(picks)
+    return _real_distilled(
+        ctx, train.images[idx], train.labels[idx], ctx.ipc, {"source": str(train.index.root), "indices": idx.tolist()}
+    )
+
+
+def build_full(ctx: Context, seed: int | None = None) -> Distilled:
+    """All of --train."""
+    train = ctx.train
+    return _real_distilled(
+        ctx, train.images, train.labels, None, {"source": str(train.index.root), "images": len(train.labels)}
+    )
+
+
+def _real_distilled(
+    ctx: Context, images: torch.Tensor, labels: torch.Tensor, ipc: int | None, info: dict
+) -> Distilled:
+    images = images.to(ctx.device)
+    stored = (
+        stored_logits(shared_teacher_logits(ctx.teacher, images, ctx.num_classes), ctx.cfg.label_dtype).float()
+        if ctx.needs_soft
+        else None
+    )
+    components = {"images_raw": len(images) * 3 * ctx.image_size**2}
+    components.update(label_bytes(ctx, len(images)))
+    return Distilled([TrainSet(images, labels.to(ctx.device), stored)], components, ipc, info)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the registry: a new method is a builder (ctx, seed) -> Distilled and a row here
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one method makes its distilled set and what it stores."""
+
+    build: Callable[[Context, int | None], Distilled]
+    per_seed: bool = False  # drawn again for every student seed (random-real)
+    stores_images: bool = False  # its stored set is images: report their PNG size too
+
+    def planned_bytes(self, ctx: Context, name: str) -> dict[str, int]:
+        """Stored bytes per component, known before any compute."""
+        if name in GENERATIVE:
+            return plan_generative(ctx, name)
+        n = len(ctx.train.labels) if name == "full" else ctx.ipc * ctx.num_classes
+        return {"images_raw": n * 3 * ctx.image_size**2, **label_bytes(ctx, n)}
+
+
+METHODS: dict[str, Method] = {
+    "d3m": Method(lambda ctx, seed: build_generative(ctx, "d3m")),
+    "class-prompt": Method(lambda ctx, seed: build_generative(ctx, "class-prompt")),
+    "rded": Method(build_rded, stores_images=True),
+    "random-real": Method(build_random_real, per_seed=True, stores_images=True),
+    "full": Method(build_full, stores_images=True),
+}
+NEEDS_TRAIN = ("random-real", "full")  # methods that read --train
