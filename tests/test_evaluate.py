@@ -7,6 +7,7 @@ select / invert / generate; a `convnet_tiny` trained for a few steps on the toy 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import promptset
+from promptset.artifacts import PromptSet, load_tensors
 from promptset.data import load_class_images, scan_image_folder
 from promptset.errors import UserError
 from promptset.evaluation.augment import crop_flip_params, warp
@@ -395,3 +397,60 @@ def test_cli_has_the_evaluate_and_report_flags():
         "--compile",
     } <= evaluate_flags
     assert {"--runs", "--out"} <= {s for a in sub["report"]._actions for s in a.option_strings}
+
+
+def _cfg(world, **kw) -> EvaluateConfig:
+    args = dict(run=str(world.run), test=str(world.test), student="convnet_tiny", epochs=1, ipc=IPC,
+                teacher=world.teacher, regen_every=0, device="cpu", progress=False)  # fmt: skip
+    return EvaluateConfig(**(args | kw))
+
+
+def test_round0_reuse_follows_generation_settings_not_file_times(world, tmp_path):
+    """generate's PNGs serve round 0 only when the settings generate recorded match; file times do not count."""
+    run = tmp_path / "run"
+    shutil.copytree(world.run, run, ignore=shutil.ignore_patterns("eval"))  # copy2: file times kept
+    cfg = _cfg(world, run=str(run))
+    assert build_generative(_context(cfg, ["d3m"]), "d3m").info["round0_reused_generated"]
+    recorded = json.loads(load_tensors(run / "labels.safetensors")[1]["generation"])
+    assert recorded["dtype"] == "fp32" and recorded["sampler"] == "ddim" and "compile" not in recorded
+
+    prompts = PromptSet.load(run / "prompts.safetensors")  # prompts learned again after generate ...
+    prompts.embeddings = prompts.embeddings + 0.5
+    prompts.save(run / "prompts.safetensors")
+    old = (run / "labels.safetensors").stat().st_mtime - 3600  # ... but with an older file time (cp -p, rsync -t)
+    os.utime(run / "prompts.safetensors", (old, old))
+    assert not build_generative(_context(cfg, ["d3m"]), "d3m").info["round0_reused_generated"]
+
+
+def test_budget_invariant_is_a_real_check(world, monkeypatch):
+    """Planned and stored bytes must agree even under `python -O` (no assert)."""
+    import promptset.evaluation.methods as methods
+
+    ctx = _context(_cfg(world), ["d3m"])
+    planned = methods.plan_generative
+    monkeypatch.setattr(methods, "plan_generative", lambda ctx, m: planned(ctx, m) | {"seeds": 1})
+    with pytest.raises(RuntimeError, match="stored bytes differ from the planned budget"):
+        build_generative(ctx, "d3m")
+
+
+def test_guidance_zero_can_be_asked_for(world):
+    from promptset.cli import build_parser
+
+    assert _context(_cfg(world, guidance=0.0), ["d3m"]).gen["guidance"] == 0.0
+    assert _context(_cfg(world), ["d3m"]).gen["guidance"] == 7.5  # unset: what generate used
+    assert build_parser().parse_args(["evaluate", "--guidance", "0"]).guidance == 0.0
+    with pytest.raises(UserError, match="--guidance -1.0 must not be negative"):
+        _validate(_cfg(world, guidance=-1.0))
+
+
+def test_real_split_cache_is_bounded(world):
+    from promptset.evaluation import methods
+    from promptset.runfolder import require_classes
+
+    classes = require_classes(world.run)
+    first = methods.load_real_folder(world.test, 8, "--test", classes, progress=False)
+    assert methods.load_real_folder(world.test, 8, "--test", classes, progress=False) is first  # cached
+    for size in range(9, 9 + methods.REAL_CACHE_SIZE + 2):
+        methods.load_real_folder(world.test, size, "--test", classes, progress=False)
+    assert len(methods._FOLDERS) == methods.REAL_CACHE_SIZE
+    assert methods.load_real_folder(world.test, 8, "--test", classes, progress=False) is not first  # evicted

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from promptset.artifacts import PromptSet, load_tensors
 from promptset.backends import create_backend
+from promptset.backends.base import image_generators
 from promptset.backends.mini import MODEL_FILE, TAEF2Autoencoder, load_mini, model_fingerprint
 from promptset.errors import TrainingDiverged, UserError
 from promptset.evaluation.generator import sample_grid
@@ -212,9 +213,9 @@ def test_save_load_roundtrip_and_fingerprint(tiny_model: Path, tmp_path: Path):
         cond = a.encode_prompts(["a photo of a sky", "a photo of a grass"])
         uncond = a.encode_prompts([""]).expand(2, -1, -1)
         noise = a.initial_noise([1, 2])
-        out_a = a.sample(cond, uncond, noise, steps=4, guidance=3.0)
+        out_a = a.sample(cond, uncond, noise, steps=4, guidance=3.0, generators=image_generators([1, 2]))
         out_b = b.sample(b.encode_prompts(["a photo of a sky", "a photo of a grass"]), uncond, noise, steps=4,
-                         guidance=3.0)  # fmt: skip
+                         guidance=3.0, generators=image_generators([1, 2]))  # fmt: skip
     assert torch.equal(out_a, out_b)
     # the grid pretrain drew with its in-memory EMA weights, redrawn from the loaded folder
     info = json.loads((tiny_model / MODEL_FILE).read_text())
@@ -369,3 +370,53 @@ def test_training_target_refuses_unknown_prediction_types():
         training_target(DDPMScheduler(prediction_type="sample"), x0, noise, t)
     with pytest.raises(UserError, match="prediction-type"):
         build_noise_scheduler("taef2", "sample")
+
+
+def test_one_denoising_objective_refuses_what_it_does_not_implement(tiny_data, tmp_path, monkeypatch):
+    """pretrain and inversion share `denoising_objective`; an unknown prediction type is an error, not epsilon."""
+    from diffusers import DDPMScheduler
+
+    from promptset.backends import base
+    from promptset.stages import pretrain as pretrain_module
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weight") is not None)
+        return base.denoising_objective(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain_module, "denoising_objective", spy)
+    pretrain(out=str(tmp_path / "m"), data=str(tiny_data), **(TINY | dict(steps=2, checkpoint_every=2,
+                                                                          snr_gamma=5.0, grid_samples=1)))
+    assert calls == [True, True]  # every step, with its min-SNR weights
+
+    sample = DDPMScheduler(prediction_type="sample")
+    x = torch.zeros(2, 3, 4, 4)
+    t = torch.tensor([1, 2])
+    with pytest.raises(UserError, match="prediction_type 'sample' is not supported"):
+        base.snr_weights(sample, 5.0)
+    with pytest.raises(UserError, match="prediction_type 'sample' is not supported"):
+        base.denoising_objective(None, sample, x, x, t, torch.zeros(2, 4, 8))
+
+
+def test_pickled_weights_are_refused(tiny_model: Path, tmp_path: Path):
+    """A UNet or text encoder folder holding only pickles (.bin) is refused with how to convert, never unpickled."""
+    from promptset.backends.mini import load_text_encoder, text_encoder_dir, text_encoder_source
+
+    model = tmp_path / "pickled"
+    shutil.copytree(tiny_model, model)
+    for path in (model / "unet").glob("*.safetensors"):
+        path.unlink()
+    (model / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"never unpickled")
+    with pytest.raises(UserError, match=r"only pickled weights \(diffusion_pytorch_model.bin\).*safe_serialization"):
+        load_mini(model, device="cpu")
+
+    encoder = tmp_path / "text-encoder"
+    encoder.mkdir()
+    source = text_encoder_dir(text_encoder_source())
+    for path in source.iterdir():
+        if path.is_file() and path.suffix != ".safetensors":
+            shutil.copy(path, encoder / path.name)
+    (encoder / "pytorch_model.bin").write_bytes(b"never unpickled")
+    with pytest.raises(UserError, match=r"text encoder folder .* only pickled weights.*safe_serialization=True"):
+        load_text_encoder({"path": str(encoder)})

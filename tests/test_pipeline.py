@@ -32,8 +32,6 @@ PER_CLASS = 4
 SIZE = 16
 
 
-
-
 def write_toy_data(root: Path, classes=CLASSES, per_class: int = PER_CLASS, side: int = 20) -> Path:
     """Per class a distinct base colour plus noise: an easy, learnable ImageFolder."""
     rng = np.random.default_rng(0)
@@ -83,6 +81,19 @@ def inverted(tiny_sd, tmp_path_factory):
         mp.setattr(DiffusionBackend, "denoising_loss", loss)
         invert(invert_config(run, tiny_sd, num_vectors=3))
     return run, seen
+
+
+def test_invert_class_names_are_honoured_after_select(tiny_sd, tmp_path):
+    """`--class-names` renames the classes select recorded, and the new names are the initializer words."""
+    data = write_toy_data(tmp_path / "data", per_class=1)
+    run = tmp_path / "run"
+    select(data=str(data), out=str(run), resolution=SIZE, progress=False)
+    assert [c["name"] for c in json.loads((run / "classes.json").read_text())] == list(CLASSES)
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"car": "truck", "cat": "kitten", "dog": "puppy"}))
+    invert(invert_config(run, tiny_sd, steps=1, batch_size=3, class_names=str(names)))
+    assert [c["name"] for c in json.loads((run / "classes.json").read_text())] == ["truck", "kitten", "puppy"]
+    assert PromptSet.load(run / "prompts.safetensors").initializers == ["truck", "kitten", "puppy"]
 
 
 def _weights(backend) -> dict[str, torch.Tensor]:

@@ -70,6 +70,17 @@ def agree(error: UserError | None) -> None:
     raise UserError(bytes(buffer.tolist()).decode("utf-8") + f" (reported by process {failed})")
 
 
+def prepared_everywhere(prepare, *args):
+    """`prepare(*args)` on every rank (it validates and reads only), then `agree`: no rank writes while one refuses."""
+    try:
+        plan = prepare(*args)
+    except UserError as err:
+        agree(err)
+        raise
+    agree(None)
+    return plan
+
+
 def shutdown() -> None:
     """Leave the process group (if joined), so the process exits cleanly."""
     if torch_dist.is_available() and torch_dist.is_initialized():

@@ -333,10 +333,15 @@ class DiffusionBackend:
 
     # ----------------------------------------------------------------------------------------------------------
     # sampling: the same update as diffusers' StableDiffusionPipeline.__call__, with per-image initial noise
-    def initial_noise(self, generators: list[torch.Generator]) -> torch.Tensor:
-        """The first draw of each image's own generator (`image_generators`), never batch-dependent. (B, c, h, w)"""
+    def initial_noise(self, generators: list[torch.Generator] | list[int]) -> torch.Tensor:
+        """The first draw of each image's own generator (`image_generators`, or seeds), never batch-dependent.
+
+        Returns (B, c, h, w) on the CPU. Pass the same generators on to `sample`, whose stochastic samplers go on
+        drawing from them.
+        """
         shape = (self.autoencoder.latent_channels, self.latent_size, self.latent_size)
-        return torch.stack([torch.randn(shape, generator=g) for g in generators])
+        gens = [g if isinstance(g, torch.Generator) else torch.Generator().manual_seed(int(g)) for g in generators]
+        return torch.stack([torch.randn(shape, generator=g) for g in gens])
 
     @torch.no_grad()
     def sample(

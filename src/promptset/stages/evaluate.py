@@ -40,7 +40,7 @@ from ..atomic import append_jsonl, write_json
 from ..backends.sampling import SAMPLER_BATCH, SAMPLERS
 from ..config import make_config, opt
 from ..devices import resolve_device
-from ..dist import agree, barrier, rank_world
+from ..dist import barrier, prepared_everywhere, rank_world
 from ..errors import UserError
 from ..evaluation.methods import METHODS, NEEDS_TRAIN, Context, RealFolder, load_real_folder
 from ..evaluation.results import entry_key, load_results, make_entry, now, print_table, write_report
@@ -132,12 +132,7 @@ def evaluate(cfg: EvaluateConfig | None = None, **overrides) -> dict:
     cfg = make_config(EvaluateConfig, cfg, overrides, "evaluate")
     rank, world = rank_world()
     main = rank == 0  # under torchrun only rank 0 prints, shows progress and writes
-    try:  # validate on every rank before anything is written
-        methods, ctx, test = _prepare(cfg, show=cfg.progress and main)
-    except UserError as err:
-        agree(err)
-        raise
-    agree(None)  # joins the gloo process group of a multi-process run
+    methods, ctx, test = prepared_everywhere(_prepare, cfg, cfg.progress and main)  # joins the gloo group
     if world > 1 and ctx.device.type == "cuda":
         torch.cuda.set_device(ctx.device)
     classes, size = ctx.classes, ctx.image_size

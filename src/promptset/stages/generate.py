@@ -24,7 +24,7 @@ from ..backends import sampling
 from ..backends.sampling import SAMPLERS, Job, PromptConditioner, generation_key, generation_settings, jobs_for
 from ..config import make_config, opt, to_dict
 from ..data import load_image, to_pil, to_tensor
-from ..dist import agree, barrier, rank_world
+from ..dist import barrier, prepared_everywhere, rank_world
 from ..errors import UserError
 from ..runfolder import (
     ClassInfo,
@@ -71,12 +71,7 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> Path:
     """Write `generated/<class>/<idx>.png`, `generated/manifest.jsonl`, `grid.png` (and `labels.safetensors`)."""
     cfg = make_config(GenerateConfig, cfg, overrides, "generate")
     rank, world = rank_world()
-    try:  # validate on every rank before anything is written
-        plan = _prepare(cfg)
-    except UserError as err:
-        agree(err)
-        raise
-    agree(None)
+    plan = prepared_everywhere(_prepare, cfg)
     run, out, classes, backend = plan.run, plan.out, plan.classes, plan.backend
     factor, image_size, key = plan.factor, plan.image_size, plan.key
     gen_dir = out / "generated"

@@ -37,7 +37,7 @@ from ..backends.base import DiffusionBackend, PromptLayout
 from ..config import make_config, opt, to_dict
 from ..data import MAX_IMAGE_PIXELS, ImageFolderIndex, load_class_images, scan_image_folder, verify_images
 from ..devices import to_device
-from ..dist import agree, barrier, rank_world
+from ..dist import barrier, prepared_everywhere, rank_world
 from ..errors import TrainingDiverged, UserError
 from ..runfolder import (
     check_run_folder,
@@ -112,12 +112,7 @@ def invert(cfg: InvertConfig | None = None, **overrides) -> Path:
     """Run textual inversion for every class of `cfg.data`; returns the path of `prompts.safetensors`."""
     cfg = make_config(InvertConfig, cfg, overrides, "invert")
     rank, world = rank_world()
-    try:  # validate on every rank before anything is written
-        plan = _prepare(cfg)
-    except UserError as err:
-        agree(err)
-        raise
-    agree(None)
+    plan = prepared_everywhere(_prepare, cfg)
     run, index, backend = plan.run, plan.index, plan.backend
     num_classes = index.num_classes
     taken: set[str] = set()

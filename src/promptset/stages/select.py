@@ -29,7 +29,7 @@ from ..data import (
     to_tensor,
     verify_images,
 )
-from ..dist import agree, barrier, rank_world
+from ..dist import barrier, prepared_everywhere, rank_world
 from ..errors import UserError
 from ..runfolder import (
     check_run_folder,
@@ -124,12 +124,7 @@ def select(cfg: SelectConfig | None = None, **overrides) -> Path:
     cfg = make_config(SelectConfig, cfg, overrides, "select")
     rank, world = rank_world()
     run = Path(cfg.out or ".")
-    try:  # validate on every rank before anything is written
-        plan = _prepare(cfg, run)
-    except UserError as err:
-        agree(err)
-        raise
-    agree(None)
+    plan = prepared_everywhere(_prepare, cfg, run)
     index, teacher, device = plan.index, plan.teacher, plan.device
     collages, staging = run / "collages", run / STAGING
     if not plan.replaced and _finished(run, index):

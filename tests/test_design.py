@@ -1,0 +1,160 @@
+"""The shape of the package (rooms, import direction, module size) and defects that need no pipeline run.
+
+Every verb refuses an option it does not know; a stochastic sampler's images depend on their seeds alone; int8
+prompts decode to the nearest stored grid point; model fingerprints cover every byte and pin Hub commits.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import promptset
+from promptset.artifacts import PromptSet, fingerprint_path, hub_fingerprint, load_tensors, snapshot_commit
+from promptset.backends import create_backend
+from promptset.backends.sampling import Job, TextConditioner, generate_batch
+from promptset.config import resolve
+from promptset.errors import UserError
+
+SRC = Path(promptset.__file__).resolve().parent
+VERBS = ("select", "invert", "generate", "export", "budget", "evaluate", "report", "pretrain", "demo")
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports() -> dict[str, set[str]]:
+    """Every promptset module imported by each module, at the top or inside a function (lazy imports count)."""
+    modules = {_module_name(p): p for p in SRC.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package
+                for _ in range(node.level - 1):
+                    base = base.rpartition(".")[0]
+                base = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            found.update(t for t in targets if t in modules and t != name)
+        graph[name] = found
+    return graph
+
+
+def test_no_module_over_600_lines():
+    sizes = {p.relative_to(SRC).as_posix(): len(p.read_text().splitlines()) for p in SRC.rglob("*.py")}
+    assert max(sizes.values()) <= 600, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_stages_never_import_each_other_and_imports_have_no_cycle():
+    graph = _imports()
+    stages = {m for m in graph if m.startswith("promptset.stages.")}
+    assert {s.rpartition(".")[2] for s in stages} >= set(VERBS) - {"demo"}
+    for stage in stages:
+        assert not graph[stage] & stages, f"{stage} imports {graph[stage] & stages}"
+    rooms = ("promptset.evaluation", "promptset.backends", "promptset.models")
+    for module, imported in graph.items():  # the rooms below the stages never reach up into them
+        if module.startswith(rooms):
+            assert not imported & stages and "promptset.pipeline" not in imported, module
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if nxt.startswith(node + "."):
+                continue  # a package importing its own submodule is not a cycle
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*path, nxt]))
+            if nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+@pytest.mark.parametrize(
+    "verb, typo, nearest",
+    [("select", "outt", "out"), ("invert", "stepz", "steps"), ("generate", "guidanse", "guidance"),
+     ("export", "runn", "run"), ("budget", "ipc", "ipcs"), ("evaluate", "epoch", "epochs"),
+     ("report", "run", "runs"), ("pretrain", "lrr", "lr"), ("demo", "quik", "quick")],
+)  # fmt: skip
+def test_every_verb_refuses_an_unknown_option_naming_the_nearest(verb, typo, nearest):
+    with pytest.raises(UserError, match=rf"promptset\.{verb}\(\): unknown option '{typo}'; did you mean '{nearest}'"):
+        getattr(promptset, verb)(**{typo: 5})
+    with pytest.raises(UserError, match=r"unknown option 'zzzz'; known: "):  # nothing near: every option listed
+        getattr(promptset, verb)(zzzz=5)
+
+
+def test_invert_stepz_is_refused_and_the_callers_config_is_not_modified(tmp_path):
+    with pytest.raises(UserError, match=r"unknown option 'stepz'; did you mean 'steps'\?"):
+        promptset.invert(out=str(tmp_path / "run"), stepz=5)
+    from promptset.stages.invert import InvertConfig
+
+    cfg = InvertConfig(out=str(tmp_path / "run"))
+    with pytest.raises(UserError, match="--model is required"):
+        promptset.invert(cfg, steps=7)
+    assert cfg.steps == 500
+    with pytest.raises(UserError, match=r"\[invert\]: unknown option 'stepz'; did you mean 'steps'\?"):
+        resolve(InvertConfig, {"stepz": 5}, {}, source="--config run.yaml [invert]")
+
+
+def test_stochastic_sampler_image_depends_only_on_its_seed(tiny_sd):
+    """ddpm adds noise at every step: it comes from the image's own generator, never the global RNG (defect 1)."""
+    backend = create_backend("sd", str(tiny_sd), device="cpu", sampler="ddpm")
+    cond = TextConditioner(backend, ["a photo of a car", "a photo of a cat", "a photo of a dog"])
+    kw = dict(steps=4, guidance=1.0, factor=1, image_size=backend.resolution, uncond=None, micro_batch=2)
+    a, b, c = Job(0, 0, 11), Job(1, 0, 12), Job(2, 0, 13)
+    first = generate_batch(backend, cond, [a, b], **kw)
+    torch.rand(7)  # global random state moves on between the calls
+    second = generate_batch(backend, cond, [c, a], **kw)  # same seed, other batch neighbours and position
+    assert torch.equal(first[0], second[1])
+    other_seed = generate_batch(backend, cond, [Job(0, 0, 99), b], **kw)
+    assert not torch.equal(first[0], other_seed[0])
+
+
+def test_int8_prompts_decode_to_the_nearest_stored_grid_point(tmp_path):
+    """Quantised with the scale as stored (fp16), so q * scale is the nearest grid point to each value (defect 5)."""
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(10, 2, 64, generator=g) * 0.37
+    prompts = PromptSet(emb, [f"<c{i}>" for i in range(10)], [f"c{i}" for i in range(10)], "a photo of {token}",
+                        "sd", "model", "hash", stored_dtype="int8")  # fmt: skip
+    prompts.save(tmp_path / "prompts.safetensors")
+    tensors, _ = load_tensors(tmp_path / "prompts.safetensors")
+    assert tensors["embeddings"].dtype == torch.int8 and tensors["scales"].dtype == torch.float16
+    step = tensors["scales"].float()  # (C, V, 1)
+    decoded = PromptSet.load(tmp_path / "prompts.safetensors").embeddings
+    assert float(((decoded - emb).abs() / step).max()) <= 0.5 + 1e-4
+    assert prompts.stored_bytes() == 10 * 2 * 64 + 10 * 2 * 2
+
+
+def test_fingerprint_covers_every_byte_and_pins_hub_commits(tmp_path):
+    """Fine-tunes differing only mid-file get different fingerprints; a Hub model its resolved commit (defect 6)."""
+    data = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8)
+    for name, flip in (("a", False), ("b", True)):
+        weights = data.copy()
+        weights[len(weights) // 2] ^= flip
+        (tmp_path / name / "unet").mkdir(parents=True)
+        (tmp_path / name / "unet" / "model.safetensors").write_bytes(weights.tobytes())
+    assert fingerprint_path(tmp_path / "a") != fingerprint_path(tmp_path / "b")
+    assert fingerprint_path(tmp_path / "a" / "unet" / "model.safetensors") != fingerprint_path(
+        tmp_path / "b" / "unet" / "model.safetensors"
+    )
+    assert fingerprint_path(tmp_path / "a") == fingerprint_path(tmp_path / "a")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = f"/hf/hub/models--org--sd/snapshots/{commit}/unet"
+    assert snapshot_commit(snapshot) == commit and snapshot_commit(tmp_path) is None
+    assert hub_fingerprint("org/sd", "main", snapshot_commit(snapshot)) == f"hub:org/sd@{commit}"
+    assert hub_fingerprint("org/sd", None, None) == "hub:org/sd@main"
