@@ -7,6 +7,7 @@ use the real weights from the shared folder and skip without it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -173,6 +174,11 @@ def test_taef2_model_is_self_contained_and_refuses_missing_weights(shared_dir, t
     shutil.copy(shared_dir / "weights" / "taef2_decoder.safetensors", other)
     with pytest.raises(UserError, match="differ"):
         load_mini(model, device="cpu", vae_path=other)
+
+    # a relative vae.source is read relative to the model folder (how a committed model finds ../shared/weights)
+    info["vae"]["source"] = os.path.relpath(shared_dir / "weights", model)
+    (model / MODEL_FILE).write_text(json.dumps(info))
+    assert load_mini(model, device="cpu").model_hash == backend.model_hash
 
 
 # --- pretrain -> invert -> generate ----------------------------------------------------------------------------------

@@ -138,7 +138,8 @@ def load_autoencoder(
     if vae_path:
         candidates = [Path(vae_path).expanduser()]
     else:
-        candidates = [model_folder / VAE_DIR] + ([Path(vae["source"])] if vae.get("source") else [])
+        # a relative source is relative to the model folder (a committed model points at ../shared/weights)
+        candidates = [model_folder / VAE_DIR] + ([model_folder / vae["source"]] if vae.get("source") else [])
     found = next((c for c in candidates if taef2_files(c) is not None), None)
     if found is None:
         looked = ", ".join(str(c) for c in candidates)
