@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     info = json.loads((src / "promptset_model.json").read_text())
     if info["vae"]["kind"] == "taef2":
         info["vae"]["source"] = os.path.relpath(Path(args.shared_weights).resolve(), dst.resolve())
+        info["vae"]["spec"] = "taef2:" + info["vae"]["source"]
         info["vae"].pop("copy", None)
     info["committed"] = {"unet_dtype": "fp16", "from": str(src)}
     (dst / "promptset_model.json").write_text(json.dumps(info, indent=1) + "\n")
