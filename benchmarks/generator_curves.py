@@ -28,8 +28,10 @@ from common import machine  # noqa: E402
 
 torch.set_flush_denormal(True)
 
-RECIPE_KEYS = ("unet_size", "batch_size", "lr", "warmup_steps", "ema_decay", "conditioning", "prediction_type",
-               "timestep_spacing", "sample_clip", "snr_gamma", "cfg_dropout", "max_images_per_class", "flip")  # fmt: skip
+RECIPE_KEYS = (
+    "unet_size", "batch_size", "lr", "warmup_steps", "ema_decay", "conditioning", "prediction_type",
+    "timestep_spacing", "sample_clip", "snr_gamma", "cfg_dropout", "max_images_per_class", "flip",
+)  # fmt: skip
 
 
 def read_curve(folder: Path) -> dict:
@@ -102,6 +104,29 @@ def ceiling(folder: Path, teacher_spec: str, data: Path, per_class: int) -> dict
     }
 
 
+@torch.no_grad()
+def guidance_sweep(folder: Path, teacher_spec: str, guidances: list[float], per_class: int, steps: int) -> list[dict]:
+    """The teacher's accuracy on class-prompt samples of the final model at several guidance scales."""
+    import types
+
+    from promptset.backends import create_backend
+    from promptset.evaluation.generator import generator_quality
+    from promptset.models import load_teacher
+
+    info = json.loads((folder / "promptset_model.json").read_text())
+    backend = create_backend("mini", str(folder), device="cpu")
+    teacher = load_teacher(teacher_spec, num_classes=len(info["class_names"]), device="cpu")
+    rows = []
+    for g in guidances:
+        cfg = types.SimpleNamespace(seed=0, batch_size=100, sample_steps=steps, guidance=g, eval_samples=per_class,
+                                    teacher_size=32, resolution=info["resolution"], sampler="ddim")  # fmt: skip
+        q = generator_quality(backend, teacher, info["class_names"], cfg)
+        rows.append({"guidance": g, "accuracy": round(q["accuracy"], 4), "per_class": q["per_class"],
+                     "samples": q["samples"], "sample_steps": steps})  # fmt: skip
+        print(f"guidance {g}: {q['accuracy']:.1%}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", default=[], help="NAME=FOLDER of a mini model (repeatable)")
@@ -109,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ceiling-model", default="", help="NAME of the model whose latent cache the ceiling uses")
     parser.add_argument("--data", default="", help="the foundation ImageFolder the models were trained on")
     parser.add_argument("--teacher", default="", help="NAME:PATH of the teacher (ResNet-20)")
+    parser.add_argument("--guidance-sweep", default="", help="comma-separated guidance scales for the final model")
+    parser.add_argument("--sweep-model", default="", help="NAME of the model the guidance sweep uses")
+    parser.add_argument("--sweep-per-class", type=int, default=50, help="class-prompt samples per class in the sweep")
+    parser.add_argument("--sweep-steps", type=int, default=10, help="DDIM steps in the sweep")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--json", default="", help="write the results here (merged into an existing file)")
     args = parser.parse_args(argv)
@@ -126,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         result["ceiling"] = ceiling(Path(models[name]), args.teacher, Path(args.data), args.ceiling_per_class)
         print(f"ceiling: {result['ceiling']['reconstruction_accuracy']:.1%} on reconstructions, "
               f"{result['ceiling']['real_accuracy']:.1%} on the real images", flush=True)  # fmt: skip
+    if args.guidance_sweep:
+        name = args.sweep_model or next(iter(models))
+        scales = [float(g) for g in args.guidance_sweep.split(",")]
+        rows = guidance_sweep(Path(models[name]), args.teacher, scales, args.sweep_per_class, args.sweep_steps)
+        result["guidance_sweep"] = {"model": name, "rows": rows}
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1) + "\n")
