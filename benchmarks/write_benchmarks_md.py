@@ -220,8 +220,8 @@ def generator_section() -> list[str]:
         "",
         "Trained by `python benchmarks/cifar10_generator.py --variant NAME` (the exact `promptset pretrain` command "
         "it runs is in `benchmarks/models/cifar10-mini/COMMAND.md`) on the foundation split (CIFAR-10 JPEG train "
-        "files 0-999 of each class, and their mirror images, as TAEF2 latents at 64 px). The captions name five classes "
-        "and describe the other five by a coarser word (`benchmarks/cifar10_captions.json`). Curves collected by "
+        "files 0-999 of each class, and their mirror images, as TAEF2 latents at 64 px). The captions name five "
+        "classes and describe the other five by a coarser word (`benchmarks/cifar10_captions.json`). Curves collected by "
         "`python benchmarks/generator_curves.py` into `benchmarks/results/generator_curves.json`. "
         f"Machine: {_machine(gen['machine'])}; one torch thread per run, runs sharing the two cores.",
         "",
