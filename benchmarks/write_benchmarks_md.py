@@ -221,11 +221,11 @@ def generator_section() -> list[str]:
         "Trained by `python benchmarks/cifar10_generator.py --variant NAME` (the exact `promptset pretrain` command "
         "it runs is in `benchmarks/models/cifar10-mini/COMMAND.md`) on the foundation split (CIFAR-10 JPEG train "
         "files 0-999 of each class, and their mirror images, as TAEF2 latents at 64 px). The captions name five "
-        "classes and describe the other five by a coarser word (`benchmarks/cifar10_captions.json`). Curves collected by "
-        "`python benchmarks/generator_curves.py` into `benchmarks/results/generator_curves.json`. "
+        "classes and describe the other five by a coarser word (`benchmarks/cifar10_captions.json`). Curves "
+        "collected by `python benchmarks/generator_curves.py` into `benchmarks/results/generator_curves.json`. "
         f"Machine: {_machine(gen['machine'])}; one torch thread per run, runs sharing the two cores.",
         "",
-        "Learning curves: ResNet-20's accuracy (%) on 200 class-prompt samples (\"a photo of a {caption word}\", "
+        'Learning curves: ResNet-20\'s accuracy (%) on 200 class-prompt samples ("a photo of a {caption word}", '
         "20 per class, 10 DDIM steps, guidance 3) at fixed step counts (chance 10%).",
         "",
     ]
