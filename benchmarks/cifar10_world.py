@@ -430,6 +430,12 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated methods whose entries in results.json are dropped first (trained again)",
     )
     ap.add_argument(
+        "--until",
+        choices=["fidelity", "evaluate"],
+        default="evaluate",
+        help="stop after this stage (fidelity: select, invert, generate and the prompt-fidelity table only)",
+    )
+    ap.add_argument(
         "--report-only",
         action="store_true",
         help="run no stage: rewrite the results files from what the cache folder already holds",
@@ -562,6 +568,15 @@ def main(argv: list[str] | None = None) -> int:
     log("prompt fidelity (teacher accuracy on generated images): " + ", ".join(
         f"{m} {fid[m]['accuracy']:.1%} (named {fid[m]['named']:.1%}, unnamed {fid[m]['unnamed']:.1%})"
         for m in ("d3m", "class-prompt")))  # fmt: skip
+    if args.until == "fidelity":
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        (RESULTS_DIR / f"{name}_fidelity.json").write_text(json.dumps(
+            {"generator": {k: pre.get(k) for k in ("steps", "quality", "caption_names")}, "model": str(model),
+             "model_hash": model_hash, "preset": p, "invert_final_loss": _last_loss(run), "prompt_fidelity": fid},
+            indent=1) + "\n")  # fmt: skip
+        (RESULTS_DIR / f"{name}_fidelity.md").write_text("\n".join(fidelity_table(fid)) + "\n")
+        log(f"--until fidelity: wrote {RESULTS_DIR / (name + '_fidelity.json')} and .md")
+        return 0
 
     # ---- 4. evaluate -----------------------------------------------------------------------------------------
     results_path = run / "eval" / "results.json"
@@ -713,6 +728,12 @@ def reading(entries: dict, quality: dict, fidelity: dict, p: dict) -> list[str]:
                    "rows of the same IPC and epochs.")  # fmt: skip
     out.append("")
     return out
+
+
+def _last_loss(run: Path) -> float | None:
+    path = run / "invert" / "metrics.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    return rows[-1].get("loss") if rows else None
 
 
 def fidelity_table(fidelity: dict) -> list[str]:
