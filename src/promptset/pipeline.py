@@ -206,5 +206,7 @@ def run_all(config_path: str, run: str | None) -> None:
                 section[key] = run
         if name == "report":
             section.setdefault("runs", run)
+        if name == "evaluate" and "report" in stages:
+            section.setdefault("report", False)  # the report section draws it once, after evaluate
         print(f"== promptset run: {name} ==", flush=True)
         fn(resolve(cls, section, {}, source=f"--config {config_path} [{name}]"))

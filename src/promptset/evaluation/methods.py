@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..accounting import DTYPE_BYTES, SEED_BYTES, check_stored_bytes, class_list_bytes
 from ..artifacts import PromptSet, load_tensors, save_tensors, sha256_bytes, tensors_hash
@@ -27,6 +26,7 @@ from ..backends.sampling import PromptConditioner, TextConditioner, class_prompt
 from ..data import ImageFolderIndex, cut_patches, load_class_images, load_image, scan_image_folder, to_tensor
 from ..dist import all_gather_rows, ddp_world, span
 from ..errors import UserError
+from ..progress import progress_bar
 from ..runfolder import ClassInfo, check_same_classes
 from ..seeding import derive_seed
 from .results import GENERATIVE
@@ -70,7 +70,9 @@ def load_real_folder(
         _FOLDERS.move_to_end(key)
     else:
         images, labels = [], []
-        for c in tqdm(range(index.num_classes), desc=f"load {flag}", unit="class", disable=not progress, leave=False):
+        classes_bar = progress_bar(range(index.num_classes), desc=f"load {flag}", unit="class", disable=not progress,
+                                   leave=False)
+        for c in classes_bar:
             x = load_class_images(index, c, size)  # (n_c, 3, S, S) in [0, 1], exact multiples of 1/255
             images.append(to_uint8(x))
             labels.append(torch.full((len(x),), c, dtype=torch.long))
@@ -206,7 +208,7 @@ def build_generative(ctx: Context, method: str) -> Distilled:
     conditioner = uncond = None
     rank, world = ddp_world()
     show = ctx.cfg.progress and rank == 0
-    bar = tqdm(range(ctx.rounds), desc=f"{method}: images", unit="round", disable=not show, leave=False)
+    bar = progress_bar(range(ctx.rounds), desc=f"{method}: images", unit="round", disable=not show, leave=False)
     for r in bar:
         stage = "generate" if r == 0 else f"eval-round{r}"
         jobs = jobs_for(list(range(c)), per_class, ctx.gen["seed"], stage)
