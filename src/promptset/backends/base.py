@@ -319,8 +319,9 @@ class DiffusionBackend:
         bad = list(dict.fromkeys(bad))
         if bad:
             raise UserError(
-                f"{flag}: initializer {'; '.join(bad)}: not one token in this model's tokenizer" + ". Pass single-token words with --initializers (comma-separated, one per class "
-                "in class order) or one word for all classes with --initializer, or leave both unset: the default "
+                f"{flag}: initializer {'; '.join(bad)}: not one token in this model's tokenizer. Pass single-token "
+                "words with --initializers (comma-separated, one per class in class order) or one word for all "
+                "classes with --initializer, or leave both unset: the default "
                 "(the class names) accepts any name"
             )
         return torch.stack(rows), notes
