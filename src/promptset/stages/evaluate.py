@@ -120,7 +120,8 @@ class EvaluateConfig:
     sampler_batch: int = opt(0, "images denoised together, padded to exactly this many (default: generate's, else 8); "
                              "images depend on it in the last bits, larger is faster")
     dtype: str = opt("fp32", "generator dtype", choices=["fp32", "fp16", "bf16"])
-    eval_every: int = opt(1, "test every N epochs (and after the last); best-epoch accuracy is over tested epochs")
+    eval_every: int = opt(0, "test every N epochs (and after the last); 0 = about 10 tests per student "
+                          "(every epochs/10); best-epoch accuracy is over tested epochs")
     eval_batch_size: int = opt(512, "batch size on the test split")
     device: str = opt("auto", "torch device (auto: CUDA when available)")
     channels_last: bool = opt(False, "channels-last memory format for the student (faster convnets on GPU)")
@@ -272,11 +273,11 @@ def _validate(cfg: EvaluateConfig) -> tuple[list[str], list[int]]:
                         "random-real@M for random-real at the stored bytes of method M")
     if cfg.protocol not in PROTOCOLS:
         raise UserError(f"--protocol {cfg.protocol!r} is not one of {list(PROTOCOLS)}")
-    for name in ("epochs", "seeds", "batch_size", "eval_every", "eval_batch_size", "gen_batch_size"):
+    for name in ("epochs", "seeds", "batch_size", "eval_batch_size", "gen_batch_size"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     ipcs = parse_ipcs(cfg.ipc)
-    for name in ("image_size", "regen_every", "gen_steps", "resolution", "factor", "sampler_batch"):
+    for name in ("image_size", "eval_every", "regen_every", "gen_steps", "resolution", "factor", "sampler_batch"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative")
     if cfg.guidance is not None and cfg.guidance < 0:
@@ -411,7 +412,8 @@ def _recipe(cfg: EvaluateConfig) -> Recipe:
     return Recipe(
         epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
         weight_decay=cfg.weight_decay, schedule=cfg.schedule, targets=targets, temperature=temperature,
-        augment=augment, regen_every=cfg.regen_every, eval_every=cfg.eval_every,
+        # testing every epoch cost more than training on small sets (issue 12): about 10 tests per student by default
+        augment=augment, regen_every=cfg.regen_every, eval_every=cfg.eval_every or max(1, cfg.epochs // 10),
         eval_batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last, compile=cfg.compile, amp=cfg.amp,
     )
 
