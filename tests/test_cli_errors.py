@@ -162,11 +162,14 @@ def test_real_process_exit_codes(tmp_path, tiny_sd):
 
 @pytest.mark.parametrize("flags, named", [
     (["--initializer", "zebra crossing"], "--initializer: initializer 'zebra crossing' is 2 tokens"),
+    (["--initializers", "car,zebra crossing,xqzvbnw"],
+     "--initializers: initializer 'zebra crossing' is 2 tokens ['zebra</w>', 'crossing</w>']; 'xqzvbnw' is"),
     (["--initializers", "car,cat"], "--initializers has 2 words for 3 classes"),
-    ([], "--initializer (default: the class name): initializer 'xqzvbnw"),
 ])
 def test_multi_token_or_missing_initializer(flags, named, tmp_path, capsys, tiny_sd):
-    classes = ("car", "cat", "xqzvbnw") if not flags else ("car", "cat", "dog")
+    """Words the user chose are refused when not one token, every bad word in one message (the default, the class
+    names, never refuses: tests/test_usability.py)."""
+    classes = ("car", "cat", "dog")
     data = dataset(tmp_path / "data", classes=classes)
     out = tmp_path / "run"
     code, _, err = cli(capsys, *invert_args(tiny_sd, data, out, *flags))

@@ -23,6 +23,7 @@ COMMANDS = {
     "export": "prompts as diffusers textual-inversion files",
     "report": "Markdown table and accuracy-vs-bytes plot of runs",
     "pretrain": "train the small offline mini generator",
+    "teacher": "train a teacher classifier (for select, soft labels, P3) on an ImageFolder",
     "demo": "the whole pipeline on a built-in dataset, in minutes on CPU",
 }
 

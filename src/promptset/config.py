@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
         meta = f.metadata
-        help_text = f"{meta.get('help', '')} (default: {f.default!r})"
+        # argparse %-formats help strings: a literal '%' in a help text or default must be doubled
+        help_text = f"{meta.get('help', '')} (default: {f.default!r})".replace("%", "%%")
         flags = [flag_name(f.name), *meta.get("aliases", ())]
         if kind is bool:
             parser.add_argument(

@@ -432,10 +432,10 @@ def verify_images(
     Raises:
         UserError: For the first bad file, its message prefixed with `flag` (the option that named the dataset).
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     paths = [p for files in index.files for p in files]
-    for path in tqdm(paths, desc="verify images", disable=not progress, unit="img", leave=False):
+    for path in progress_bar(paths, desc="verify images", disable=not progress, unit="img", leave=False):
         try:
             load_image(path, max_pixels=max_pixels).close()
         except UserError as err:

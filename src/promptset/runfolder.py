@@ -7,6 +7,7 @@ A stage that finds a class list disagreeing with its inputs refuses with a messa
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,31 +89,6 @@ def check_same_classes(expected: list[str], got: list[str], what: str, fix: str)
     raise UserError(f"{what} does not match classes.json ({'; '.join(detail)}); {fix}")
 
 
-def check_teacher_classes(spec: str, folders: list[str]) -> None:
-    """Refuse a teacher whose weights file names its classes (metadata `class_folders` or `classes`, a JSON list)
-    in a different order or set than `classes.json`. Files without such metadata are checked by width only."""
-    from safetensors import SafetensorError, safe_open
-
-    _, sep, raw = (spec or "").partition(":")
-    path = Path(raw.strip()).expanduser()
-    if not sep or path.suffix.lower() != ".safetensors" or not path.is_file():
-        return  # load_teacher explains what is wrong with the spec
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError):
-        return
-    raw_list = meta.get("class_folders") or meta.get("classes")
-    if raw_list is None:
-        return
-    try:
-        got = [str(c) for c in json.loads(raw_list)]
-    except (json.JSONDecodeError, TypeError) as err:
-        raise UserError(f"teacher weights {path}: metadata class list is not a JSON list ({err})") from err
-    check_same_classes(folders, got, f"teacher weights {path} (its class list)",
-                       "pass a teacher trained on these classes, in classes.json order")
-
-
 def resolve_class_names(folders: list[str], class_names: str | None) -> list[str]:
     """Display names: from `--class-names FILE` (JSON {folder: name} or one name per line), else from folders."""
     from .data import display_name
@@ -163,7 +139,7 @@ def check_run_folder(run: Path, stage: str, config: dict, *, overwrite: bool = F
         return False
     if not overwrite:
         keys = (set(previous) | set(config)) & _IDENTITY_KEYS
-        changed = sorted(k for k in keys if previous.get(k) != config.get(k))
+        changed = sorted(k for k in keys if _identity(previous).get(k) != _identity(config).get(k))
         raise UserError(
             f"--out {run} already holds a different {stage} run (changed: {', '.join(changed)}); "
             "pass a new --out folder, or --overwrite to replace it"
@@ -171,12 +147,41 @@ def check_run_folder(run: Path, stage: str, config: dict, *, overwrite: bool = F
     return True
 
 
+_PATH_KEYS = ("data", "out", "run", "test", "train", "class_names")  # always paths
+_MAYBE_PATH_KEYS = ("model", "vae")  # a path when one exists (else a Hub id or a keyword)
+
+
+def absolute_spec(spec: str) -> str:
+    """A teacher spec with its PATH made absolute (`none` unchanged), so a rerun from another folder finds it."""
+    if not spec or spec.strip().lower() == "none":
+        return spec
+    name, sep, raw = spec.partition(":")
+    if not sep or Path(spec).expanduser().exists():
+        return os.path.abspath(Path(spec).expanduser())
+    return f"{name}:{os.path.abspath(Path(raw.strip()).expanduser())}"
+
+
+def absolute_paths(config: dict) -> dict:
+    """`config` with its relative paths made absolute, as `config.yaml` records them: the file then means the same
+    whichever folder a later stage or rerun starts from."""
+    out = dict(config)
+    for key, value in config.items():
+        if not isinstance(value, str) or not value:
+            continue
+        if key in _PATH_KEYS or (key in _MAYBE_PATH_KEYS and Path(value).expanduser().exists()):
+            out[key] = os.path.abspath(Path(value).expanduser())
+        elif key == "teacher":
+            out[key] = absolute_spec(value)
+    return out
+
+
 def write_config(run: Path, stage: str, config: dict) -> None:
-    """Create the run folder and record this stage's resolved config in `config.yaml` (other stages kept)."""
+    """Create the run folder and record this stage's resolved config in `config.yaml` (other stages kept), with
+    relative paths made absolute."""
     run = Path(run)
     cfg_path = run / "config.yaml"
     existing = _read_config(cfg_path) if cfg_path.is_file() else {}
-    existing[stage] = config
+    existing[stage] = absolute_paths(config)
     run.mkdir(parents=True, exist_ok=True)
     write_text(cfg_path, yaml.safe_dump(existing, sort_keys=False))
 
@@ -255,4 +260,4 @@ _IDENTITY_KEYS = {
 
 
 def _identity(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k in _IDENTITY_KEYS}
+    return {k: v for k, v in absolute_paths(config).items() if k in _IDENTITY_KEYS}

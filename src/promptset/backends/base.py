@@ -287,15 +287,44 @@ class DiffusionBackend:
 
     def initializer_vector(self, word: str, flag: str = "--initializer") -> torch.Tensor:
         """The frozen embedding row of a single-token initializer word (D,); refuses a multi-token word."""
-        ids = self.word_ids(word)
-        if len(ids) != 1:
+        vectors, _ = self.initializer_vectors([word], flag, fallback=False)
+        return vectors[0]
+
+    def initializer_vectors(self, words: list[str], flag: str, *, fallback: bool) -> tuple[torch.Tensor, list[str]]:
+        """Embedding rows (C, D) of one initializer word per class, and a note per word that was not one token.
+
+        fallback=False (words the user chose): every word that is not one token is refused, all in one error.
+        fallback=True (the default, the class names): a multi-token word starts from the mean of its sub-tokens'
+        rows, rescaled to their mean norm; a word with no tokens from the mean row of the table. Never refuses.
+        """
+        table = self.token_embedding.weight.detach().float()  # (vocab, D)
+        rows, notes, bad = [], [], []
+        for word in words:
+            ids = self.word_ids(word)
+            if len(ids) == 1:
+                rows.append(table[ids[0]].clone())
+                continue
             pieces = self.tokenizer.convert_ids_to_tokens(ids)
+            if not fallback:
+                bad.append(f"{word!r} is {len(ids)} tokens {pieces}")  # each word once, however many classes
+                rows.append(table[0].clone())
+            elif ids:
+                parts = table[ids]  # (n, D)
+                mean = parts.mean(0)
+                rows.append(mean * (parts.norm(dim=1).mean() / mean.norm().clamp_min(1e-12)))
+                notes.append(f"{word!r} is {len(ids)} tokens {pieces}: starts from the mean of their embeddings")
+            else:
+                rows.append(table.mean(0))
+                notes.append(f"{word!r} has no tokens: starts from the mean embedding of the vocabulary")
+        bad = list(dict.fromkeys(bad))
+        if bad:
             raise UserError(
-                f"{flag}: initializer {word!r} is {len(ids)} tokens {pieces} in this model's tokenizer, not one; "
-                "pass a single-token word per class with --initializers (comma-separated, in class order) "
-                "or one word for all classes with --initializer"
+                f"{flag}: initializer {'; '.join(bad)}: not one token in this model's tokenizer. Pass single-token "
+                "words with --initializers (comma-separated, one per class in class order) or one word for all "
+                "classes with --initializer, or leave both unset: the default "
+                "(the class names) accepts any name"
             )
-        return self.token_embedding.weight[ids[0]].detach().float().clone()
+        return torch.stack(rows), notes
 
     # ----------------------------------------------------------------------------------------------------------
     # image side

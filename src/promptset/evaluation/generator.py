@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..backends.base import image_generators
 from ..backends.sampling import class_prompts
-from ..data import to_pil
+from ..grids import labeled_grid
 from ..seeding import derive_seed
 
 
@@ -35,10 +35,9 @@ def class_prompt_samples(backend, names: list[str], per_class: int, cfg, stage: 
 
 
 def sample_grid(backend, names, cfg, stage: str):
-    """A grid image: a row of `cfg.grid_samples` class-prompt samples per class."""
+    """A grid image: a row of `cfg.grid_samples` class-prompt samples per class, labelled with the class name."""
     images = class_prompt_samples(backend, names, cfg.grid_samples, cfg, stage)  # (C, n, 3, H, W)
-    rows = [torch.cat(list(row), dim=2) for row in images]  # a row per class
-    return to_pil(torch.cat(rows, dim=1))
+    return labeled_grid(list(images), names)
 
 
 @torch.no_grad()

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..accounting import DTYPE_BYTES, SEED_BYTES, check_stored_bytes, class_list_bytes
 from ..artifacts import PromptSet, load_tensors, save_tensors, sha256_bytes, tensors_hash
@@ -27,6 +26,7 @@ from ..backends.sampling import PromptConditioner, TextConditioner, class_prompt
 from ..data import ImageFolderIndex, cut_patches, load_class_images, load_image, scan_image_folder, to_tensor
 from ..dist import all_gather_rows, ddp_world, span
 from ..errors import UserError
+from ..progress import progress_bar
 from ..runfolder import ClassInfo, check_same_classes
 from ..seeding import derive_seed
 from .results import GENERATIVE
@@ -70,7 +70,9 @@ def load_real_folder(
         _FOLDERS.move_to_end(key)
     else:
         images, labels = [], []
-        for c in tqdm(range(index.num_classes), desc=f"load {flag}", unit="class", disable=not progress, leave=False):
+        classes_bar = progress_bar(range(index.num_classes), desc=f"load {flag}", unit="class", disable=not progress,
+                                   leave=False)
+        for c in classes_bar:
             x = load_class_images(index, c, size)  # (n_c, 3, S, S) in [0, 1], exact multiples of 1/255
             images.append(to_uint8(x))
             labels.append(torch.full((len(x),), c, dtype=torch.long))
@@ -206,7 +208,7 @@ def build_generative(ctx: Context, method: str) -> Distilled:
     conditioner = uncond = None
     rank, world = ddp_world()
     show = ctx.cfg.progress and rank == 0
-    bar = tqdm(range(ctx.rounds), desc=f"{method}: images", unit="round", disable=not show, leave=False)
+    bar = progress_bar(range(ctx.rounds), desc=f"{method}: images", unit="round", disable=not show, leave=False)
     for r in bar:
         stage = "generate" if r == 0 else f"eval-round{r}"
         jobs = jobs_for(list(range(c)), per_class, ctx.gen["seed"], stage)
@@ -214,6 +216,10 @@ def build_generative(ctx: Context, method: str) -> Distilled:
         if r == 0 and method == "d3m":
             images, stored = _reuse_generated(ctx)
             reused = images is not None
+        memo = _round_key(ctx, method, r)
+        if images is None and memo in _ROUNDS:  # made by an earlier evaluate call in this process (other protocol)
+            _ROUNDS.move_to_end(memo)
+            images = _ROUNDS[memo]
         if images is None:
             if conditioner is None:
                 backend = ctx.backend()
@@ -244,6 +250,7 @@ def build_generative(ctx: Context, method: str) -> Distilled:
             mine = torch.cat(patches) if patches else torch.zeros(0, p, 3, ctx.image_size, ctx.image_size).byte()
             per_image = all_gather_rows(mine, len(jobs)).view(c, per_class * p, 3, ctx.image_size, ctx.image_size)
             images = per_image[:, : ctx.ipc].reshape(c * ctx.ipc, 3, ctx.image_size, ctx.image_size)
+            _remember_round(memo, images)
         images = images.to(ctx.device)
         if ctx.needs_soft:
             stored = (
@@ -276,6 +283,25 @@ def build_generative(ctx: Context, method: str) -> Distilled:
     if method == "class-prompt":
         info["prompts"] = class_prompt_strings(ctx)
     return Distilled(rounds, components, ctx.ipc, info)
+
+
+ROUNDS_CACHE_BYTES = 256 << 20  # generated rounds kept per process, so P1 and P2 of one run generate them once
+_ROUNDS: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+
+def _round_key(ctx: Context, method: str, r: int) -> str:
+    """Everything that changes the pixels of round r (the prompts file by size and time: a new invert changes it)."""
+    prompts = ctx.run / "prompts.safetensors"
+    stat = prompts.stat() if prompts.is_file() else None
+    what = [str(ctx.run.resolve()), method, ctx.gen, ctx.factor, ctx.image_size, ctx.ipc, r, ctx.cfg.dtype,
+            ctx.cfg.class_prompt if method == "class-prompt" else "", stat and (stat.st_size, stat.st_mtime_ns)]
+    return json.dumps(what, sort_keys=True, default=str)
+
+
+def _remember_round(key: str, images: torch.Tensor) -> None:
+    _ROUNDS[key] = images.cpu()
+    while sum(x.numel() for x in _ROUNDS.values()) > ROUNDS_CACHE_BYTES:
+        _ROUNDS.popitem(last=False)
 
 
 def _write_labels(ctx: Context, method: str, tensors: dict[str, torch.Tensor]) -> str:

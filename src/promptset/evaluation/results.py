@@ -195,10 +195,12 @@ def load_rows(runs: list[Path]) -> list[dict]:
                     "ipc_equivalent": e["ipc_equivalent"],
                     "png_bytes": e.get("png_bytes"),
                     "key": key,
+                    "num_classes": e.get("num_classes"),
                 }
             )
     order = {"d3m": 0, "class-prompt": 1, "rded": 2, "random-real": 3, "full": 4}
-    rows.sort(key=lambda r: (r["protocol"], r["student"], r["run"], order.get(r["method"], 9), r["ipc"] or 10**9))
+    rows.sort(key=lambda r: (r["protocol"], r["student"], r["run"], order.get(r["method"].partition("@")[0], 9),
+                             r["method"], r["ipc"] or 10**9))
     return rows
 
 
@@ -226,15 +228,26 @@ def markdown(rows: list[dict], title: str) -> str:
 
 def to_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for r in rows:
         writer.writerow({k: ("" if r[k] is None else r[k]) for k in COLUMNS})
     return buf.getvalue()
 
 
+def recipe_line(rows: list[dict]) -> str:
+    """What the numbers were measured under: protocols, students, epochs and seeds of the rows."""
+
+    def values(name: str, fmt=str) -> str:
+        return "/".join(fmt(v) for v in dict.fromkeys(r[name] for r in rows if r.get(name) is not None))
+
+    return (f"protocol {values('protocol', str.upper)}, student {values('student')}, {values('epochs')} epochs, "
+            f"{values('seeds')} seed(s)")
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    """Final top-1 against stored bytes (log x): one marker series per method, each point annotated with its IPC."""
+    """Final top-1 against stored bytes (log x): one marker series per method, each point annotated with its IPC,
+    the chance level as a line, and the recipe (protocol, student, epochs, seeds) under the title."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -242,7 +255,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     markers = {"d3m": "o", "class-prompt": "s", "rded": "^", "random-real": "v", "full": "*"}
     protocols = sorted({r["protocol"] for r in rows})
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(8.5, 4.8), dpi=120)
     for method in dict.fromkeys(r["method"] for r in rows):
         pts = [r for r in rows if r["method"] == method]
         for proto in protocols:
@@ -254,7 +267,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                 [r["stored_bytes"] for r in mine],
                 [r["final_top1_mean"] for r in mine],
                 yerr=[r["final_top1_std"] for r in mine],
-                marker=markers.get(method, "D"),
+                marker=markers.get(method.partition("@")[0], "D"),
                 capsize=3,
                 linestyle="-" if len(mine) > 1 else "none",
                 label=label,
@@ -267,12 +280,19 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                     xytext=(4, 4),
                     fontsize=7,
                 )
+    classes = {r["num_classes"] for r in rows if r.get("num_classes")}
+    if len(classes) == 1:
+        chance = 100.0 / classes.pop()
+        ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label=f"chance ({chance:.0f}%)")
     ax.set_xscale("log")
+    lo, hi = min(r["stored_bytes"] for r in rows), max(r["stored_bytes"] for r in rows)
+    ax.set_xlim(lo / 2, hi * 4)  # room for the IPC labels right of the last point
+    ax.set_ylim(bottom=0, top=min(100, max(r["final_top1_mean"] + r["final_top1_std"] for r in rows) + 8))
     ax.set_xlabel("stored bytes (log scale)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title, fontsize=10)
+    ax.set_ylabel("top-1 accuracy on the real test split (%)")
+    ax.set_title(f"{title}\n{recipe_line(rows)}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..devices import to_device
 from ..dist import all_reduce_sum, broadcast_buffers, ddp_world, gradient_group, span
 from ..errors import TrainingDiverged
+from ..progress import progress_bar
 from ..seeding import derive_seed
 from .augment import crop_flip_params, cutmix_params, paste, warp
 
@@ -97,6 +97,43 @@ def sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     return convert_sync_batchnorm(model)
 
 
+def training_state(model, optimizer, scheduler, generator, rng, epoch: int, steps: int, history: list) -> dict:
+    """Everything a run needs to continue after `epoch` epochs: tensors (CPU) and a JSON-able `meta`."""
+    tensors = {f"model.{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()}  # a copy, not a view
+    opt_state = optimizer.state_dict()
+    for i, state in opt_state["state"].items():
+        for k, v in state.items():
+            t = torch.as_tensor(v).detach().cpu().clone()
+            tensors[f"optim.{i}.{k}"] = t.reshape(1) if t.ndim == 0 else t
+    tensors["generator"] = generator.get_state()
+    meta = {
+        "epoch": epoch,
+        "steps": steps,
+        "history": history,
+        "param_groups": opt_state["param_groups"],
+        "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
+        "numpy_rng": rng.bit_generator.state,
+    }
+    return {"tensors": tensors, "meta": meta}
+
+
+def _restore(state: dict, model, optimizer, scheduler, generator, rng) -> tuple[int, int, list]:
+    """Load a `training_state` into the freshly built objects; returns (epoch, steps, history)."""
+    tensors, meta = state["tensors"], state["meta"]
+    device = next(model.parameters()).device
+    model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+    per_param: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, i, name = key.split(".", 2)
+            per_param.setdefault(int(i), {})[name] = value.reshape(()) if name == "step" else value.to(device).clone()
+    optimizer.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+    generator.set_state(tensors["generator"])
+    rng.bit_generator.state = meta["numpy_rng"]
+    return int(meta["epoch"]), int(meta["steps"]), list(meta["history"])
+
+
 @torch.no_grad()
 def test_accuracy(model: torch.nn.Module, test: TrainSet, recipe: Recipe, *, distributed: bool = False) -> float:
     """Top-1 accuracy (%) on the test split held on the device.
@@ -123,7 +160,7 @@ def test_accuracy(model: torch.nn.Module, test: TrainSet, recipe: Recipe, *, dis
 def train_student(
     model: torch.nn.Module,
     rounds: list[TrainSet],
-    test: TrainSet,
+    test: TrainSet | None,
     recipe: Recipe,
     *,
     seed: int,
@@ -131,6 +168,9 @@ def train_student(
     on_epoch=None,
     progress: bool = True,
     desc: str = "train",
+    resume: dict | None = None,
+    on_checkpoint=None,
+    checkpoint_every: int = 0,
 ) -> dict:
     """Train `model` on `rounds` (round r serves epochs [r*k, (r+1)*k), k = regen_every) and test every epoch.
 
@@ -144,8 +184,12 @@ def train_student(
     its share of the batch, so the steps are those of one process up to the order of float sums. Batch norm
     layers use the global batch's statistics on CUDA (SyncBatchNorm) and each rank's slice on CPU (no CPU kernel),
     with rank 0's running statistics for testing. The test split is sharded across ranks.
+
+    Without a test split (`test` None) nothing is tested. `on_checkpoint(state)` receives the whole training state
+    (`training_state`) every `checkpoint_every` epochs; passing such a state back as `resume` continues the run
+    exactly where it stopped (bit for bit on CPU).
     """
-    device = test.images.device
+    device = rounds[0].images.device
     n = len(rounds[0])
     if any(len(r) != n for r in rounds):
         raise ValueError("every round must hold the same number of samples")
@@ -180,9 +224,11 @@ def train_student(
     rng = np.random.default_rng(derive_seed(seed, "cutmix"))
     aug = recipe.augment
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=recipe.amp and device.type == "cuda")
-    history, steps = [], 0
-    bar = tqdm(range(recipe.epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
-    for epoch in bar:
+    history, steps, start = [], 0, 0
+    if resume is not None:
+        start, steps, history = _restore(resume, model, optimizer, scheduler, generator, rng)
+    bar = progress_bar(total=recipe.epochs, initial=start, desc=desc, unit="epoch", disable=not progress, leave=False)
+    for epoch in range(start, recipe.epochs):
         data = rounds[min(epoch // recipe.regen_every, len(rounds) - 1) if recipe.regen_every else 0]
         perm = to_device(torch.randperm(n, generator=generator), device)
         step_model.train()
@@ -233,7 +279,7 @@ def train_student(
         if not math.isfinite(epoch_loss):
             raise TrainingDiverged(f"student loss is {epoch_loss} at epoch {epoch + 1}; lower --lr")
         acc = None
-        if (epoch + 1) % recipe.eval_every == 0 or epoch + 1 == recipe.epochs:
+        if test is not None and ((epoch + 1) % recipe.eval_every == 0 or epoch + 1 == recipe.epochs):
             if world > 1 and not sync_bn:
                 broadcast_buffers(model, group)  # batch norm running statistics: rank 0's on every rank
             acc = test_accuracy(test_model, test, recipe, distributed=world > 1)
@@ -248,9 +294,13 @@ def train_student(
         if on_epoch is not None:
             on_epoch(row)
         bar.set_postfix(loss=f"{epoch_loss:.3f}", acc="-" if acc is None else f"{acc:.1f}")
+        bar.update(1)
+        if on_checkpoint is not None and checkpoint_every and (epoch + 1) % checkpoint_every == 0:
+            if epoch + 1 < recipe.epochs:
+                on_checkpoint(training_state(model, optimizer, scheduler, generator, rng, epoch + 1, steps, history))
     bar.close()
     tested = [r for r in history if r["test_top1"] is not None]
-    best = max(tested, key=lambda r: r["test_top1"])
+    best = max(tested, key=lambda r: r["test_top1"]) if tested else {"test_top1": None, "epoch": None}
     return {
         "history": history,
         "optimizer_steps": steps,

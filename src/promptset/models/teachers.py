@@ -1,4 +1,5 @@
-"""Frozen teacher classifiers (patch selection, soft labels) loaded from a spec string `NAME:PATH.safetensors`.
+"""Frozen teacher classifiers (patch selection, soft labels) loaded from `NAME:PATH.safetensors`, or from the bare
+PATH of a file `promptset teacher` wrote (its metadata names the architecture, classes, input size, normalisation).
 
 A `Teacher` takes images in [0, 1] and returns logits; weights are read from safetensors only, never pickles.
 """
@@ -6,20 +7,23 @@ A `Teacher` takes images in [0, 1] and returns logits; weights are read from saf
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from promptset.errors import UserError
 from promptset.models.cifar_resnet import ImageNormalize
 from promptset.models.students import _CONVNET, STUDENTS, create_student
+from promptset.runfolder import check_same_classes
 
 GRAMMAR = (
-    "teacher spec must be 'none' or 'NAME:PATH' with NAME one of "
+    "teacher spec must be 'none', the PATH of a teacher made by `promptset teacher`, or 'NAME:PATH' with NAME one of "
     f"{', '.join(STUDENTS)}, convnetD, timm/<model>, torchvision/<model> and PATH a .safetensors state dict "
     "(e.g. 'resnet20:weights/cifar10_resnet20.safetensors')"
 )
@@ -99,6 +103,8 @@ class Teacher(nn.Module):
         name: The architecture name (e.g. `resnet20`, `timm/resnet50`).
         weights_path: The safetensors file.
         weights_sha256: Hex sha256 of the weights file.
+        image_size: Input side it was trained at when its file says so (inputs are resized to it), else None.
+        class_folders: Its classes in order when its file lists them, else None.
     """
 
     def __init__(
@@ -109,6 +115,7 @@ class Teacher(nn.Module):
         weights_path: Path,
         weights_sha256: str,
         normalize: nn.Module | None = None,
+        image_size: int | None = None,
     ):
         super().__init__()
         self.net = net
@@ -117,6 +124,9 @@ class Teacher(nn.Module):
         self.name = name
         self.weights_path = weights_path
         self.weights_sha256 = weights_sha256
+        self.image_size = image_size
+        self.class_folders: list[str] | None = None
+        self.metadata: dict = {}
         self.requires_grad_(False)
         self.eval()
         head = _final_linear(net)
@@ -131,38 +141,81 @@ class Teacher(nn.Module):
         return super().train(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits for images in [0, 1] (B, 3, H, W) -> (B, num_classes)."""
+        """Logits for images in [0, 1] (B, 3, H, W) -> (B, num_classes); resized first to the size the teacher was
+        trained at when its file records one (files written by `promptset teacher`)."""
+        size = self.image_size
+        if size and tuple(images.shape[-2:]) != (size, size):
+            images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True,
+                                   align_corners=False).clamp(0, 1)  # fmt: skip
         return self.net(self.normalize(images))  # (B, num_classes)
 
 
-def load_teacher(spec: str, num_classes: int | None = None, device: str | torch.device = "cpu") -> Teacher | None:
-    """Loads a frozen teacher from `none` or `NAME:PATH` (PATH a `.safetensors` state dict).
+TEACHER_FORMAT = "promptset.teacher"  # metadata `format` of files written by `promptset teacher`
+
+
+def read_teacher_metadata(path: Path) -> dict:
+    """The metadata of a teacher weights file, with `class_folders` and `normalize` decoded ({} if it has none)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"cannot read teacher weights {path}: {err}") from None
+    raw = meta.get("class_folders") or meta.get("classes")
+    if raw is not None:
+        try:
+            folders = json.loads(raw)
+            if not isinstance(folders, list):
+                raise TypeError("not a list")
+        except (json.JSONDecodeError, TypeError) as err:
+            raise UserError(f"teacher weights {path}: metadata class list is not a JSON list ({err})") from None
+        meta["class_folders"] = [str(c) for c in folders]
+    if "normalize" in meta:
+        meta["normalize"] = json.loads(meta["normalize"])
+    return meta
+
+
+def _split_spec(spec: str) -> tuple[str, Path]:
+    """(architecture name or '', path) of `NAME:PATH` or of a bare `PATH` (whose file names its architecture)."""
+    name, sep, raw_path = spec.partition(":")
+    name, raw_path = name.strip(), raw_path.strip()
+    bare = not sep or (spec.lower().endswith(".safetensors") and Path(spec).expanduser().is_file())
+    if bare:
+        return "", Path(spec).expanduser()
+    if not name or not raw_path:
+        raise UserError(f"bad teacher spec {spec!r}: {GRAMMAR}")
+    return name, Path(raw_path).expanduser()
+
+
+def load_teacher(
+    spec: str,
+    num_classes: int | None = None,
+    device: str | torch.device = "cpu",
+    class_folders: list[str] | None = None,
+) -> Teacher | None:
+    """Loads a frozen teacher from `none`, `NAME:PATH` or `PATH` (PATH a `.safetensors` state dict).
+
+    A file written by `promptset teacher` names its architecture, classes, input size and normalisation in its
+    metadata, so its bare PATH is enough; it then resizes every input to the size it was trained at.
 
     Args:
-        spec: `none`, or `NAME:PATH` with NAME a built-in network (`resnet20`, `resnet56`, `convnet3`, `resnet18`,
-            ...), `timm/<model>` or `torchvision/<model>`.
+        spec: `none`, `PATH` of a promptset teacher, or `NAME:PATH` with NAME a built-in network (`resnet20`,
+            `resnet56`, `convnet3`, `resnet18`, ...), `timm/<model>` or `torchvision/<model>`.
         num_classes: If given, the number of classes the caller's data has; the teacher must match it.
         device: Where to put the teacher.
+        class_folders: If given, the caller's class folders in order; a teacher whose file lists its classes must
+            list exactly these.
 
     Returns:
         The teacher in eval mode with gradients off, or None for `none`.
 
     Raises:
-        UserError: Bad spec, missing or non-safetensors file, weights that do not fit the architecture, or a
-            class count that differs from `num_classes`.
+        UserError: Bad spec, missing or non-safetensors file, weights that do not fit the architecture, or classes
+            that differ from `num_classes` / `class_folders`.
     """
     spec = spec.strip()
     if spec.lower() == "none":
         return None
-    name, sep, raw_path = spec.partition(":")
-    name, raw_path = name.strip(), raw_path.strip()
-    if not sep or not name or not raw_path:
-        raise UserError(f"bad teacher spec {spec!r}: {GRAMMAR}")
-    kind, _, arch = name.partition("/")
-    external = kind in ("timm", "torchvision") and bool(arch)
-    if not external and name not in STUDENTS and not _CONVNET.fullmatch(name):
-        raise UserError(f"unknown teacher name {name!r} in {spec!r}: {GRAMMAR}")
-    path = Path(raw_path).expanduser()
+    name, path = _split_spec(spec)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise UserError(
             f"teacher weights {path} look like a pickle ({path.suffix}); pickles are never loaded. Convert the "
@@ -171,19 +224,41 @@ def load_teacher(spec: str, num_classes: int | None = None, device: str | torch.
     if path.suffix.lower() != ".safetensors":
         raise UserError(f"teacher weights {path} must be a .safetensors file; {GRAMMAR}")
     if not path.is_file():
-        raise UserError(f"teacher weights not found: {path}. Pass an existing .safetensors file in '{name}:PATH'")
+        raise UserError(f"teacher weights not found: {path}. Pass an existing .safetensors file as PATH or NAME:PATH")
+    meta = read_teacher_metadata(path)
+    stored_arch = meta.get("arch", "")
+    if not name:
+        if not stored_arch:
+            raise UserError(f"teacher weights {path} do not name their architecture; pass NAME:PATH. {GRAMMAR}")
+        name = stored_arch
+    elif stored_arch and stored_arch != name:
+        raise UserError(
+            f"teacher spec {spec!r} names {name!r} but {path} was trained as {stored_arch!r}; pass "
+            f"{stored_arch}:{path} or just {path}"
+        )
+    kind, _, arch = name.partition("/")
+    external = kind in ("timm", "torchvision") and bool(arch)
+    if not external and name not in STUDENTS and not _CONVNET.fullmatch(name):
+        raise UserError(f"unknown teacher name {name!r} in {spec!r}: {GRAMMAR}")
+    if class_folders is not None and meta.get("class_folders") is not None:
+        check_same_classes(class_folders, meta["class_folders"], f"teacher weights {path} (its class list)",
+                           "pass a teacher trained on these classes, in classes.json order (train one with "
+                           "`promptset teacher --data DIR --out FILE.safetensors` on this data)")
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise UserError(f"cannot read teacher weights {path}: {err}") from None
+    trained_size = int(meta["image_size"]) if meta.get("image_size") else None
 
     if external:
         probe = _build_external(kind, arch, num_classes)
         width = _classes_in_state(probe, state)
         net = probe if width in (None, num_classes) else _build_external(kind, arch, width)
-        normalize = ImageNormalize(3)
+        norm = meta.get("normalize") or {}
+        normalize = ImageNormalize(3, norm.get("mean"), norm.get("std"))
     else:
         image_size, channels = _builtin_geometry(name, state, path)
+        image_size = trained_size or image_size
         probe = create_student(name, num_classes or 10, image_size, channels)
         width = _classes_in_state(probe, state)
         net = probe if width in (None, num_classes or 10) else create_student(name, width, image_size, channels)
@@ -195,7 +270,9 @@ def load_teacher(spec: str, num_classes: int | None = None, device: str | torch.
         detail = str(err).splitlines()[0:3]
         raise UserError(f"teacher weights {path} do not fit architecture {name!r}: {' '.join(detail)}") from None
 
-    teacher = Teacher(net, spec, name, path, _sha256(path), normalize).to(device)
+    teacher = Teacher(net, spec, name, path, _sha256(path), normalize, image_size=trained_size).to(device)
+    teacher.class_folders = meta.get("class_folders")
+    teacher.metadata = {k: v for k, v in meta.items() if k not in ("content_sha256", "metadata_sha256")}
     if num_classes is not None and teacher.num_classes != num_classes:
         raise UserError(
             f"teacher weights {path} predict {teacher.num_classes} classes but the data has {num_classes}; "

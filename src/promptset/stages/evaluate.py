@@ -26,6 +26,7 @@ split; rank 0 alone prints, shows progress and writes results.json, metrics.json
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -67,12 +68,14 @@ class EvaluateConfig:
     )
     test: str = opt("", "ImageFolder of real test images, one folder per class in classes.json")
     train: str = opt("", "real training ImageFolder for random-real and full (default: the data select used)")
-    method: str = opt("d3m", "comma-separated methods: " + ", ".join(METHODS))
+    method: str = opt("d3m", "comma-separated methods: " + ", ".join(METHODS) + "; random-real@M (e.g. "
+                      "random-real@d3m) = random-real at the IPC whose stored bytes match method M's at each IPC")
     protocol: str = opt(
         "p1", "p1: stored soft labels, no aug; p2: one-hot + aug; p3: online teacher (RDED)", choices=list(PROTOCOLS)
     )
     student: str = opt("convnet3", "student network (convnet3, convnet4, resnet18, resnet20, resnet56, a timm name)")
-    ipc: int = opt(0, "training images (patches) per class (default: the run's generate ipc, else 10)")
+    ipc: str = opt("", "training images (patches) per class: one number or a comma-separated list (1,10,50), all "
+                   "evaluated in this call (default: the run's generate ipc, else 10)")
     image_size: int = opt(0, "student input side in pixels (default: the dataset resolution from select.json)")
     teacher: str = opt("", "teacher NAME:PATH.safetensors for P1/P3 (default: the one that labelled the run)")
     epochs: int = opt(300, "training epochs (RDED: 300)")
@@ -117,7 +120,8 @@ class EvaluateConfig:
     sampler_batch: int = opt(0, "images denoised together, padded to exactly this many (default: generate's, else 8); "
                              "images depend on it in the last bits, larger is faster")
     dtype: str = opt("fp32", "generator dtype", choices=["fp32", "fp16", "bf16"])
-    eval_every: int = opt(1, "test every N epochs (and after the last); best-epoch accuracy is over tested epochs")
+    eval_every: int = opt(0, "test every N epochs (and after the last); 0 = about 10 tests per student "
+                          "(every epochs/10); best-epoch accuracy is over tested epochs")
     eval_batch_size: int = opt(512, "batch size on the test split")
     device: str = opt("auto", "torch device (auto: CUDA when available)")
     channels_last: bool = opt(False, "channels-last memory format for the student (faster convnets on GPU)")
@@ -132,7 +136,7 @@ def evaluate(cfg: EvaluateConfig | None = None, **overrides) -> dict:
     cfg = make_config(EvaluateConfig, cfg, overrides, "evaluate")
     rank, world = rank_world()
     main = rank == 0  # under torchrun only rank 0 prints, shows progress and writes
-    methods, ctx, test = prepared_everywhere(_prepare, cfg, cfg.progress and main)  # joins the gloo group
+    methods, ipcs, ctx, test = prepared_everywhere(_prepare, cfg, cfg.progress and main)  # joins the gloo group
     if world > 1 and ctx.device.type == "cuda":
         torch.cuda.set_device(ctx.device)
     classes, size = ctx.classes, ctx.image_size
@@ -146,8 +150,6 @@ def evaluate(cfg: EvaluateConfig | None = None, **overrides) -> dict:
         "test": test.split_hash,
     }
     per_image = real_bytes(1, len(classes), size)
-    if main:
-        _print_plan(ctx, methods, per_image)
     if main and world > 1 and ctx.device.type != "cuda":
         with torch.random.fork_rng(devices=[]):  # leaves the global random state as on the other ranks
             student = create_student(cfg.student, len(classes), size)
@@ -159,41 +161,14 @@ def evaluate(cfg: EvaluateConfig | None = None, **overrides) -> dict:
             )
 
     new_entries = {}
-    for method in methods:
-        started = time.time()
-        spec = METHODS[method]
-        shared = None if spec.per_seed else spec.build(ctx, None)
-        runs, png = [], None
-        for s in range(cfg.seed, cfg.seed + cfg.seeds):
-            data = shared if shared is not None else spec.build(ctx, s)
-            if spec.stores_images and png is None and main:
-                png = png_bytes(data.rounds[0].images.cpu())
-            ipc = data.ipc
-            key = entry_key(method, cfg.protocol, cfg.student, ipc, cfg.regen_every)
-            with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
-                torch.manual_seed(derive_seed(s, "student-init"))
-                if ctx.device.type == "cuda":
-                    torch.cuda.manual_seed_all(derive_seed(s, "student-init"))
-                model = create_student(cfg.student, len(classes), size).to(ctx.device)
-                log = _epoch_logger(eval_dir / "metrics.jsonl", key, method, cfg, s) if main else None
-                result = train_student(
-                    model,
-                    data.rounds,
-                    test_set,
-                    recipe,
-                    seed=s,
-                    teacher=ctx.teacher,
-                    on_epoch=log,
-                    progress=cfg.progress and main,
-                    desc=f"{method} {cfg.protocol} seed {s}",
-                )
-            result["seed"] = s
-            runs.append(result)
+    for ipc in ipcs:
+        ctx.ipc = ipc
         if main:
-            new_entries[key] = make_entry(ctx, method, key, data, runs, png=png, per_image=per_image,
-                                          split_hash=split_hash, recipe=recipe, wall=time.time() - started)
-            if method == "random-real":
-                new_entries[key]["distilled"].pop("indices", None)  # differs per seed; not useful in the summary
+            _print_plan(ctx, methods, per_image)
+        for method in methods:
+            if method == "full" and ipc != ipcs[0]:
+                continue  # all of --train: the same at every IPC
+            new_entries.update(_train_method(ctx, method, recipe, test_set, per_image, split_hash, main))
 
     results_path = eval_dir / "results.json"
     if main:
@@ -211,12 +186,53 @@ def evaluate(cfg: EvaluateConfig | None = None, **overrides) -> dict:
     return results
 
 
-def _prepare(cfg: EvaluateConfig, show: bool) -> tuple[list[str], Context, RealFolder]:
+def _train_method(ctx: Context, method: str, recipe: Recipe, test_set: TrainSet, per_image: int, split_hash: dict,
+                  main: bool) -> dict:
+    """Train `--seeds` students on one method's set at ctx.ipc; returns {key: results entry} (on rank 0)."""
+    cfg, eval_dir = ctx.cfg, ctx.run / "eval"
+    started = time.time()
+    base, _, target = method.partition("@")
+    spec = METHODS[base]
+    build = spec.build
+    if target:  # random-real at the IPC of target's stored bytes
+        build = _equal_bytes_builder(ctx, target, spec.build)
+    shared = None if spec.per_seed else build(ctx, None)
+    runs, png = [], None
+    for s in range(cfg.seed, cfg.seed + cfg.seeds):
+        data = shared if shared is not None else build(ctx, s)
+        if spec.stores_images and png is None and main:
+            png = png_bytes(data.rounds[0].images.cpu())
+        key = entry_key(method, cfg.protocol, cfg.student, data.ipc, cfg.regen_every)
+        if target:  # one row per IPC of the method it matches
+            key += f"/matches-{target}-ipc{ctx.ipc}"
+        with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+            torch.manual_seed(derive_seed(s, "student-init"))
+            if ctx.device.type == "cuda":
+                torch.cuda.manual_seed_all(derive_seed(s, "student-init"))
+            model = create_student(cfg.student, len(ctx.classes), ctx.image_size).to(ctx.device)
+            log = _epoch_logger(eval_dir / "metrics.jsonl", key, method, cfg, s) if main else None
+            result = train_student(model, data.rounds, test_set, recipe, seed=s, teacher=ctx.teacher, on_epoch=log,
+                                   progress=cfg.progress and main, desc=f"{method} {cfg.protocol} ipc {data.ipc} "
+                                   f"seed {s}")  # fmt: skip
+        result["seed"] = s
+        runs.append(result)
+    if not main:
+        return {}
+    entry = make_entry(ctx, method, key, data, runs, png=png, per_image=per_image, split_hash=split_hash,
+                       recipe=recipe, wall=time.time() - started)
+    if base == "random-real":
+        entry["distilled"].pop("indices", None)  # differs per seed; not useful in the summary
+    return {key: entry}
+
+
+def _prepare(cfg: EvaluateConfig, show: bool) -> tuple[list[str], list[int], Context, RealFolder]:
     """Everything evaluate can refuse, checked before any output exists (reads only, so every rank runs it)."""
-    methods = _validate(cfg)
+    methods, ipcs = _validate(cfg)
     ctx = _context(cfg, methods)
+    ipcs = ipcs or [ctx.ipc]
+    ctx.ipc = ipcs[0]
     test = load_real_folder(cfg.test, ctx.image_size, "--test", ctx.classes, progress=show)
-    if any(m in NEEDS_TRAIN for m in methods):
+    if any(m.partition("@")[0] in NEEDS_TRAIN for m in methods):
         train_root = cfg.train or select_info(ctx.run).get("data")
         if not train_root:
             raise UserError("--method random-real/full needs --train (the real training ImageFolder)")
@@ -224,31 +240,80 @@ def _prepare(cfg: EvaluateConfig, show: bool) -> tuple[list[str], Context, RealF
         limit = 0 if cfg.train else int(stage_config(ctx.run, "select").get("max_images_per_class") or 0)
         ctx.train = load_real_folder(train_root, ctx.image_size, "--train", ctx.classes, limit, progress=show)
     create_student(cfg.student, len(ctx.classes), ctx.image_size)  # refuse an unknown student before any compute
-    return methods, ctx, test
+    return methods, ipcs, ctx, test
 
 
-def _validate(cfg: EvaluateConfig) -> list[str]:
+def parse_ipcs(value) -> list[int]:
+    """`--ipc` as a list: '' -> [] (the default), 10 or '10' -> [10], '1,10,50' -> [1, 10, 50]; refuses < 1."""
+    text = str(value if value is not None else "").strip()
+    if text in ("", "None"):
+        return []
+    out = []
+    for part in text.split(","):
+        try:
+            k = int(part.strip())
+        except ValueError:
+            raise UserError(f"--ipc {value!r}: give whole numbers, e.g. --ipc 10 or --ipc 1,10,50") from None
+        if k < 1:
+            raise UserError(f"--ipc {value!r}: images per class must be at least 1 (omit --ipc for the run's "
+                            "generate ipc)")
+        out.append(k)
+    return list(dict.fromkeys(out))
+
+
+def _validate(cfg: EvaluateConfig) -> tuple[list[str], list[int]]:
     if not cfg.run:
         raise UserError("--run is required (a run folder made by select/invert)")
     if not cfg.test:
         raise UserError("--test is required: the real test split as an ImageFolder (one folder per class)")
     methods = [m.strip() for m in cfg.method.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHODS and not _equal_bytes_name(m)]
     if unknown or not methods:
-        raise UserError(f"--method {cfg.method!r}: unknown {unknown}; choose from {', '.join(METHODS)}")
+        raise UserError(f"--method {cfg.method!r}: unknown {unknown}; choose from {', '.join(METHODS)}, or "
+                        "random-real@M for random-real at the stored bytes of method M")
     if cfg.protocol not in PROTOCOLS:
         raise UserError(f"--protocol {cfg.protocol!r} is not one of {list(PROTOCOLS)}")
-    for name in ("epochs", "seeds", "batch_size", "eval_every", "eval_batch_size", "gen_batch_size"):
+    for name in ("epochs", "seeds", "batch_size", "eval_batch_size", "gen_batch_size"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
-    for name in ("ipc", "image_size", "regen_every", "gen_steps", "resolution", "factor", "sampler_batch"):
+    ipcs = parse_ipcs(cfg.ipc)
+    for name in ("image_size", "eval_every", "regen_every", "gen_steps", "resolution", "factor", "sampler_batch"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative")
     if cfg.guidance is not None and cfg.guidance < 0:
         raise UserError(f"--guidance {cfg.guidance} must not be negative (1 = no guidance)")
     if cfg.lr <= 0 or cfg.temperature < 0 or cfg.cutmix < 0 or not 0 <= cfg.crop_scale <= 1:
         raise UserError("--lr must be positive, --temperature and --cutmix not negative, --crop-scale in [0, 1]")
-    return list(dict.fromkeys(methods))
+    return list(dict.fromkeys(methods)), ipcs
+
+
+def _equal_bytes_name(method: str) -> bool:
+    base, at, target = method.partition("@")
+    return bool(at) and base == "random-real" and target in METHODS and target not in NEEDS_TRAIN
+
+
+def _equal_bytes_ipc(ctx: Context, target: str) -> tuple[int, int, bool]:
+    """(IPC, target's stored bytes, capped): the largest random-real IPC whose stored bytes (images, and P1 soft
+    labels) fit in what `target` stores at ctx.ipc, at least 1, at most the training images of the smallest class."""
+    budget = sum(METHODS[target].planned_bytes(ctx, target).values())
+    per_ipc = sum(METHODS["random-real"].planned_bytes(dataclasses.replace(ctx, ipc=1), "random-real").values())
+    have = int(torch.bincount(ctx.train.labels, minlength=len(ctx.classes)).min())
+    return min(max(1, budget // per_ipc), have), budget, budget // per_ipc > have
+
+
+def _equal_bytes_builder(ctx: Context, target: str, build):
+    """random-real's builder at the largest IPC whose stored bytes (images, and P1 soft labels) fit in what
+    `target` stores at the current IPC (at least 1): the honest equal-budget row."""
+    k, budget, capped = _equal_bytes_ipc(ctx, target)
+    at = ctx.ipc
+
+    def make(_, seed):
+        data = build(dataclasses.replace(ctx, ipc=k), seed)
+        data.info["equal_bytes"] = {"method": target, "method_ipc": at, "method_stored_bytes": budget, "ipc": k,
+                                    "capped_by_train_images": capped}
+        return data
+
+    return make
 
 
 def _context(cfg: EvaluateConfig, methods: list[str]) -> Context:
@@ -273,7 +338,7 @@ def _context(cfg: EvaluateConfig, methods: list[str]) -> Context:
             raise UserError(f"--method d3m needs {run / 'prompts.safetensors'}; run invert first")
         require_prompts(run, classes)
     image_size = cfg.image_size or int(selected.get("image_size") or meta.get("image_size") or 32)
-    ipc = cfg.ipc or int(meta.get("ipc") or 10)
+    ipc = int(meta.get("ipc") or 10)  # the default; --ipc values replace it
     factor = cfg.factor or int(meta.get("factor") or selected.get("factor") or 1)
     prompts_meta = artifact_metadata(run, "prompts.safetensors")
     gen = {
@@ -312,7 +377,7 @@ def _context(cfg: EvaluateConfig, methods: list[str]) -> Context:
             )
     teacher = None
     if spec and spec != "none" and (needs_teacher or cfg.teacher):
-        teacher = load_teacher(spec, num_classes=None, device=device)
+        teacher = load_teacher(spec, num_classes=None, device=device, class_folders=folders)
         if teacher.num_classes != len(classes):
             raise UserError(
                 f"teacher {spec} predicts {teacher.num_classes} classes but classes.json lists "
@@ -347,7 +412,8 @@ def _recipe(cfg: EvaluateConfig) -> Recipe:
     return Recipe(
         epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
         weight_decay=cfg.weight_decay, schedule=cfg.schedule, targets=targets, temperature=temperature,
-        augment=augment, regen_every=cfg.regen_every, eval_every=cfg.eval_every,
+        # testing every epoch cost more than training on small sets (issue 12): about 10 tests per student by default
+        augment=augment, regen_every=cfg.regen_every, eval_every=cfg.eval_every or max(1, cfg.epochs // 10),
         eval_batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last, compile=cfg.compile, amp=cfg.amp,
     )
 
@@ -366,14 +432,19 @@ def _print_plan(ctx: Context, methods: list[str], per_image: int) -> None:
     cfg = ctx.cfg
     print(
         f"evaluate {ctx.run}: {cfg.student} on {len(ctx.classes)} classes at {ctx.image_size} px, protocol "
-        f"{cfg.protocol}, {cfg.epochs} epochs x {cfg.seeds} seeds",
+        f"{cfg.protocol}, IPC {ctx.ipc}, {cfg.epochs} epochs x {cfg.seeds} seeds",
         flush=True,
     )
     for m in methods:
-        parts = METHODS[m].planned_bytes(ctx, m)
+        base, _, target = m.partition("@")
+        at = ctx
+        if target:
+            at = dataclasses.replace(ctx, ipc=_equal_bytes_ipc(ctx, target)[0])
+        parts = METHODS[base].planned_bytes(at, base)
         total = sum(parts.values())
         detail = " + ".join(f"{k} {fmt_bytes(v)}" for k, v in parts.items())
         print(
-            f"  {m:<13} stored {fmt_bytes(total):>10} = {total / per_image:8.3f} IPC-equivalent  ({detail})",
+            f"  {m:<13} IPC {'all' if base == 'full' else at.ipc:>4}  stored {fmt_bytes(total):>10} = "
+            f"{total / per_image:8.3f} IPC-equivalent  ({detail})",
             flush=True,
         )

@@ -41,11 +41,17 @@ def export(cfg: ExportConfig | None = None, **overrides) -> Path:
             save_file({token: prompts.embeddings[c].contiguous()}, str(tmp))  # (V, D)
         rows.append({"class": info.folder, "name": info.name, "token": token, "file": path.name,
                      "prompt": prompts.template.format(token=token)})
-    write_json(out / "tokens.json", {"backend": prompts.backend, "model": prompts.model_id,
-                                     "num_vectors": prompts.num_vectors, "tokens": rows})
+    width = int(prompts.embeddings.shape[-1])
+    usable = "Stable Diffusion pipelines of this model (diffusers load_textual_inversion)" if prompts.backend == "sd" \
+        else f"only promptset's {prompts.backend} model {prompts.model_id} (its {width}-wide text encoder)"
+    write_json(out / "tokens.json", {"backend": prompts.backend, "model": prompts.model_id, "width": width,
+                                     "num_vectors": prompts.num_vectors, "usable_with": usable, "tokens": rows})
     if prompts.backend != "sd":
-        print(f"note: these prompts were learned on the {prompts.backend} backend; diffusers pipelines of other "
-              "models will load the files but the vectors only mean something to the model they were learned on")
+        print(f"exported {len(rows)} tokens to {out}: {width}-wide vectors learned on the {prompts.backend} backend. "
+              f"No Stable Diffusion pipeline can load them (SD 1.x takes 768-wide, SD 2.x 1024-wide token "
+              f"vectors), and they mean something only to {prompts.model_id}. To use Stable Diffusion, run invert "
+              "with --backend sd --model <a diffusers SD folder> and export that run.")
+        return out
     print(f"exported {len(rows)} tokens to {out}; in diffusers:\n"
           f"  pipe.load_textual_inversion([str(p) for p in sorted(Path({str(out)!r}).glob('*.safetensors'))])\n"
           f"  pipe({json.dumps(rows[0]['prompt'])}).images[0]")

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..artifacts import PromptSet, save_tensors, tensors_hash
 from ..atomic import append_jsonl, read_jsonl, save_image, write_text
@@ -26,10 +25,11 @@ from ..config import make_config, opt, to_dict
 from ..data import load_image, to_pil, to_tensor
 from ..dist import barrier, prepared_everywhere, rank_world
 from ..errors import UserError
+from ..grids import labeled_grid
+from ..progress import progress_bar
 from ..runfolder import (
     ClassInfo,
     check_same_classes,
-    check_teacher_classes,
     remove_stale_tmp,
     require_classes,
     select_info,
@@ -93,7 +93,7 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> Path:
     with torch.no_grad():
         uncond = backend.encode_prompts([""]) if cfg.guidance != 1.0 else None
     part = gen_dir / f".manifest.rank{rank}.jsonl"
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="generate", unit="img",
+    bar = progress_bar(total=len(jobs), initial=len(jobs) - len(todo), desc="generate", unit="img",
                disable=not (cfg.progress and rank == 0))
     for s in range(0, len(todo), cfg.batch_size):
         batch = todo[s : s + cfg.batch_size]
@@ -114,6 +114,10 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> Path:
     barrier()
     if rank == 0:
         _finish(plan, cfg, gen_dir, per_class)
+        labels = "seeds and the teacher's soft labels" if plan.teacher is not None else "seeds"
+        print(f"generate: {len(classes) * cfg.ipc} images ({len(classes)} classes x {cfg.ipc}, "
+              f"{len(todo)} made now) in {gen_dir}; grid {plan.out / 'grid.png'}; {labels} in "
+              f"{plan.out / 'labels.safetensors'}", flush=True)
     barrier()
     return gen_dir
 
@@ -157,13 +161,13 @@ def _prepare(cfg: GenerateConfig) -> _Plan:
     model = cfg.model or invert_cfg.get("model") or prompts.model_id
     factor = cfg.factor or int(selected.get("factor", 1))
     if cfg.soft_labels and not cfg.teacher:
-        raise UserError("--soft-labels needs --teacher NAME:PATH.safetensors")
+        raise UserError("--soft-labels needs --teacher PATH.safetensors (from `promptset teacher`) or NAME:PATH")
     teacher = None
     if cfg.soft_labels:
         from ..models import load_teacher
 
-        check_teacher_classes(cfg.teacher, [c.folder for c in classes])
-        teacher = load_teacher(cfg.teacher, num_classes=len(classes), device="cpu")
+        teacher = load_teacher(cfg.teacher, num_classes=len(classes), device="cpu",
+                               class_folders=[c.folder for c in classes])
     backend = create_backend(kind, model, device=cfg.device, dtype=cfg.dtype, sampler=cfg.sampler)
     prompts.check_backend(backend, prompts_path)
     if cfg.compile:
@@ -275,9 +279,7 @@ def soft_labels_for(teacher, gen_dir, manifest, num_classes, per_class, factor, 
 
 
 def _grid(path: Path, gen_dir: Path, classes, per_row: int, size: int) -> None:
-    """A row per class: the first `per_row` patches."""
-    rows = []
-    for info in classes:
-        tiles = [to_tensor(load_image(gen_dir / info.folder / f"{i:05d}.png")) for i in range(per_row)]
-        rows.append(torch.cat(tiles, dim=2))
-    save_image(path, to_pil(torch.cat(rows, dim=1)))
+    """A row per class, labelled with its display name: the first `per_row` patches, enlarged to be readable."""
+    rows = [torch.stack([to_tensor(load_image(gen_dir / info.folder / f"{i:05d}.png")) for i in range(per_row)])
+            for info in classes]  # (per_row, 3, S, S) each
+    save_image(path, labeled_grid(rows, [info.name for info in classes]))

@@ -8,8 +8,9 @@ with the denoiser eps_theta, the text encoder c_theta and the autoencoder E froz
 2403.07142) learns one such token per class on that class's collages, so the whole dataset becomes C x V x D numbers.
 
 How this run is organised, and why:
-- Classes train in fixed *groups* of `classes_per_batch`; every batch holds each class of its group `m` times
-  (batch = G * m), each sample conditioned on its own class token. A group owns its RNG stream (seeded from
+- Classes train in fixed *groups* of `classes_per_batch`; a batch takes the group's classes in turn (each class
+  `m` times when G divides the batch size B = G * m; otherwise continuing where the previous step stopped, so any
+  batch size works), each sample conditioned on its own class token. A group owns its RNG stream (seeded from
   (seed, group)), so its result is a pure function of the seed: the same in one process or sharded over many.
 - The VAE encodes each training image (and its mirror image) once; steps sample from that cache.
 - Only a (G, V, D) tensor of placeholder vectors trains. It is injected into the text encoder's token-embedding
@@ -23,12 +24,12 @@ How this run is organised, and why:
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..accounting import print_budget, prompt_bytes
 from ..artifacts import PromptSet, load_tensors, save_tensors, token_name_for
@@ -39,6 +40,7 @@ from ..data import MAX_IMAGE_PIXELS, ImageFolderIndex, load_class_images, scan_i
 from ..devices import to_device
 from ..dist import barrier, prepared_everywhere, rank_world
 from ..errors import TrainingDiverged, UserError
+from ..progress import progress_bar
 from ..runfolder import (
     check_run_folder,
     check_same_classes,
@@ -68,7 +70,8 @@ class InvertConfig:
     resolution: int = opt(0, "training resolution in pixels; 0 = the model's native resolution")
     num_vectors: int = opt(1, "vectors per placeholder token (V)")
     template: str = opt("a photo of {token}", "prompt template; {token} marks the placeholder")
-    initializer: str = opt("", "one single-token initializer word for every class (default: each class name)")
+    initializer: str = opt("", "one single-token initializer word for every class (default: each class name; a name "
+                           "of several tokens starts from the mean of their embeddings)")
     initializers: str = opt("", "comma-separated single-token initializer words, one per class in class order")
     class_names: str = opt("", "file with display names (JSON {folder: name} or one per line); default: folder names")
     flip: bool = opt(True, "also train on mirrored images (encoded once into the latent cache)")
@@ -89,6 +92,18 @@ class InvertConfig:
 
 def _groups(num_classes: int, per_group: int) -> list[list[int]]:
     return [list(range(s, min(s + per_group, num_classes))) for s in range(0, num_classes, per_group)]
+
+
+def _group_batch(batch_size: int, per_group: int, group_size: int) -> int:
+    """Samples per step of a group: the batch size, except that a last, smaller group of a grouping that divides
+    the batch keeps `batch / per_group` samples per class (as every group of that grouping does)."""
+    return batch_size if batch_size % per_group else group_size * (batch_size // per_group)
+
+
+def _batch_classes(step: int, batch: int, group_size: int) -> torch.Tensor:
+    """Local class of each sample of step `step`: the classes in turn, continuing where the last step stopped, so
+    every class gets the same number of samples over G steps whatever the batch size (a pure function of step)."""
+    return (torch.arange(batch) + step * batch) % group_size  # (B,)
 
 
 def _initializer_words(cfg: InvertConfig, names: list[str]) -> list[str]:
@@ -129,6 +144,17 @@ def invert(cfg: InvertConfig | None = None, **overrides) -> Path:
         remove_stale_tmp(run, recursive=False)
         print(f"invert: --data {cfg.data}: {num_classes} classes, {index.num_images} images; skipped "
               f"{index.skipped_hidden} hidden and {index.skipped_non_image} non-image entries", flush=True)
+        groups = math.ceil(num_classes / plan.per_group)
+        share = (f"each class {cfg.batch_size // plan.per_group} times per step"
+                 if cfg.batch_size % plan.per_group == 0 else
+                 "the classes in turn, so every class gets the same number of samples over "
+                 f"{plan.per_group} steps")
+        print(f"invert: {groups} group(s) of up to {plan.per_group} classes, batch {cfg.batch_size}: {share}",
+              flush=True)
+        words = "the class names" if not (cfg.initializer or cfg.initializers) else "the words given"
+        print(f"invert: initializer words: {words}" + ("" if plan.init_notes else " (one token each)"), flush=True)
+        for note in plan.init_notes:
+            print(f"invert: initializer {note}", flush=True)
         print_budget(prompt_bytes(num_classes, cfg.num_vectors, backend.token_dim, cfg.prompt_dtype),
                      num_classes=num_classes, image_size=select_info(run).get("image_size"),
                      title="invert: stored bytes of the distilled set")
@@ -166,12 +192,12 @@ class _Plan:
     index: ImageFolderIndex
     names: list[str]  # display names, in class order
     backend: DiffusionBackend
-    words: list[str]  # one single-token initializer word per class
+    words: list[str]  # one initializer word per class
+    init_notes: list[str]  # how words of several tokens (or none) were turned into a starting vector
     init_vectors: torch.Tensor  # (C, D) their embedding rows
     layout: PromptLayout
     resolution: int
     per_group: int  # classes per batch
-    repeats: int  # samples per class in a batch
     rewrite_classes: bool  # classes.json is missing, lists other classes or other display names
     replaced: bool  # --overwrite replaces a different earlier inversion
 
@@ -206,8 +232,6 @@ def _prepare(cfg: InvertConfig) -> _Plan:
     rewrite_classes = not same_classes or names != [c.name for c in existing]
     num_classes = index.num_classes
     per_group = cfg.classes_per_batch or min(num_classes, cfg.batch_size)
-    if cfg.batch_size % per_group:
-        raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of --classes-per-batch {per_group}")
     if cfg.verify_images:
         verify_images(index, max_pixels=cfg.max_image_pixels, progress=cfg.progress and rank_world()[0] == 0)
     backend = create_backend(cfg.backend, cfg.model, device=cfg.device, dtype=cfg.dtype)
@@ -218,15 +242,14 @@ def _prepare(cfg: InvertConfig) -> _Plan:
     resolution = cfg.resolution or backend.resolution
     if resolution % backend.autoencoder.downscale:
         raise UserError(f"--resolution {resolution} must be a multiple of {backend.autoencoder.downscale}")
-    flag = "--initializers" if cfg.initializers else "--initializer"
-    if not cfg.initializers and not cfg.initializer:
-        flag = "--initializer (default: the class name)"
+    chosen = bool(cfg.initializers or cfg.initializer)  # words the user chose are refused if not one token each
     words = _initializer_words(cfg, names)
-    init_vectors = torch.stack([backend.initializer_vector(w, flag=flag) for w in words])  # (C, D)
+    init_vectors, init_notes = backend.initializer_vectors(
+        words, "--initializers" if cfg.initializers else "--initializer", fallback=not chosen)  # (C, D)
     layout = backend.layout(cfg.template, cfg.num_vectors)
     replaced = check_run_folder(run, "invert", to_dict(cfg) | {"resolution": resolution}, overwrite=cfg.overwrite)
-    return _Plan(run, index, names, backend, words, init_vectors, layout, resolution, per_group,
-                 cfg.batch_size // per_group, rewrite_classes, replaced)
+    return _Plan(run, index, names, backend, words, init_notes, init_vectors, layout, resolution, per_group,
+                 rewrite_classes, replaced)
 
 
 def _metrics_path(folder: Path) -> Path:
@@ -276,7 +299,7 @@ def _latent_cache(backend, cfg, index, classes, g, resolution, folder) -> tuple[
 def _train_group(plan: _Plan, cfg: InvertConfig, classes: list[int], g: int, num_groups: int, folder: Path,
                  show: bool) -> None:
     """Train the placeholder vectors of one class group; resumes from its checkpoint; writes groups/gNNNNN."""
-    backend, index, layout, repeats = plan.backend, plan.index, plan.layout, plan.repeats
+    backend, index, layout = plan.backend, plan.index, plan.layout
     result_path = folder / "groups" / f"g{g:05d}.safetensors"
     ckpt_path = folder / "checkpoints" / f"g{g:05d}.safetensors"
     data_key = {"split_hash": index.split_hash(), "classes": ",".join(map(str, classes))}
@@ -299,18 +322,23 @@ def _train_group(plan: _Plan, cfg: InvertConfig, classes: list[int], g: int, num
     start = 0
     if _matches(ckpt_path, data_key):  # a checkpoint of other data (same path, new files) is not resumed
         start = _load_checkpoint(ckpt_path, vectors, optimizer, generator)
+        if rank_world()[0] == 0:
+            print(f"invert group {g + 1}/{num_groups}: resuming from step {start} of {cfg.steps} ({ckpt_path})",
+                  flush=True)
     _drop_metrics_after(_metrics_path(folder), g, start)  # rows of steps the killed run did past its checkpoint
 
     group_size = len(classes)
-    sample_class = torch.arange(group_size).repeat(repeats)  # (B,) local class of each sample
+    batch = _group_batch(cfg.batch_size, plan.per_group, group_size)
     loss_sum = torch.zeros(group_size, device=device)
-    loss_n = 0
+    loss_n = torch.zeros(group_size, device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)  # every loss since the start of this process
     t0 = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"invert group {g + 1}/{num_groups}", disable=not show,
+    record = None
+    bar = progress_bar(total=cfg.steps, initial=start, desc=f"invert group {g + 1}/{num_groups}", disable=not show,
                unit="step")
     for step in range(start, cfg.steps):
-        # ---- one batch: every class of the group `repeats` times --------------------------------------------
+        # ---- one batch: the group's classes in turn (each `batch / G` times when G divides the batch) ----------
+        sample_class = _batch_classes(step, batch, group_size)  # (B,) local class of each sample
         pick = (torch.rand(len(sample_class), generator=generator) * counts[sample_class]).long()  # (B,)
         view = torch.randint(0, views, (len(sample_class),), generator=generator)  # (B,)
         rows = to_device(offsets[sample_class] + pick, device)  # (B,) rows of the flat cache, one gather
@@ -320,7 +348,7 @@ def _train_group(plan: _Plan, cfg: InvertConfig, classes: list[int], g: int, num
             noise = to_device(torch.randn(latents.shape, generator=generator), device)
             latents = latents + flat_stds[rows, view] * noise
         states = backend.encode_placeholder_prompts(layout, vectors)  # (G, L, D_text): one prompt per class
-        states = states.repeat(repeats, 1, 1)  # (B, L, D_text), sample k uses class k % G
+        states = states[to_device(sample_class, device)]  # (B, L, D_text), each sample its class's prompt
         per_sample = backend.denoising_loss(latents, states, generator)  # (B,)
         loss = per_sample.mean()
         for group in optimizer.param_groups:
@@ -329,24 +357,28 @@ def _train_group(plan: _Plan, cfg: InvertConfig, classes: list[int], g: int, num
         loss.backward()
         optimizer.step()
         finite &= torch.isfinite(loss)
-        loss_sum += per_sample.detach().view(repeats, group_size).sum(0)
-        loss_n += repeats
+        where = to_device(sample_class, device)
+        loss_sum.index_add_(0, where, per_sample.detach().float())
+        loss_n.index_add_(0, where, torch.ones_like(per_sample, dtype=torch.float))
         done = step + 1
         bar.update(1)
 
         if done % cfg.log_every == 0 or done == cfg.steps:
-            record = _metrics(vectors.detach(), init.to(device), loss_sum / max(loss_n, 1), classes, index, g,
+            record = _metrics(vectors.detach(), init.to(device), loss_sum / loss_n.clamp_min(1), classes, index, g,
                               done, _lr_at(step, cfg), time.perf_counter() - t0)
             _stop_if_diverged(finite, vectors, done, g, ckpt_path, cfg)
             append_jsonl(_metrics_path(folder), record)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             loss_sum.zero_()
-            loss_n = 0
+            loss_n.zero_()
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
             _stop_if_diverged(finite, vectors, done, g, ckpt_path, cfg)  # never checkpoint a bad state
             _save_checkpoint(ckpt_path, vectors, optimizer, generator, done, data_key)
     bar.close()
     _stop_if_diverged(finite, vectors, cfg.steps, g, ckpt_path, cfg)
+    if rank_world()[0] == 0 and record is not None:
+        print(f"invert group {g + 1}/{num_groups}: done, {cfg.steps} steps; final loss {record['loss']:.4f} (mean of "
+              f"the last {min(cfg.log_every, cfg.steps - start)} steps)", flush=True)
     save_tensors(result_path, {"embeddings": vectors.detach().float().cpu(), "init": init.cpu()},
                  {"group": str(g), "steps": str(cfg.steps)} | data_key)
     ckpt_path.unlink(missing_ok=True)

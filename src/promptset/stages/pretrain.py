@@ -10,8 +10,9 @@ prompt, so the same network gives the unconditional prediction classifier-free g
 The saved weights are an exponential moving average of the trained ones.
 
 Why a step is cheap on CPU: both frozen encoders run once, before training. Every image and its mirror image is
-encoded to a latent once (cached per class in <out>/cache, deleted at the end); every distinct caption is encoded
-once. A step is one UNet forward and backward on a gathered batch, with no host sync except every `log_every` steps.
+encoded to a latent once (cached per class in <out>/cache, kept so that training on to more steps does not
+re-encode); every distinct caption is encoded once. A step is one UNet forward and backward on a gathered batch,
+with no host sync except every `log_every` steps.
 
 Resumable: a checkpoint (UNet, EMA, AdamW state, RNG state, step) is written atomically every `checkpoint_every`
 steps and at the end, together with the EMA UNet in unet/. Rerunning the command continues bit-for-bit (on CPU);
@@ -30,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..artifacts import load_tensors, save_tensors
 from ..atomic import append_jsonl, read_jsonl, save_image, write_json, write_text
@@ -63,6 +63,7 @@ from ..data import load_class_images, scan_image_folder
 from ..devices import resolve_device
 from ..errors import TrainingDiverged, UserError
 from ..evaluation.generator import generator_quality, sample_grid
+from ..progress import progress_bar
 from ..runfolder import resolve_class_names
 from ..seeding import derive_seed
 
@@ -231,7 +232,7 @@ def pretrain(cfg: PretrainConfig | None = None, **overrides) -> Path:
     if cfg.teacher:
         from ..models import load_teacher
 
-        teacher = load_teacher(cfg.teacher, num_classes=index.num_classes, device=device)
+        teacher = load_teacher(cfg.teacher, num_classes=index.num_classes, device=device, class_folders=index.classes)
 
     tokenizer, text_encoder = load_text_encoder(source)
     if cfg.max_length > tokenizer.model_max_length:
@@ -389,7 +390,7 @@ def _latent_cache(backend, index, cfg, out: Path, vae_fp) -> tuple[torch.Tensor,
     """
     views = 2 if cfg.flip else 1
     total = index.num_images * views
-    bar = tqdm(total=total, desc="encode latents", unit="img", disable=not cfg.progress)
+    bar = progress_bar(total=total, desc="encode latents", unit="img", disable=not cfg.progress)
     all_latents, all_labels = [], []
     for c, files in enumerate(index.files):
         path = out / "cache" / f"class{c:05d}.safetensors"
@@ -466,7 +467,7 @@ def _train(
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     t0 = time.perf_counter()
     t_log, seconds_at_start = t0, train_seconds
-    bar = tqdm(total=cfg.steps, initial=start, desc="pretrain", unit="step", disable=not cfg.progress)
+    bar = progress_bar(total=cfg.steps, initial=start, desc="pretrain", unit="step", disable=not cfg.progress)
     for step in range(start, cfg.steps):
         # ---- a batch: image, caption (or "" with p = cfg_dropout), noise and timestep, all from one generator -----
         pick = torch.randint(0, len(labels), (b,), generator=generator)  # (B,)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..atomic import save_image, write_json
 from ..config import make_config, opt, to_dict
@@ -31,10 +30,11 @@ from ..data import (
 )
 from ..dist import barrier, prepared_everywhere, rank_world
 from ..errors import UserError
+from ..progress import progress_bar
 from ..runfolder import (
+    absolute_spec,
     check_run_folder,
     check_same_classes,
-    check_teacher_classes,
     read_classes,
     remove_outputs,
     remove_stale_tmp,
@@ -149,7 +149,7 @@ def select(cfg: SelectConfig | None = None, **overrides) -> Path:
     patch = cfg.resolution // cfg.factor
     per_collage = cfg.factor**2
     mine = list(range(rank, index.num_classes, world))
-    for c in tqdm(mine, desc="select", disable=not (cfg.progress and rank == 0), unit="class"):
+    for c in progress_bar(mine, desc="select", disable=not (cfg.progress and rank == 0), unit="class"):
         folder = staging / index.classes[c]
         done = staging / f"{index.classes[c]}.done.json"
         if done.is_file() and json.loads(done.read_text()).get("split_hash") == split_hash:
@@ -190,7 +190,7 @@ def select(cfg: SelectConfig | None = None, **overrides) -> Path:
         write_json(run / "select.json", {
             "data": str(Path(cfg.data).resolve()),
             "split_hash": split_hash,
-            "teacher": cfg.teacher,
+            "teacher": absolute_spec(cfg.teacher),
             "teacher_sha256": getattr(teacher, "weights_sha256", None),
             "resolution": cfg.resolution,
             "factor": cfg.factor,
@@ -248,8 +248,7 @@ def _prepare(cfg: SelectConfig, run: Path) -> _Plan:
     rewrite_classes = existing is None or [c.folder for c in existing] != index.classes
     names = resolve_class_names(index.classes, cfg.class_names)
     device = resolve_device(cfg.device)
-    check_teacher_classes(cfg.teacher, index.classes)
-    teacher = load_teacher(cfg.teacher, num_classes=index.num_classes, device=device)
+    teacher = load_teacher(cfg.teacher, num_classes=index.num_classes, device=device, class_folders=index.classes)
     verify_images(index, max_pixels=cfg.max_image_pixels, progress=cfg.progress and rank_world()[0] == 0)
     return _Plan(index, names, teacher, device, rewrite_classes, replaced)
 
