@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from .atomic import write_json
-from .config import load_yaml, make_config, opt, resolve
+from .config import load_yaml, make_config, opt, resolve, to_dict
 from .errors import UserError
 
 # the stages `run` chains, in order; each reads its own section of the config file
@@ -153,8 +153,15 @@ def demo(cfg: DemoConfig | None = None, **overrides) -> dict:
     timings["total"] = round(time.perf_counter() - t_all, 1)
     quality = json.loads((model / "pretrain.json").read_text()) if (model / "pretrain.json").is_file() else {}
     reading = _reading(results, cfg.ipc, epochs, regen_every)
+    import torch
+
+    flags = [(f"--{k}" if v is True else f"--no-{k}" if v is False else f"--{k} {v}").replace("_", "-")
+             for k, v in to_dict(cfg).items()
+             if v != DemoConfig.__dataclass_fields__[k].default and k not in ("out", "progress", "device")]
     summary = {"out": str(root), "quick": quick, "timings_s": timings, "generator_quality": quality,
-               "results": str(run / "eval" / "results.json"), "reading": reading}
+               "results": str(run / "eval" / "results.json"), "reading": reading,
+               "command": " ".join(["promptset demo", *flags]), "torch_threads": torch.get_num_threads(),
+               "device": str(device)}  # fmt: skip
     write_json(root / "demo.json", summary)
     _print_summary(results, reading)
     print(f"\ndemo finished in {timings['total']:.0f} s; results in {run / 'eval'}, sample grid {run / 'grid.png'}")
