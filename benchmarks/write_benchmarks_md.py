@@ -297,9 +297,9 @@ def main() -> None:
             f"Command: `{cmd}`. Wall time {t['total']:.0f} s ({stages}); "
             f"{demo.get('torch_threads', '?')} torch thread(s) on the 2-core CPU. Students: ConvNet-3 on held-out "
             "digits, mean ± std over seeds. P1 = stored soft labels, no augmentation, fresh d3m images every few "
-            "epochs (the paper's protocol; d3m's bytes include the soft labels of every round); P2 = one-hot labels with augmentation. "
-            "Digits are 8x8, so one 384-d fp32 prompt (1,536 B) costs as much as 8 raw images: prompts pay off at "
-            "high resolution, not here.",
+            "epochs (the paper's protocol; d3m's bytes include the soft labels of every round); P2 = one-hot "
+            "labels with augmentation. Digits are 8x8, so one 384-d fp32 prompt (1,536 B) costs as much as 8 raw "
+            "images: prompts pay off at high resolution, not here.",
             "",
             "| protocol | method | IPC | epochs | stored bytes | IPC-equivalent | final top-1 | best top-1 |",
             "|---|---|---|---|---|---|---|---|",
