@@ -336,7 +336,7 @@ def test_denoiser_ignores_padding_and_pooled_path_reaches_prompt_vectors(tiny_mo
     vector changes the output through the pooled path too (gradient reaches the vector with cross-attention off)."""
     backend = load_mini(tiny_model, device="cpu")
     info = json.loads((tiny_model / MODEL_FILE).read_text())
-    assert info["conditioning"] == "pooled" and info["prediction_type"] == "v_prediction"
+    assert info["conditioning"] == "pooled" and info["prediction_type"] == "epsilon"  # auto: epsilon in pixel space
     states = backend.encode_prompts(["a photo of a apple"])  # (1, L, 384), padding zeroed
     n = int((states.abs().amax(-1) > 0).sum())
     assert 0 < n < states.shape[1] and torch.count_nonzero(states[0, n:]) == 0

@@ -102,11 +102,16 @@ class PretrainConfig:
         choices=list(CONDITIONINGS),
     )
     prediction_type: str = opt(
-        "v_prediction", "what the UNet predicts: v_prediction or epsilon", choices=list(PREDICTION_TYPES)
+        "auto",
+        "what the UNet predicts: v_prediction, epsilon, or auto (v_prediction for latent models, epsilon for pixel "
+        "models: measured best for each, see BENCHMARKS.md)",
+        choices=["auto", *PREDICTION_TYPES],
     )
     timestep_spacing: str = opt(
-        "trailing", "sampler step placement: trailing (first step at t=T-1) or leading",
-        choices=["trailing", "leading"],
+        "auto",
+        "sampler step placement: trailing (first step at t=T-1), leading, or auto (trailing for latent "
+        "models, leading for pixel models)",
+        choices=["auto", "trailing", "leading"],
     )
     sample_clip: float = opt(0.0, "samplers clip the predicted clean latent to +-this (scaled units); 0 = no clip")
     snr_gamma: float = opt(0.0, "min-SNR loss weighting with this gamma (Hang et al. 2023, e.g. 5); 0 = uniform")
@@ -215,6 +220,13 @@ def pretrain(cfg: PretrainConfig | None = None, **overrides) -> Path:
 
     # ---- validate everything before spending compute -------------------------------------------------------
     vae_kind, vae_source = parse_vae_spec(cfg.vae)
+    # auto: v-prediction and trailing steps in a latent space (epsilon with the cosine schedule gave saturated
+    # CIFAR-10 samples), epsilon and leading steps in pixel space (v-prediction lost class fidelity with training
+    # on 8 px digits); measured in BENCHMARKS.md
+    if cfg.prediction_type == "auto":
+        cfg.prediction_type = "epsilon" if vae_kind == "identity" else "v_prediction"
+    if cfg.timestep_spacing == "auto":
+        cfg.timestep_spacing = "leading" if vae_kind == "identity" else "trailing"
     if vae_kind == "taef2" and cfg.resolution % 8:
         raise UserError(f"--resolution {cfg.resolution} must be a multiple of 8 for --vae taef2 (latents at H/8)")
     vae_fp = taef2_fingerprint(vae_source) if vae_kind == "taef2" else None
