@@ -74,10 +74,15 @@ def ceiling(folder: Path, teacher_spec: str, data: Path, per_class: int) -> dict
     from promptset.models import load_teacher
 
     info = json.loads((folder / "promptset_model.json").read_text())
+    config = info["training"]["config"]
     index = scan_image_folder(str(data), flag="--data")
+    if config.get("first_image") or config.get("max_images_per_class"):  # the images the model was trained on
+        first = int(config.get("first_image") or 0)
+        stop = first + int(config["max_images_per_class"]) if config.get("max_images_per_class") else 1 << 62
+        index = index.subset(first, stop)
     teacher = load_teacher(teacher_spec, num_classes=index.num_classes, device="cpu")
     vae = TAEF2Autoencoder.from_dir(folder / "vae", 1.0).eval()
-    flip = bool(info["training"]["config"].get("flip", True))
+    flip = bool(config.get("flip", True))
     rec_correct, real_correct, per = [], [], {}
     for c in range(index.num_classes):
         n_files = len(index.files[c])
@@ -131,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", default=[], help="NAME=FOLDER of a mini model (repeatable)")
     parser.add_argument("--ceiling-per-class", type=int, default=0, help="real images per class for the ceiling")
-    parser.add_argument("--ceiling-model", default="", help="NAME of the model whose latent cache the ceiling uses")
+    parser.add_argument("--ceiling-model", default="",
+                        help="NAME (or folder) of the model whose latent cache the ceiling uses")  # fmt: skip
     parser.add_argument("--data", default="", help="the foundation ImageFolder the models were trained on")
     parser.add_argument("--teacher", default="", help="NAME:PATH of the teacher (ResNet-20)")
     parser.add_argument("--guidance-sweep", default="", help="comma-separated guidance scales for the final model")
@@ -152,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: " + ", ".join(f"{r['step']}: {r['accuracy']:.1%}" for r in curve), flush=True)
     if args.ceiling_per_class:
         name = args.ceiling_model or next(iter(models))
-        result["ceiling"] = ceiling(Path(models[name]), args.teacher, Path(args.data), args.ceiling_per_class)
+        folder = Path(models.get(name, name))
+        result["ceiling"] = ceiling(folder, args.teacher, Path(args.data), args.ceiling_per_class)
         print(f"ceiling: {result['ceiling']['reconstruction_accuracy']:.1%} on reconstructions, "
               f"{result['ceiling']['real_accuracy']:.1%} on the real images", flush=True)  # fmt: skip
     if args.guidance_sweep:
