@@ -572,7 +572,8 @@ def main(argv: list[str] | None = None) -> int:
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         (RESULTS_DIR / f"{name}_fidelity.json").write_text(json.dumps(
             {"generator": {k: pre.get(k) for k in ("steps", "quality", "caption_names")}, "model": str(model),
-             "model_hash": model_hash, "preset": p, "invert_final_loss": _last_loss(run), "prompt_fidelity": fid},
+             "model_hash": model_hash, "preset": p, "invert_final_loss": _last_loss(run), "prompt_fidelity": fid,
+             "generate_teacher_accuracy": generated_teacher_accuracy(run)},
             indent=1) + "\n")  # fmt: skip
         (RESULTS_DIR / f"{name}_fidelity.md").write_text("\n".join(fidelity_table(fid)) + "\n")
         log(f"--until fidelity: wrote {RESULTS_DIR / (name + '_fidelity.json')} and .md")
@@ -730,6 +731,24 @@ def reading(entries: dict, quality: dict, fidelity: dict, p: dict) -> list[str]:
     return out
 
 
+def generated_teacher_accuracy(run: Path) -> dict:
+    """How often the teacher's stored soft labels of generate's d3m images name the prompted class (`promptset
+    generate --soft-labels`: one patch per image here), overall and per class."""
+    from safetensors.torch import load_file
+
+    labels = load_file(str(run / "labels.safetensors"))["soft_labels"].float()  # (N, P, C)
+    rows = [json.loads(x) for x in (run / "generated" / "manifest.jsonl").read_text().splitlines() if x.strip()]
+    target = torch.tensor([r["class_index"] for r in rows])
+    if len(target) != labels.shape[0] * labels.shape[1]:
+        raise SystemExit(f"{run}: manifest and labels.safetensors disagree; rerun generate")
+    correct = (labels.flatten(0, 1).argmax(1) == target).float()
+    per = {r["class"]: [] for r in rows}
+    for r, ok in zip(rows, correct.tolist()):
+        per[r["class"]].append(ok)
+    return {"accuracy": round(float(correct.mean()), 4), "images": len(rows),
+            "per_class": {k: round(sum(v) / len(v), 4) for k, v in per.items()}}  # fmt: skip
+
+
 def _last_loss(run: Path) -> float | None:
     path = run / "invert" / "metrics.jsonl"
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
@@ -820,6 +839,7 @@ def write_outputs(name, args, p, tag, root, model, run, test, pre, timer, ipcs, 
         "estimate_s": {k: round(v) for k, v in est.items()},
         "generator": pre,
         "prompt_fidelity": fidelity,
+        "generate_teacher_accuracy": generated_teacher_accuracy(run),
         "invert_final_loss": inv_rows[-1]["loss"] if inv_rows else None,
         "select": {"classes": select_info.get("classes")},
         "generation_cache": dict(_GEN_STATS),
