@@ -356,7 +356,9 @@ def main() -> None:
             lines += [
                 f"`promptset generate --soft-labels --teacher resnet20:...` on the same run ({g['images']} d3m "
                 f"images, IPC 10): the teacher's stored soft labels name the prompted class for "
-                f"{g['accuracy'] * 100:.1f}% of them (per class: " + ", ".join(f"{k} {v * 100:.0f}%" for k, v in g["per_class"].items()) + ").",
+                f"{g['accuracy'] * 100:.1f}% of them (per class: "
+                + ", ".join(f"{k} {v * 100:.0f}%" for k, v in g["per_class"].items())
+                + ").",
                 "",
             ]
     cifar = RESULTS / "cifar10_world.md"
