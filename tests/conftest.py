@@ -15,6 +15,15 @@ torch.set_num_threads(int(os.environ.get("PROMPTSET_TEST_THREADS", "1")))
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is as fast, and far faster on a busy machine (no OpenMP spin-waits)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The project's ../shared folder (data and weights); tests that need it skip when it is absent."""

@@ -41,12 +41,7 @@ def cli(capsys, *args) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 @pytest.mark.parametrize("command", [*COMMANDS, "run"])
