@@ -35,7 +35,7 @@ class DemoConfig:
     out: str = opt("runs/demo", "demo folder (data, generator, run, results)")
     quick: bool = opt(False, "a much smaller run (about a minute) that checks every stage works")
     image_size: int = opt(8, "side of the digit images in pixels (8 = the native digits resolution)")
-    pretrain_steps: int = opt(0, "generator training steps (0 = 2000, or 100 with --quick)")
+    pretrain_steps: int = opt(0, "generator training steps (0 = 400, or 100 with --quick)")
     invert_steps: int = opt(0, "inversion steps (0 = 300, or 20 with --quick)")
     ipc: int = opt(10, "images per class for every method")
     epochs: int = opt(0, "student epochs under P1 and P2 (0 = 300, or 3 with --quick)")
@@ -82,7 +82,7 @@ def demo(cfg: DemoConfig | None = None, **overrides) -> dict:
     from .stages.teacher import teacher as train_teacher
 
     quick = cfg.quick
-    pretrain_steps = cfg.pretrain_steps or (100 if quick else 2000)
+    pretrain_steps = cfg.pretrain_steps or (100 if quick else 400)
     invert_steps = cfg.invert_steps or (20 if quick else 300)
     epochs = cfg.epochs or (3 if quick else 300)
     regen_every = cfg.regen_every or (1 if quick else 30)
