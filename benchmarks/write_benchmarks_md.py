@@ -298,7 +298,8 @@ def main() -> None:
             "## `promptset demo` (digits, 8 px, offline)",
             "",
             f"Command: `{cmd}`. Wall time {t['total']:.0f} s ({stages}); "
-            f"{demo.get('torch_threads', '?')} torch thread(s) on the 2-core CPU shared with other jobs. Students: ConvNet-3 on held-out "
+            f"{demo.get('torch_threads', '?')} torch thread(s) on the 2-core CPU shared with "
+            "other jobs. Students: ConvNet-3 on held-out "
             "digits, mean ± std over seeds. P1 = stored soft labels, no augmentation, fresh d3m images every few "
             "epochs (the paper's protocol; d3m's bytes include the soft labels of every round); P2 = one-hot "
             "labels with augmentation. Digits are 8x8, so one 384-d fp32 prompt (1,536 B) costs as much as 8 raw "
