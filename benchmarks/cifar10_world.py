@@ -309,6 +309,7 @@ def prompt_fidelity(run: Path, model: Path, teacher_spec: str, p: dict, device: 
     from promptset.artifacts import PromptSet
     from promptset.backends import create_backend
     from promptset.backends.sampling import PromptConditioner, TextConditioner, class_prompts, jobs_for
+    from promptset.evaluation.methods import teacher_logits, to_uint8
     from promptset.models import load_teacher
     from promptset.runfolder import read_classes
 
@@ -329,8 +330,7 @@ def prompt_fidelity(run: Path, model: Path, teacher_spec: str, p: dict, device: 
         patches = sampling.generate_batch(
             backend, cond, jobs, steps=p["gen_steps"], guidance=p["guidance"], factor=1, image_size=32, uncond=uncond
         )  # fmt: skip  (N, 1, 3, 32, 32)
-        x = (patches[:, 0].clamp(0, 1) * 255).round() / 255  # as saved to PNG
-        pred = torch.cat([teacher(x[s : s + 256].to(device)).argmax(1).cpu() for s in range(0, len(x), 256)])
+        pred = teacher_logits(teacher, to_uint8(patches[:, 0]).to(device)).argmax(1).cpu()  # as saved to PNG
         target = torch.tensor([j.cls for j in jobs])
         correct = (pred == target).float().view(len(names), -1).mean(1)  # (C,)
         mask = torch.tensor(named)

@@ -340,7 +340,7 @@ def build_noise_scheduler(
         beta_schedule="squaredcos_cap_v2",
         prediction_type=prediction_type,
         clip_sample=clip,
-        clip_sample_range=1.0 if vae_kind == "identity" else (float(sample_clip) if sample_clip > 0 else 1.0),
+        clip_sample_range=float(sample_clip) if vae_kind != "identity" and sample_clip > 0 else 1.0,
         timestep_spacing=timestep_spacing,
         steps_offset=1 if timestep_spacing == "leading" else 0,
     )
@@ -376,13 +376,31 @@ def read_model_info(folder: str | Path) -> dict:
 
 
 def model_info(
-    *, resolution: int, max_length: int, scaling_factor: float, text_encoder: dict, vae_spec: str, vae_kind: str,
-    vae_source: Path | None, vae_fingerprint: str | None, autoencoder: Autoencoder, unet_size: str, unet_params: int,
-    conditioning: str, prediction_type: str, class_folders: list[str], class_names: list[str], templates: list[str],
+    *,
+    resolution: int,
+    max_length: int,
+    scaling_factor: float,
+    text_encoder: dict,
+    vae_spec: str,
+    vae_kind: str,
+    vae_source: Path | None,
+    vae_fingerprint: str | None,
+    autoencoder: Autoencoder,
+    unet_size: str,
+    unet_params: int,
+    conditioning: str,
+    prediction_type: str,
+    class_folders: list[str],
+    class_names: list[str],
+    templates: list[str],
 ) -> dict:
     """Everything promptset_model.json says about a model (pretrain adds its `training` summary)."""
-    vae = {"kind": vae_kind, "spec": vae_spec, "latent_channels": autoencoder.latent_channels,
-           "downscale": autoencoder.downscale}
+    vae = {
+        "kind": vae_kind,
+        "spec": vae_spec,
+        "latent_channels": autoencoder.latent_channels,
+        "downscale": autoencoder.downscale,
+    }
     if vae_kind == "taef2":
         vae.update(source=str(Path(vae_source).resolve()), copy=VAE_DIR, fingerprint=vae_fingerprint)
     return {
@@ -541,8 +559,11 @@ def load_mini(
         )
     tokenizer, text_encoder = load_text_encoder(source)
     autoencoder = load_autoencoder(info["vae"], folder, float(info["scaling_factor"]), vae_path)
-    require_safetensors(folder / "unet", "UNet", "UNet2DConditionModel.from_pretrained(unet).save_pretrained(unet, "
-                        "safe_serialization=True)")
+    require_safetensors(
+        folder / "unet",
+        "UNet",
+        "UNet2DConditionModel.from_pretrained(unet).save_pretrained(unet, safe_serialization=True)",
+    )
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
     scheduler_config = DDPMScheduler.load_config(folder / "scheduler")
     return mini_backend(
