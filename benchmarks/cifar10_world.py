@@ -1,6 +1,12 @@
 """The offline CIFAR-10 benchmark world (DESIGN.md section 7), end to end, in one resumable command.
 
-    .venv/bin/python benchmarks/cifar10_world.py --scale reduced [--cache /tmp/pscache] [--device cpu]
+    .venv/bin/python benchmarks/cifar10_world.py --scale cpu [--cache /tmp/pscache] [--device cpu] [--threads 1]
+
+Presets: `smoke` (seconds; a check that every stage runs), `reduced` (about an hour: 1 seed, 200 test images per
+class), `cpu` (the paper's 300 student epochs at IPC 1 and 10, 3 seeds, the whole test split, distillation cut to
+500 images per class, IPC 50 last at 60 epochs: about 1.5 hours for IPC 1 and 10 on one core of the 2-core CPU,
+as much again for IPC 50), `paper` (all 2,500 distilled images per class with flips,
+IPC 50 too: many hours on CPU, for a GPU). Every value of a preset can be overridden by its flag.
 
 1. Unpack `<shared>/data/cifar10-jpeg.tar.gz` (CIFAR-10 as JPEG q75) into `<cache>/cifar10-jpeg` (once; a marker).
 2. Split every training class by file index: 0-2499 "foundation" (trains the generator), 2500-4999 "distilled"
@@ -93,6 +99,26 @@ PRESETS = {
         rounds="1,10",
         seeds=1,
         test_per_class=200,
+        eval_every=0,
+    ),
+    # The paper's student budget (300 epochs, 3 seeds, the whole test split) at IPC 1 and 10, with distillation cut
+    # to what 2 CPU cores do in a few hours: select/invert on the first 500 distilled images per class (no flips),
+    # 300 inversion steps; IPC 50 last, at a cut budget of 60 epochs.
+    "cpu": dict(
+        distill_per_class=500,
+        invert_steps=300,
+        invert_batch=20,
+        invert_flip=False,
+        gen_steps=10,
+        guidance=5.0,
+        fidelity_per_class=20,
+        ipcs="1,10,50",
+        epochs="1:300,10:300,50:60",
+        full_epochs=10,
+        full_seeds=1,
+        rounds="1,10",
+        seeds=3,
+        test_per_class=0,
         eval_every=0,
     ),
     # The paper's student budget (300 epochs) at IPC 1 and 10; IPC 50 at a stated smaller budget on CPU.
@@ -571,7 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.until == "fidelity":
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         (RESULTS_DIR / f"{name}_fidelity.json").write_text(json.dumps(
-            {"generator": {k: pre.get(k) for k in ("steps", "quality", "caption_names")}, "model": str(model),
+            {"scale": args.scale, "tag": tag,
+             "generator": {k: pre.get(k) for k in ("steps", "quality", "caption_names")}, "model": str(model),
              "model_hash": model_hash, "preset": p, "invert_final_loss": _last_loss(run), "prompt_fidelity": fid,
              "generate_teacher_accuracy": generated_teacher_accuracy(run)},
             indent=1) + "\n")  # fmt: skip
@@ -714,6 +741,22 @@ def reading(entries: dict, quality: dict, fidelity: dict, p: dict) -> list[str]:
             out.append(f"  At equal stored bytes: d3m stores {d['stored_bytes']:,} B (IPC-equivalent "
                        f"{d['ipc_equivalent']:.2f}); random-real at IPC {ipc_eq} ({eq['stored_bytes']:,} B) reaches "
                        f"{eq['final_top1']['mean']:.1f}%.")  # fmt: skip
+    for protocol in ("p1", "p2"):
+        parts = []
+        for ipc in ipcs:
+            d, c = get("d3m", protocol, ipc, True), get("class-prompt", protocol, ipc, True)
+            df, cf = get("d3m", protocol, ipc, False), get("class-prompt", protocol, ipc, False)
+            if d is not None and c is not None:
+                text = (f"IPC {ipc}: d3m {d['final_top1']['mean']:.1f}% vs class-prompt "
+                        f"{c['final_top1']['mean']:.1f}% with {d['distilled'].get('rounds')} rounds of fresh "
+                        "images")  # fmt: skip
+                if df is not None and cf is not None:
+                    text += (f", {df['final_top1']['mean']:.1f}% vs {cf['final_top1']['mean']:.1f}% on one fixed "
+                             "set")  # fmt: skip
+                parts.append(text)
+        if parts:
+            out.append(f"- {protocol.upper()}, learned prompt vs the class-name prompt (same generator, same seeds): "
+                       + "; ".join(parts) + ".")  # fmt: skip
     for protocol in ("p1", "p2"):
         diffs = []
         for ipc in ipcs:

@@ -151,9 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     models = dict(m.split("=", 1) for m in args.model)
     path = Path(args.json) if args.json else None
     result = json.loads(path.read_text()) if path and path.is_file() else {"models": {}}
-    result["machine"] = machine("cpu")
+    here = machine("cpu")
+    for old in result["models"].values():  # curves collected before each one recorded its own machine
+        old.setdefault("machine", result.get("machine"))
+    result["machine"] = here
     for name, folder in models.items():
-        result["models"][name] = read_curve(Path(folder))
+        result["models"][name] = read_curve(Path(folder)) | {"machine": here}
         curve = result["models"][name]["curve"]
         print(f"{name}: " + ", ".join(f"{r['step']}: {r['accuracy']:.1%}" for r in curve), flush=True)
     if args.ceiling_per_class:

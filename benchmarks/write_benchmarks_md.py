@@ -223,7 +223,7 @@ def generator_section() -> list[str]:
         "files 0-999 of each class, and their mirror images, as TAEF2 latents at 64 px). The captions name five "
         "classes and describe the other five by a coarser word (`benchmarks/cifar10_captions.json`). Curves "
         "collected by `python benchmarks/generator_curves.py` into `benchmarks/results/generator_curves.json`. "
-        f"Machine: {_machine(gen['machine'])}; one torch thread per run, runs sharing the two cores.",
+        "One torch thread per run, runs sharing the two cores of the machine named under the table.",
         "",
         'Learning curves: ResNet-20\'s accuracy (%) on 200 class-prompt samples ("a photo of a {caption word}", '
         "20 per class, 10 DDIM steps, guidance 3) at fixed step counts (chance 10%).",
@@ -239,17 +239,40 @@ def generator_section() -> list[str]:
                   f"{r['prediction_type']}, batch {r['batch_size']}, lr {r['lr']}, EMA {r['ema_decay']}")  # fmt: skip
         cells = " | ".join(f"{acc[s] * 100:.1f}" if s in acc else "" for s in steps)
         lines.append(f"| {name} | {recipe} | {cells} |")
+    lines.append("")
+    machines: dict[str, list[str]] = {}
+    for name, m in models.items():
+        mach = m.get("machine") or gen["machine"]
+        machines.setdefault(_machine(mach), []).append(name)
+    for text, names in machines.items():
+        lines.append(f"Machine of {', '.join(f'`{n}`' for n in names)}: {text}.")
     lines += [
         "",
         "`pooled`: the caption's pooled MiniLM vector is added to the UNet's time embedding and cross-attention sees "
-        "only the caption's real tokens; `cross`: cross-attention alone (masked the same way). Both are "
-        "v-prediction with the cosine schedule and trailing sampler steps. The recipe before this work (epsilon "
+        "only the caption's real tokens; `cross`: cross-attention alone (masked the same way). `-v`: v-prediction, "
+        "`-eps`: epsilon prediction; all with the cosine schedule and trailing sampler steps. The recipe before this "
+        "work (epsilon "
         "prediction, cross-attention over all 16 positions, padding included, leading steps) was reported in issue 10 "
         "at 12.5% after 1,500 steps at batch 128, its samples mostly saturated black, white or colour (not rerun "
         "here). In pixel space (the demo's 8 px digits) v-prediction lost class fidelity as training went on, so "
         "`pretrain` picks epsilon there (`--prediction-type auto`).",
         "",
     ]
+    common = [s for s in steps if all(s in {r["step"] for r in m["curve"]} for m in models.values())]
+    if len(models) > 1 and common:
+        last = common[-1]
+        accs = {n: next(r for r in m["curve"] if r["step"] == last) for n, m in models.items()}
+        n_samples = min(r["samples"] for r in accs.values())
+        se = max((a["accuracy"] * (1 - a["accuracy"]) / a["samples"]) ** 0.5 for a in accs.values())
+        best = max(accs, key=lambda n: accs[n]["accuracy"])
+        lines += [
+            f"At step {last}: "
+            + ", ".join(f"`{n}` {a['accuracy'] * 100:.1f}%" for n, a in accs.items())
+            + f" ({n_samples} samples each, a standard error of up to {se * 100:.1f} points per number, so "
+            f"differences under about {2 * 2**0.5 * se * 100:.0f} points are within two standard errors of the "
+            f"difference). Highest: `{best}`.",
+            "",
+        ]
     sweep = gen.get("guidance_sweep")
     if sweep:
         rows = sweep["rows"]
@@ -275,6 +298,100 @@ def generator_section() -> list[str]:
     return lines
 
 
+def demo_section(demo_path: Path) -> list[str]:
+    """From `results/demo_fresh_clone.json` (demo_from_clone.py: set-up + demo from a fresh clone), else from a
+    local demo run's demo.json."""
+    clone = _load("demo_fresh_clone.json")
+    if clone is not None:
+        demo, results = clone["demo"], clone["results"]
+    elif demo_path.is_file():
+        demo = json.loads(demo_path.read_text())
+        results = json.loads(Path(demo["results"]).read_text())
+    else:
+        return [
+            "## `promptset demo` (digits, 8 px, offline)",
+            "",
+            "Not measured with the current code yet: run `python3 benchmarks/demo_from_clone.py`, then this script.",
+            "",
+        ]
+    cmd = demo.get("command", "promptset demo")
+    t = demo["timings_s"]
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in t.items() if k != "total")
+    lines = ["## `promptset demo` (digits, 8 px, offline)", ""]
+    if clone is not None:
+        m, w = clone["machine"], clone["wall_s"]
+        lines += [
+            f"From a fresh clone (`python3 benchmarks/demo_from_clone.py`, commit {clone['commit'][:7]}): "
+            f"`{clone['command']}` took **{w['total']:.0f} s** = set-up {w['setup']:.0f} s (a new `.venv`, torch "
+            f"and promptset installed) + demo {w['demo']:.0f} s, on {m['cpu']}, {m['cores']} cores, 1-min load "
+            f"average {m['loadavg_1min_before_setup']} before set-up and {m['loadavg_1min_before_demo']} before the "
+            "demo.",
+            "",
+        ]
+    lines += [
+        f"Command: `{cmd}`. Demo wall time {t['total']:.0f} s ({stages}); {demo.get('torch_threads', '?')} torch "
+        "thread(s). Students: ConvNet-3 on held-out "
+        "digits, mean ± std over seeds. P1 = stored soft labels, no augmentation, fresh d3m images every few "
+        "epochs (the paper's protocol; d3m's bytes include the soft labels of every round); P2 = one-hot "
+        "labels with augmentation. Digits are 8x8, so one 384-d fp32 prompt (1,536 B) costs as much as 8 raw "
+        "images: prompts pay off at high resolution, not here.",
+        "",
+        "| protocol | method | IPC | epochs | stored bytes | IPC-equivalent | final top-1 | best top-1 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    rows = sorted(results["entries"].values(), key=lambda e: (e["protocol"], e["method"] != "d3m", e["method"]))
+    for e in rows:
+        lines.append(
+            f"| {e['protocol'].upper()} | {e['method']} | {e['ipc']} | {e['epochs']} | {e['stored_bytes']:,} | "
+            f"{e['ipc_equivalent']:.2f} | {e['final_top1']['mean']:.2f} ± {e['final_top1']['std']:.2f} | "
+            f"{e['best_top1']['mean']:.2f} ± {e['best_top1']['std']:.2f} |"
+        )
+    if demo.get("reading"):
+        lines += ["", demo["reading"].replace("reading: ", "Reading (printed by the demo): ", 1)]
+    q = demo.get("generator_quality", {}).get("quality", {})
+    if q:
+        lines += [
+            "",
+            f"Generator quality: the demo teacher classifies {100 * q['accuracy']:.1f}% of the mini "
+            f"generator's class-prompt samples correctly (chance {100 * q['chance']:.0f}%, "
+            f"{q['samples']} samples).",
+        ]
+    others = sorted(RESULTS.glob("demo_fresh_clone_*.json"))
+    if others:
+        lines += [
+            "",
+            "The same command again on the same machine, with another number of torch threads (floating-point sums "
+            "then run in another order, so the generator, the prompts and every student differ): the ± above is "
+            "over student seeds only, for one generator and one inversion; these rows show how much that one draw "
+            "moves the d3m rows.",
+            "",
+            "| run | torch threads | demo s | generator accuracy | "
+            + " | ".join(f"{p.upper()} {m}" for p, m in DEMO_ROWS)
+            + " |",
+            "|---|---|---|---|" + "---|" * len(DEMO_ROWS),
+        ]
+        for path in [None, *others]:
+            run = clone if path is None else json.loads(path.read_text())
+            if run is None:
+                continue
+            d = run["demo"]
+            acc = {(e["protocol"], e["method"]): e["final_top1"]["mean"] for e in run["results"]["entries"].values()}
+            qa = d.get("generator_quality", {}).get("quality", {}).get("accuracy")
+            lines.append(
+                f"| {'above' if path is None else path.name} | {d.get('torch_threads')} "
+                f"| {run['wall_s']['demo']:.0f} | "
+                + ("-" if qa is None else f"{100 * qa:.1f}%")
+                + " | "
+                + " | ".join("-" if acc.get(k) is None else f"{acc[k]:.1f}" for k in DEMO_ROWS)
+                + " |"
+            )
+    return lines + [""]
+
+
+DEMO_ROWS = [("p1", "d3m"), ("p1", "rded"), ("p1", "random-real"), ("p1", "random-real@d3m"), ("p2", "d3m"),
+             ("p2", "random-real")]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", default=str(ROOT / "runs" / "demo" / "demo.json"), help="demo.json of a demo run")
@@ -287,55 +404,7 @@ def main() -> None:
         "`python benchmarks/write_benchmarks_md.py`. Machines are named with each table.",
         "",
     ]
-    demo_path = Path(args.demo)
-    if demo_path.is_file():
-        demo = json.loads(demo_path.read_text())
-        results = json.loads(Path(demo["results"]).read_text())
-        cmd = demo.get("command", "promptset demo")
-        t = demo["timings_s"]
-        stages = ", ".join(f"{k} {v:.0f} s" for k, v in t.items() if k != "total")
-        lines += [
-            "## `promptset demo` (digits, 8 px, offline)",
-            "",
-            f"Command: `{cmd}`. Wall time {t['total']:.0f} s ({stages}); "
-            f"{demo.get('torch_threads', '?')} torch thread(s) on the 2-core CPU shared with "
-            "other jobs. Students: ConvNet-3 on held-out "
-            "digits, mean ± std over seeds. P1 = stored soft labels, no augmentation, fresh d3m images every few "
-            "epochs (the paper's protocol; d3m's bytes include the soft labels of every round); P2 = one-hot "
-            "labels with augmentation. Digits are 8x8, so one 384-d fp32 prompt (1,536 B) costs as much as 8 raw "
-            "images: prompts pay off at high resolution, not here.",
-            "",
-            "| protocol | method | IPC | epochs | stored bytes | IPC-equivalent | final top-1 | best top-1 |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        rows = sorted(results["entries"].values(), key=lambda e: (e["protocol"], e["method"] != "d3m", e["method"]))
-        for e in rows:
-            lines.append(
-                f"| {e['protocol'].upper()} | {e['method']} | {e['ipc']} | {e['epochs']} | {e['stored_bytes']:,} | "
-                f"{e['ipc_equivalent']:.2f} | {e['final_top1']['mean']:.2f} ± {e['final_top1']['std']:.2f} | "
-                f"{e['best_top1']['mean']:.2f} ± {e['best_top1']['std']:.2f} |"
-            )
-        if demo.get("reading"):
-            lines += ["", demo["reading"].replace("reading: ", "Reading (printed by the demo): ", 1)]
-        q = demo.get("generator_quality", {}).get("quality", {})
-        if q:
-            lines += [
-                "",
-                f"Generator quality: the demo teacher classifies {100 * q['accuracy']:.1f}% of the mini "
-                f"generator's class-prompt samples correctly (chance {100 * q['chance']:.0f}%, "
-                f"{q['samples']} samples).",
-            ]
-        lines.append("")
-    else:
-        lines += [
-            "## `promptset demo` (digits, 8 px, offline)",
-            "",
-            "Not measured with the current code yet. The demo now reports P1 (the paper's protocol: stored soft "
-            "labels, fresh images every 30 epochs, 300 epochs) next to P2; its numbers appear here once "
-            "`promptset demo` has written `runs/demo/demo.json` and this script is rerun. The earlier P2-only table "
-            "(60 epochs) was removed with the code that made it.",
-            "",
-        ]
+    lines += demo_section(Path(args.demo))
     lines += generator_section()
     fidelity = RESULTS / "cifar10_world_fidelity.md"
     if fidelity.is_file():
@@ -344,7 +413,8 @@ def main() -> None:
         lines += [
             "## CIFAR-10: does the learned prompt find the classes the generator cannot name?",
             "",
-            "Command: `python benchmarks/cifar10_world.py --scale reduced --until fidelity` (select with ResNet-20 on "
+            f"Command: `python benchmarks/cifar10_world.py --scale {info.get('scale', 'reduced')} --until fidelity` "
+            "(select with ResNet-20 on "
             f"the first {pre.get('distill_per_class')} distilled-split images per class, invert "
             f"{pre.get('invert_steps')} steps at batch {pre.get('invert_batch')}, generate; final inversion loss "
             f"{info.get('invert_final_loss') or float('nan'):.4f}).",
