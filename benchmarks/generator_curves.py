@@ -53,6 +53,14 @@ def read_curve(folder: Path) -> dict:
     summary = {}
     if (folder / "pretrain.json").is_file():
         summary = json.loads((folder / "pretrain.json").read_text())
+    q, last = summary.get("quality"), summary.get("steps")
+    same = q and curve and all(q.get(k) == curve[-1][k] for k in ("samples", "sample_steps", "guidance"))
+    if same and last and last > curve[-1]["step"]:  # pretrain's final evaluation, same settings as the curve's
+        curve.append({
+            "step": last, "accuracy": q["accuracy"], "confidence": q["mean_class_confidence"],
+            "train_seconds": info["training"].get("train_seconds"), "per_class": q["per_class"],
+            "samples": q["samples"], "sample_steps": q["sample_steps"], "guidance": q["guidance"],
+        })  # fmt: skip
     return {
         "folder": str(folder),
         "recipe": {k: config.get(k) for k in RECIPE_KEYS} | {"unet_params": info.get("unet_params")},

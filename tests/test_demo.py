@@ -13,14 +13,16 @@ import pytest
 def test_demo_quick_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "promptset", "demo", "--quick", "--out", str(out), "--no-progress", "--device", "cpu"],
+        [sys.executable, "-m", "promptset", "demo", "--quick", "--out", "demo", "--no-progress", "--device", "cpu"],
         capture_output=True, text=True, timeout=900, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,  # a relative --out: demo.json must still name its files wherever it is read from
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "demo.json").read_text())
     assert set(summary["timings_s"]) >= {"data", "teacher", "select", "invert", "generate", "evaluate P1",
                                          "evaluate P2", "total"}
     assert summary["reading"].startswith("reading: under P1")
+    assert summary["results"] == str((out / "run" / "eval" / "results.json").resolve())
     results = json.loads((out / "run" / "eval" / "results.json").read_text())
     rows = {(e["method"], e["protocol"]) for e in results["entries"].values()}
     assert rows == {("d3m", "p1"), ("rded", "p1"), ("random-real", "p1"), ("random-real@d3m", "p1"), ("d3m", "p2"),

@@ -158,8 +158,8 @@ def demo(cfg: DemoConfig | None = None, **overrides) -> dict:
     flags = [(f"--{k}" if v is True else f"--no-{k}" if v is False else f"--{k} {v}").replace("_", "-")
              for k, v in to_dict(cfg).items()
              if v != DemoConfig.__dataclass_fields__[k].default and k not in ("out", "progress", "device")]
-    summary = {"out": str(root), "quick": quick, "timings_s": timings, "generator_quality": quality,
-               "results": str(run / "eval" / "results.json"), "reading": reading,
+    summary = {"out": str(root.resolve()), "quick": quick, "timings_s": timings, "generator_quality": quality,
+               "results": str((run / "eval" / "results.json").resolve()), "reading": reading,
                "command": " ".join(["promptset demo", *flags]), "torch_threads": torch.get_num_threads(),
                "device": str(device)}  # fmt: skip
     write_json(root / "demo.json", summary)
