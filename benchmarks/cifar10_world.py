@@ -631,16 +631,21 @@ def main(argv: list[str] | None = None) -> int:
     rounds = rounds_list(p)
     fresh, fixed = [r for r in rounds if r > 1], [r for r in rounds if r == 1]
 
-    def items(protocol, ipc):
+    def items(protocol, ipc, rounds_of):
         e = epochs[ipc]
-        out = [(protocol, ipc, e, math.ceil(e / r), ["d3m", "class-prompt"]) for r in fresh]
-        out.append((protocol, ipc, e, 0, ["rded", "random-real"]))
-        out += [(protocol, ipc, e, 0, ["d3m", "class-prompt"]) for _ in fixed]
-        return out
+        return [(protocol, ipc, e, math.ceil(e / r), ["d3m", "class-prompt"]) for r in rounds_of]
 
-    plan = [it for protocol in ("p1", "p2") for ipc in paper_ipcs for it in items(protocol, ipc)]
+    def real(protocol, ipc):
+        return [(protocol, ipc, epochs[ipc], 0, ["rded", "random-real"])]
+
+    plan = [it for protocol in ("p1", "p2") for ipc in paper_ipcs
+            for it in items(protocol, ipc, fresh) + real(protocol, ipc) + items(protocol, ipc, fixed)]  # fmt: skip
     plan.append("equal-bytes")
-    plan += [it for protocol in ("p1", "p2") for ipc in other_ipcs for it in items(protocol, ipc)]
+    # IPCs at a cut budget: the cheap rows (real images, one fixed generated set) first, fresh rounds (many images
+    # to generate) last
+    plan += [it for protocol in ("p1", "p2") for ipc in other_ipcs
+             for it in real(protocol, ipc) + items(protocol, ipc, fixed)]  # fmt: skip
+    plan += [it for protocol in ("p1", "p2") for ipc in other_ipcs for it in items(protocol, ipc, fresh)]
     plan += [(protocol, None, p["full_epochs"], 0, ["full"]) for protocol in ("p1", "p2")]
 
     def run_eval(protocol, ipc, n_epochs, regen, methods) -> None:
