@@ -633,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def items(protocol, ipc, rounds_of):
         e = epochs[ipc]
-        return [(protocol, ipc, e, math.ceil(e / r), ["d3m", "class-prompt"]) for r in rounds_of]
+        return [(protocol, ipc, e, math.ceil(e / r) if r > 1 else 0, ["d3m", "class-prompt"]) for r in rounds_of]
 
     def real(protocol, ipc):
         return [(protocol, ipc, epochs[ipc], 0, ["rded", "random-real"])]

@@ -230,22 +230,29 @@ def generator_section() -> list[str]:
         "",
     ]
     steps = sorted({r["step"] for m in models.values() for r in m["curve"]})
-    header = "| variant | recipe | " + " | ".join(str(s) for s in steps) + " |"
-    lines += [header, "|---|---|" + "---:|" * len(steps)]
+    header = "| variant | recipe | training s | " + " | ".join(str(s) for s in steps) + " |"
+    lines += [header, "|---|---|---:|" + "---:|" * len(steps)]
     for name, m in models.items():
         r = m["recipe"]
         acc = {row["step"]: row["accuracy"] for row in m["curve"]}
         recipe = (f"UNet {r['unet_size']} ({(r.get('unet_params') or 0) / 1e6:.1f}M), {r['conditioning']}, "
                   f"{r['prediction_type']}, batch {r['batch_size']}, lr {r['lr']}, EMA {r['ema_decay']}")  # fmt: skip
         cells = " | ".join(f"{acc[s] * 100:.1f}" if s in acc else "" for s in steps)
-        lines.append(f"| {name} | {recipe} | {cells} |")
+        secs = m.get("train_seconds")
+        lines.append(f"| {name} | {recipe} | {'-' if secs is None else f'{secs:,.0f}'} | {cells} |")
     lines.append("")
     machines: dict[str, list[str]] = {}
     for name, m in models.items():
         mach = m.get("machine") or gen["machine"]
         machines.setdefault(_machine(mach), []).append(name)
     for text, names in machines.items():
-        lines.append(f"Machine of {', '.join(f'`{n}`' for n in names)}: {text}.")
+        lines.append(f"Curves of {', '.join(f'`{n}`' for n in names)} collected on: {text}.")
+    lines += [
+        "",
+        "Training seconds are wall time on the machine and load of each run (runs of different sessions may be on "
+        "different machines of the same kind): compare the curves by steps, not seconds. The committed model "
+        "(`benchmarks/models/cifar10-mini`, used by every CIFAR-10 table below) is `pooled-v`.",
+    ]
     lines += [
         "",
         "`pooled`: the caption's pooled MiniLM vector is added to the UNet's time embedding and cross-attention sees "
@@ -258,6 +265,12 @@ def generator_section() -> list[str]:
         "`pretrain` picks epsilon there (`--prediction-type auto`).",
         "",
     ]
+    near_chance = [n for n, m in models.items() if all(r["accuracy"] < 0.2 for r in m["curve"])]
+    if near_chance:
+        lines += [
+            ", ".join(f"`{n}`" for n in near_chance) + " stays under twice chance (20%) at every step.",
+            "",
+        ]
     common = [s for s in steps if all(s in {r["step"] for r in m["curve"]} for m in models.values())]
     if len(models) > 1 and common:
         last = common[-1]
@@ -422,14 +435,21 @@ def main() -> None:
             f"{pre.get('invert_steps')} steps at batch {pre.get('invert_batch')}, generate; final inversion loss "
             f"{info.get('invert_final_loss') or float('nan'):.4f}).",
             "",
-            *fidelity.read_text().strip().splitlines()[2:],
-            "",
         ]
+        same_run = info.get("tag") is not None and info.get("tag") == (_load("cifar10_world.json") or {}).get("tag")
+        if same_run:
+            lines += [
+                "The per-class table (teacher accuracy on d3m's and the class-name prompt's images, named and "
+                "unnamed classes apart) is in the CIFAR-10 section below: the same run.",
+                "",
+            ]
+        else:
+            lines += [*fidelity.read_text().strip().splitlines()[2:], ""]
         g = info.get("generate_teacher_accuracy")
         if g:
             lines += [
                 f"`promptset generate --soft-labels --teacher resnet20:...` on the same run ({g['images']} d3m "
-                f"images, IPC 10): the teacher's stored soft labels name the prompted class for "
+                f"images, IPC {g['images'] // 10}): the teacher's stored soft labels name the prompted class for "
                 f"{g['accuracy'] * 100:.1f}% of them (per class: "
                 + ", ".join(f"{k} {v * 100:.0f}%" for k, v in g["per_class"].items())
                 + ").",
