@@ -746,6 +746,14 @@ def reading(entries: dict, quality: dict, fidelity: dict, p: dict) -> list[str]:
             out.append(f"  At equal stored bytes: d3m stores {d['stored_bytes']:,} B (IPC-equivalent "
                        f"{d['ipc_equivalent']:.2f}); random-real at IPC {ipc_eq} ({eq['stored_bytes']:,} B) reaches "
                        f"{eq['final_top1']['mean']:.1f}%.")  # fmt: skip
+    p2 = []
+    for ipc in ipcs:
+        d, r = get("d3m", "p2", ipc, True), get("rded", "p2", ipc, True)
+        if d is not None and r is not None:
+            dm, rm = d["final_top1"]["mean"], r["final_top1"]["mean"]
+            p2.append(f"IPC {ipc} ({d['epochs']} epochs): d3m {dm:.1f}% vs rded {rm:.1f}% ({dm - rm:+.1f} points)")
+    if p2:
+        out.append("- P2 (one-hot labels, augmentation; d3m with fresh rounds): " + "; ".join(p2) + ".")
     for protocol in ("p1", "p2"):
         parts = []
         for ipc in ipcs:
