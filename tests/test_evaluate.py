@@ -366,6 +366,24 @@ def test_report_writes_table_csv_and_plot(world, tmp_path):
         img.verify()
 
 
+def test_plot_draws_fixed_sets_and_fresh_rounds_as_separate_lines():
+    from promptset.evaluation.results import plot_series
+
+    def row(method, protocol, ipc, variations, nbytes):
+        return {"method": method, "protocol": protocol, "ipc": ipc, "variations": variations, "stored_bytes": nbytes}
+
+    rows = [row("d3m", "p1", 1, "fixed", 100), row("d3m", "p1", 10, "fixed", 200),
+            row("d3m", "p1", 10, "10 rounds", 900), row("d3m", "p1", 1, "10 rounds", 300),
+            row("rded", "p1", 10, "-", 5000), row("rded", "p2", 10, "-", 4000)]
+    series = {label: (kind, [r["ipc"] for r in mine]) for label, _, kind, mine in plot_series(rows)}
+    assert series == {
+        "d3m (p1), fixed": ("fixed", [1, 10]),
+        "d3m (p1), 10 rounds": ("10 rounds", [1, 10]),  # sorted by bytes, never zigzagging between the two kinds
+        "rded (p1)": ("-", [10]),
+        "rded (p2)": ("-", [10]),
+    }
+
+
 def test_cli_has_the_evaluate_and_report_flags():
     from promptset.cli import build_parser
 

@@ -245,8 +245,25 @@ def recipe_line(rows: list[dict]) -> str:
             f"{values('seeds')} seed(s)")
 
 
+def plot_series(rows: list[dict]) -> list[tuple[str, str, str, list[dict]]]:
+    """(label, method, variations, rows sorted by bytes) per line of the plot: one per method and protocol, and
+    one per kind of generated set (a fixed set, R rounds of fresh images) where a method has several."""
+    protocols = sorted({r["protocol"] for r in rows})
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = [r for r in rows if r["method"] == method]
+        for proto in protocols:
+            kinds = list(dict.fromkeys(r["variations"] for r in pts if r["protocol"] == proto))
+            for kind in kinds:
+                mine = sorted((r for r in pts if r["protocol"] == proto and r["variations"] == kind),
+                              key=lambda r: r["stored_bytes"])  # fmt: skip
+                label = method if len(protocols) == 1 else f"{method} ({proto})"
+                out.append((f"{label}, {kind}" if len(kinds) > 1 else label, method, kind, mine))
+    return out
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    """Final top-1 against stored bytes (log x): one marker series per method, each point annotated with its IPC,
+    """Final top-1 against stored bytes (log x): one line per `plot_series`, each point annotated with its IPC,
     the chance level as a line, and the recipe (protocol, student, epochs, seeds) under the title."""
     import matplotlib
 
@@ -254,32 +271,26 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     markers = {"d3m": "o", "class-prompt": "s", "rded": "^", "random-real": "v", "full": "*"}
-    protocols = sorted({r["protocol"] for r in rows})
     fig, ax = plt.subplots(figsize=(8.5, 4.8), dpi=120)
-    for method in dict.fromkeys(r["method"] for r in rows):
-        pts = [r for r in rows if r["method"] == method]
-        for proto in protocols:
-            mine = sorted((r for r in pts if r["protocol"] == proto), key=lambda r: r["stored_bytes"])
-            if not mine:
-                continue
-            label = method if len(protocols) == 1 else f"{method} ({proto})"
-            ax.errorbar(
-                [r["stored_bytes"] for r in mine],
-                [r["final_top1_mean"] for r in mine],
-                yerr=[r["final_top1_std"] for r in mine],
-                marker=markers.get(method.partition("@")[0], "D"),
-                capsize=3,
-                linestyle="-" if len(mine) > 1 else "none",
-                label=label,
+    ax.set_prop_cycle(color=list(plt.get_cmap("tab20").colors))  # more series than tab10's ten colours
+    for label, method, kind, mine in plot_series(rows):
+        ax.errorbar(
+            [r["stored_bytes"] for r in mine],
+            [r["final_top1_mean"] for r in mine],
+            yerr=[r["final_top1_std"] for r in mine],
+            marker=markers.get(method.partition("@")[0], "D"),
+            capsize=3,
+            linestyle=("--" if kind == "fixed" else "-") if len(mine) > 1 else "none",
+            label=label,
+        )
+        for r in mine:
+            ax.annotate(
+                f"IPC {'all' if r['ipc'] is None else r['ipc']}",
+                (r["stored_bytes"], r["final_top1_mean"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
             )
-            for r in mine:
-                ax.annotate(
-                    f"IPC {'all' if r['ipc'] is None else r['ipc']}",
-                    (r["stored_bytes"], r["final_top1_mean"]),
-                    textcoords="offset points",
-                    xytext=(4, 4),
-                    fontsize=7,
-                )
     classes = {r["num_classes"] for r in rows if r.get("num_classes")}
     if len(classes) == 1:
         chance = 100.0 / classes.pop()
