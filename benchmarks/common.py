@@ -15,9 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpuinfo import cpu_model  # noqa: E402,F401  (re-exported: `from common import cpu_model`)
+from cpuinfo import cpu_model  # noqa: F401  (re-exported: `from common import cpu_model`)
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent

@@ -72,10 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         if rc:
             raise SystemExit(f"promptset demo failed (exit {rc}); see {base / 'demo.log'}")
         demo = json.loads((clone / "runs" / "demo" / "demo.json").read_text())
-        results_path = Path(demo["results"])
-        if not results_path.is_absolute():  # demo.json of older versions: relative to the demo's working folder
-            results_path = clone / results_path
-        results = json.loads(results_path.read_text())
+        results = json.loads(Path(demo["results"]).read_text())  # an absolute path
         out = {
             "benchmark": "demo_from_clone",
             "command": "bash scripts/bootstrap.sh && "

@@ -319,10 +319,7 @@ def demo_section(demo_path: Path) -> list[str]:
         demo, results = clone["demo"], clone["results"]
     elif demo_path.is_file():
         demo = json.loads(demo_path.read_text())
-        results_path = Path(demo["results"])
-        if not results_path.is_absolute():  # older demo.json: relative to the folder the demo ran in
-            results_path = demo_path.parent.parent.parent / results_path
-        results = json.loads(results_path.read_text())
+        results = json.loads(Path(demo["results"]).read_text())
     else:
         return [
             "## `promptset demo` (digits, 8 px, offline)",
