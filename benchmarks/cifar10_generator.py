@@ -30,8 +30,8 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 from cifar10_world import SPLIT, symlink_split, unpack  # noqa: E402
 
-COMMON = ["--resolution", "64", "--max-images-per-class", "1000", "--unet-size", "base", "--batch-size", "64",
-          "--lr", "1e-3", "--warmup-steps", "100", "--ema-decay", "0.999", "--teacher-size", "32",
+COMMON = ["--resolution", "64", "--unet-size", "base", "--batch-size", "64", "--warmup-steps", "100",
+          "--ema-decay", "0.999", "--teacher-size", "32",
           "--eval-every", "250", "--eval-samples", "20", "--sample-steps", "10", "--guidance", "3",
           "--checkpoint-every", "250", "--log-every", "50"]  # fmt: skip
 VARIANTS = {
@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shared", default=os.environ.get("PROMPTSET_SHARED", str(REPO.parent / "shared")),
                     help="folder holding data/ and weights/")  # fmt: skip
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--images-per-class", type=int, default=1000,
+                    help="foundation images per class (of 2500; each also mirrored)")  # fmt: skip
+    ap.add_argument("--lr", default="1e-3", help="AdamW learning rate after warm-up")
+    ap.add_argument("--init-from", default="",
+                    help="start from this finished mini model's UNet (promptset pretrain --init-from)")  # fmt: skip
     ap.add_argument("--dry-run", action="store_true", help="print the command only")
     args = ap.parse_args(argv)
     shared = Path(args.shared).resolve()
@@ -63,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
            "--data", str(cache / "cifar10-jpeg-splits" / "foundation"), "--vae", f"taef2:{weights}",
            "--class-names", str(BENCH_DIR / "cifar10_captions.json"),
            "--teacher", f"resnet20:{weights / 'cifar10_resnet20.safetensors'}", "--steps", str(args.steps),
-           "--no-progress", *COMMON, *VARIANTS[args.variant]]  # fmt: skip
+           "--no-progress", "--max-images-per-class", str(args.images_per_class), "--lr", args.lr,
+           *COMMON, *VARIANTS[args.variant]]  # fmt: skip
+    if args.init_from:
+        cmd += ["--init-from", str(Path(args.init_from).resolve())]
     print(f"OMP_NUM_THREADS={args.threads} " + shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0

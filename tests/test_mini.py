@@ -313,6 +313,30 @@ def test_pretrain_divergence_keeps_last_good_checkpoint(tiny_data: Path, tmp_pat
     assert ckpt[1]["step"] == "2" and all(torch.isfinite(v).all() for k, v in ckpt[0].items() if k != "rng_state")
 
 
+def test_pretrain_init_from_starts_at_the_given_weights(tiny_model: Path, tiny_data: Path, tmp_path: Path):
+    """--init-from loads a finished model's UNet (raw and EMA) and keeps its latent scale; a mismatch is refused."""
+    info = json.loads((tiny_model / "promptset_model.json").read_text())
+    opts = TINY | dict(steps=1, lr=1e-12, batch_size=4, grid_samples=1, sample_steps=2)
+    opts["conditioning"] = info["conditioning"]
+    out = pretrain(out=str(tmp_path / "warm"), data=str(tiny_data), init_from=str(tiny_model), **opts)
+    start = load_file(str(tiny_model / "unet" / "diffusion_pytorch_model.safetensors"))
+    got = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert set(got) == set(start)
+    assert max(float((got[k].float() - start[k].float()).abs().max()) for k in start) < 1e-6  # lr 1e-12: one step
+    cold = pretrain(out=str(tmp_path / "cold"), data=str(tiny_data), **opts)
+    fresh = load_file(str(cold / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert max(float((fresh[k] - start[k]).abs().max()) for k in start) > 1e-3  # the test can tell them apart
+    assert json.loads((out / "promptset_model.json").read_text())["scaling_factor"] == info["scaling_factor"]
+    # the starting weights are part of the run's identity, and other settings are refused before any training
+    other = "cross" if info["conditioning"] != "cross" else "pooled"
+    with pytest.raises(UserError, match="--init-from .*conditioning"):
+        opts_other = opts | dict(conditioning=other)
+        pretrain(out=str(tmp_path / "bad"), data=str(tiny_data), init_from=str(tiny_model), **opts_other)
+    with pytest.raises(UserError, match="--init-from"):
+        pretrain(out=str(tmp_path / "bad2"), data=str(tiny_data), init_from=str(tiny_data), **opts)
+    assert not (tmp_path / "bad" / "unet").exists()
+
+
 def test_pretrain_refuses_bad_options(tiny_data: Path, tmp_path: Path):
     with pytest.raises(UserError, match="taef2:FOLDER"):
         pretrain(out=str(tmp_path / "m"), data=str(tiny_data), **(TINY | dict(vae="sdxl")))

@@ -51,6 +51,7 @@ from ..backends.mini import (
     model_fingerprint,
     model_info,
     parse_vae_spec,
+    read_model_info,
     taef2_fingerprint,
     text_encoder_dir,
     text_encoder_fingerprint,
@@ -139,6 +140,11 @@ class PretrainConfig:
     sample_steps: int = opt(25, "denoising steps for sample grids and the quality check")
     guidance: float = opt(3.0, "classifier-free guidance scale for sample grids and the quality check")
     sampler: str = opt("ddim", "sampler for sample grids and the quality check", choices=list(SAMPLERS))
+    init_from: str = opt(
+        "",
+        "start the UNet and its EMA from this finished mini model folder (same --unet-size, --conditioning, "
+        "latent space and text encoder) instead of random weights; steps count from 0 and its latent scale is kept",
+    )
     overwrite: bool = opt(False, "replace a different model already in --out")
     progress: bool = opt(True, "show progress bars")
 
@@ -201,7 +207,46 @@ def _identity(cfg: PretrainConfig, split_hash: str, text_fp: str) -> dict:
     values = {k: getattr(cfg, k) for k in _IDENTITY}
     kind, path = parse_vae_spec(cfg.vae)
     values["vae"] = kind  # the folder may move; the weights' fingerprint is checked separately
+    if cfg.init_from:
+        try:  # the starting weights, not their path
+            values["init_from"] = model_fingerprint(cfg.init_from)
+        except UserError as err:
+            raise UserError(f"--init-from: {err}") from err
     return values | {"data_split_hash": split_hash, "text_encoder": text_fp}
+
+
+def _init_weights(unet, folder: Path, cfg: PretrainConfig, vae_fp, text_fp: str) -> float:
+    """Load a finished mini model's UNet weights into `unet` (checked to match); returns its latent scale."""
+    from safetensors.torch import load_file
+
+    flag = f"--init-from {folder}"
+    try:
+        info = read_model_info(folder)
+    except UserError as err:
+        raise UserError(f"{flag}: {err}") from err
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{flag}: no {weights.relative_to(folder)}; pass a finished mini model folder")
+    mismatched = [
+        f"{name} {theirs!r} (here {ours!r})"
+        for name, theirs, ours in (
+            ("unet_size", info.get("unet_size"), cfg.unet_size),
+            ("conditioning", info.get("conditioning"), cfg.conditioning),
+            ("prediction_type", info.get("prediction_type"), cfg.prediction_type),
+            ("resolution", info.get("resolution"), cfg.resolution),
+            ("text encoder", (info.get("text_encoder") or {}).get("fingerprint"), text_fp),
+            ("vae", (info.get("vae") or {}).get("fingerprint"), vae_fp),
+        )
+        if theirs != ours
+    ]
+    if mismatched:
+        raise UserError(f"{flag} was trained with other settings: {'; '.join(mismatched)}; pass the same options")
+    state = load_file(str(weights))
+    own = unet.state_dict()
+    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+        raise UserError(f"{flag}: its UNet has other parameter names or shapes than --unet-size {cfg.unet_size}")
+    unet.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return float(info["scaling_factor"])
 
 
 def _file_list_hash(paths: list[Path]) -> str:
@@ -264,6 +309,9 @@ def pretrain(cfg: PretrainConfig | None = None, **overrides) -> Path:
         torch.manual_seed(derive_seed(cfg.seed, "pretrain", "init"))
         unet = build_unet(cfg.unet_size, autoencoder.latent_channels, sample_size, text_encoder.config.hidden_size,
                           cfg.conditioning)  # fmt: skip
+    init_scaling = None
+    if cfg.init_from:
+        init_scaling = _init_weights(unet, Path(cfg.init_from), cfg, vae_fp, source["fingerprint"])
     unet = MiniDenoiser(unet, cfg.conditioning)
     ema = copy.deepcopy(unet)
     backend = mini_backend(
@@ -295,7 +343,7 @@ def pretrain(cfg: PretrainConfig | None = None, **overrides) -> Path:
     latents = labels = None
     if start < cfg.steps:
         raw, labels = _latent_cache(backend, index, cfg, out, vae_fp)  # (M, c, h, w), (M,)
-        scaling = info.get("scaling_factor") or (float(raw.std()) if vae_kind == "taef2" else 1.0)
+        scaling = info.get("scaling_factor") or init_scaling or (float(raw.std()) if vae_kind == "taef2" else 1.0)
         latents = (raw / scaling).to(device)
         del raw
     else:
