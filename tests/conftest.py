@@ -11,6 +11,8 @@ import torch
 torch.set_flush_denormal(True)
 # Two shared cores: one thread per test process avoids oversubscription (5-10x slower otherwise).
 torch.set_num_threads(int(os.environ.get("PROMPTSET_TEST_THREADS", "1")))
+# ... and the CLI (in-process or in a subprocess) keeps that count instead of adapting it to the load (threads.py).
+os.environ["PROMPTSET_THREADS"] = os.environ.get("PROMPTSET_TEST_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        from .threads import configure
+
+        configure()  # torch threads for the idle cores, re-checked as long loops run (threads.py)
         if args.command == "run":
             from .pipeline import run_all
 
