@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=str(BENCH_DIR / "results" / "busy_machine.json"), help="output file")
     ap.add_argument("--quick", action="store_true", help="promptset demo --quick (a smoke run of every stage)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="stop a run after this many seconds")
-    ap.add_argument("--rows", default=",".join(f"{t}/{load}" for t, load in ROWS), help="which rows, e.g. adaptive/busy")
+    ap.add_argument("--rows", default=",".join(f"{t}/{load}" for t, load in ROWS), help="rows, e.g. adaptive/busy")
     ap.add_argument("--redo", action="store_true", help="run rows again that the JSON already has")
     args = ap.parse_args(argv)
     path = Path(args.json)
