@@ -401,6 +401,37 @@ def demo_section(demo_path: Path) -> list[str]:
     return lines + [""]
 
 
+def busy_machine_section() -> list[str]:
+    """From `results/busy_machine.json` (busy_machine.py): the demo idle and beside a busy loop."""
+    data = _load("busy_machine.json")
+    head = ["## The demo on a busy machine", ""]
+    if data is None:
+        return head + ["Not measured yet: `python benchmarks/busy_machine.py`.", ""]
+    cmd = "promptset demo" + (" --quick" if data.get("quick") else "")
+    lines = head + [
+        f"`python benchmarks/busy_machine.py{' --quick' if data.get('quick') else ''}`: `{cmd}` from spawn to exit "
+        f"on {data['cpu']} ({data['cores']} cores), each run in a new folder, idle and with one `while True: pass` "
+        "process started 2 s before it. *fixed* = one torch thread per core whatever the load (what promptset did "
+        f"before, `PROMPTSET_THREADS={data['cores']}`); *adaptive* = the default (threads for the idle cores, "
+        "re-checked every 3 s). The load average before each run says how idle the machine was.",
+        "",
+        "| threads | machine | demo s | 1-min load before | torch threads at the end |",
+        "|---|---|---|---|---|",
+    ]
+    for key in ("fixed/idle", "fixed/busy", "adaptive/idle", "adaptive/busy"):
+        r = data["rows"].get(key)
+        if r is None:
+            continue
+        secs = f"> {r['seconds']:.0f} (stopped)" if r.get("timed_out") else f"{r['seconds']:.0f}"
+        lines.append(f"| {r['threads']} | {r['load']} | {secs} | {r['load1_before']} | "
+                     f"{r.get('torch_threads_at_end', '-')} |")  # fmt: skip
+    ratios = [f"{mode}: busy/idle = {data[f'{mode}_busy_over_idle']:.2f}x" for mode in ("fixed", "adaptive")
+              if f"{mode}_busy_over_idle" in data]  # fmt: skip
+    if ratios:
+        lines += ["", "; ".join(ratios) + "."]
+    return lines + [""]
+
+
 DEMO_ROWS = [("p1", "d3m"), ("p1", "rded"), ("p1", "random-real"), ("p1", "random-real@d3m"), ("p2", "d3m"),
              ("p2", "random-real")]  # fmt: skip
 
@@ -418,6 +449,7 @@ def main() -> None:
         "",
     ]
     lines += demo_section(Path(args.demo))
+    lines += busy_machine_section()
     lines += generator_section()
     fidelity = RESULTS / "cifar10_world_fidelity.md"
     if fidelity.is_file():
