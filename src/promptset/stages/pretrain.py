@@ -22,7 +22,6 @@ rerunning with a larger `--steps` trains on; rerunning a finished model with `--
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import shutil
@@ -32,8 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import load_tensors, save_tensors
-from ..atomic import append_jsonl, read_jsonl, save_image, write_json, write_text
+from ..atomic import append_jsonl, read_jsonl, save_image, write_json
 from ..backends.base import DiffusionBackend, denoising_objective, snr_weights
 from ..backends.mini import (
     CONDITIONINGS,
@@ -51,16 +49,21 @@ from ..backends.mini import (
     model_fingerprint,
     model_info,
     parse_vae_spec,
-    read_model_info,
     taef2_fingerprint,
     text_encoder_dir,
     text_encoder_fingerprint,
     text_encoder_source,
     write_model_folder,
 )
+from ..backends.mini_training import checkpoint_step as _checkpoint_step
+from ..backends.mini_training import init_weights as _init_weights
+from ..backends.mini_training import latent_cache as _latent_cache
+from ..backends.mini_training import load_checkpoint as _load_checkpoint
+from ..backends.mini_training import save_checkpoint as _save_checkpoint
+from ..backends.mini_training import truncate_metrics as _truncate_metrics
 from ..backends.sampling import SAMPLERS
 from ..config import make_config, opt, to_dict
-from ..data import load_class_images, scan_image_folder
+from ..data import scan_image_folder
 from ..devices import resolve_device
 from ..errors import TrainingDiverged, UserError
 from ..evaluation.generator import generator_quality, sample_grid
@@ -215,45 +218,8 @@ def _identity(cfg: PretrainConfig, split_hash: str, text_fp: str) -> dict:
     return values | {"data_split_hash": split_hash, "text_encoder": text_fp}
 
 
-def _init_weights(unet, folder: Path, cfg: PretrainConfig, vae_fp, text_fp: str) -> float:
-    """Load a finished mini model's UNet weights into `unet` (checked to match); returns its latent scale."""
-    from safetensors.torch import load_file
-
-    flag = f"--init-from {folder}"
-    try:
-        info = read_model_info(folder)
-    except UserError as err:
-        raise UserError(f"{flag}: {err}") from err
-    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
-    if not weights.is_file():
-        raise UserError(f"{flag}: no {weights.relative_to(folder)}; pass a finished mini model folder")
-    mismatched = [
-        f"{name} {theirs!r} (here {ours!r})"
-        for name, theirs, ours in (
-            ("unet_size", info.get("unet_size"), cfg.unet_size),
-            ("conditioning", info.get("conditioning"), cfg.conditioning),
-            ("prediction_type", info.get("prediction_type"), cfg.prediction_type),
-            ("resolution", info.get("resolution"), cfg.resolution),
-            ("text encoder", (info.get("text_encoder") or {}).get("fingerprint"), text_fp),
-            ("vae", (info.get("vae") or {}).get("fingerprint"), vae_fp),
-        )
-        if theirs != ours
-    ]
-    if mismatched:
-        raise UserError(f"{flag} was trained with other settings: {'; '.join(mismatched)}; pass the same options")
-    state = load_file(str(weights))
-    own = unet.state_dict()
-    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
-        raise UserError(f"{flag}: its UNet has other parameter names or shapes than --unet-size {cfg.unet_size}")
-    unet.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    return float(info["scaling_factor"])
 
 
-def _file_list_hash(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(f"{p.name}:{p.stat().st_size}\n".encode())
-    return h.hexdigest()
 
 
 def pretrain(cfg: PretrainConfig | None = None, **overrides) -> Path:
@@ -443,50 +409,6 @@ def _prepare_out(out: Path, cfg: PretrainConfig, identity: dict) -> dict:
     return info
 
 
-def _latent_cache(backend, index, cfg, out: Path, vae_fp) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw latents of every image (and mirror image), encoded once: (M, c, h, w) fp32 on CPU, and labels (M,).
-
-    One file per class in <out>/cache, so a run killed while encoding keeps the classes already done.
-    """
-    views = 2 if cfg.flip else 1
-    total = index.num_images * views
-    bar = progress_bar(total=total, desc="encode latents", unit="img", disable=not cfg.progress)
-    all_latents, all_labels = [], []
-    for c, files in enumerate(index.files):
-        path = out / "cache" / f"class{c:05d}.safetensors"
-        key = {
-            "vae": str(vae_fp),
-            "resolution": str(cfg.resolution),
-            "flip": str(cfg.flip),
-            "files": _file_list_hash(files),
-            "class": index.classes[c],
-        }
-        latents = None
-        if path.is_file():
-            try:
-                tensors, meta = load_tensors(path, "latent cache")
-                if all(meta.get(k) == v for k, v in key.items()):
-                    latents = tensors["latents"]
-            except UserError:
-                pass  # a torn cache file is simply rebuilt
-        if latents is None:
-            images = load_class_images(index, c, cfg.resolution)  # (N, 3, R, R) in [0, 1]
-            images = torch.cat([images, images.flip(-1)]) if cfg.flip else images  # flip in pixels: TAEF2 is not
-            chunks = []  # flip-equivariant (a flipped latent decodes at about 19 dB)
-            for s in range(0, len(images), 64):
-                mean, _ = backend.encode_images(images[s : s + 64], batch_size=64)  # (b, c, h, w)
-                chunks.append(mean)
-                bar.update(len(mean))
-            latents = torch.cat(chunks)  # (views * N, c, h, w)
-            save_tensors(path, {"latents": latents}, key)
-        else:
-            bar.update(len(latents))
-        all_latents.append(latents)
-        all_labels.append(torch.full((len(latents),), c, dtype=torch.long))
-    bar.close()
-    return torch.cat(all_latents), torch.cat(all_labels)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the training loop
 @dataclass
@@ -599,50 +521,3 @@ def _diverged_message(step: int, loss: float, ckpt_path: Path, cfg: PretrainConf
     kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else "no checkpoint was written"
     return (f"pretrain: loss became {loss} by step {step}; {kept}. Lower --lr (now {cfg.lr}) or --max-grad-norm "
             "and rerun with a new --out or --overwrite")  # fmt: skip
-
-
-def _save_checkpoint(path: Path, run: _Run, step: int, train_seconds: float) -> None:
-    """UNet, EMA, AdamW moments and the generator state, in one atomic safetensors write."""
-    tensors = {f"unet.{k}": v for k, v in run.unet.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in run.ema.state_dict().items()})
-    for i, state in run.optimizer.state_dict()["state"].items():
-        for key, value in state.items():
-            value = torch.as_tensor(value)
-            tensors[f"adam.{i}.{key}"] = value.reshape(1) if key == "step" else value  # 0-d step stored as (1,)
-    tensors["rng_state"] = run.generator.get_state()
-    save_tensors(path, tensors, {"step": str(step), "train_seconds": repr(train_seconds)})
-
-
-def _checkpoint_step(path: Path) -> int:
-    if not path.is_file():
-        return 0
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return int((f.metadata() or {})["step"])
-    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets the same advice
-        raise UserError(f"checkpoint {path} is unreadable ({err}); delete it to restart training") from err
-
-
-def _load_checkpoint(path: Path, run: _Run) -> float:
-    """Restore weights, EMA, AdamW moments and the RNG; returns the training seconds so far."""
-    tensors, meta = load_tensors(path, "pretrain checkpoint")
-    run.unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")}, strict=True)
-    run.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, strict=True)
-    params = run.optimizer.state_dict()["param_groups"]
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        if name.startswith("adam."):
-            _, i, key = name.split(".", 2)
-            state.setdefault(int(i), {})[key] = value.reshape(()) if key == "step" else value
-    run.optimizer.load_state_dict({"state": state, "param_groups": params})
-    run.generator.set_state(tensors["rng_state"])
-    return float(meta.get("train_seconds", 0.0))
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric rows past the checkpoint (written by a killed run), so a resumed log has no duplicates."""
-    rows = read_jsonl(path)
-    if any(r.get("step", 0) > step for r in rows):
-        write_text(path, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= step))
