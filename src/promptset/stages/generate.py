@@ -29,7 +29,7 @@ from ..backends import sampling
 from ..backends.sampling import SAMPLERS, Job, PromptConditioner, generation_key, generation_settings, jobs_for
 from ..config import make_config, opt, to_dict
 from ..data import load_image, quantize_pixels, to_pil, to_tensor
-from ..dist import all_gather_rows, barrier, prepared_everywhere, rank_world, span
+from ..dist import all_gather_rows, barrier, prepared_everywhere, rank_world
 from ..errors import UserError
 from ..grids import labeled_grid
 from ..models import label_pixels
@@ -88,7 +88,7 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> Path:
             write_config(run, "generate", to_dict(cfg))
         remove_stale_tmp(gen_dir)  # left by a killed run; nobody writes here before the barrier below
     every = jobs_for(list(range(len(classes))), per_class, cfg.seed)  # (class, index) order
-    lo, hi = span(len(every), rank, world)
+    lo, hi = sampling.rank_share(every, rank, world)
     jobs = every[lo:hi]  # this process's share
     done = _finished_images(gen_dir, classes, jobs, key, factor, cfg.ipc, image_size)
     todo = [j for j in jobs if (j.cls, j.index) not in done]
