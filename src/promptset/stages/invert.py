@@ -347,6 +347,7 @@ def _train_group(plan: _Plan, cfg: InvertConfig, classes: list[int], g: int, num
     loss_sum = torch.zeros(group_size, device=device)
     loss_n = torch.zeros(group_size, device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)  # every loss since the start of this process
+    trained = 0  # samples this process put through the denoiser
     t0 = time.perf_counter()
     record = None
     bar = progress_bar(total=cfg.steps, initial=start, desc=f"invert group {g + 1}/{num_groups}", disable=not show,
@@ -367,6 +368,7 @@ def _train_group(plan: _Plan, cfg: InvertConfig, classes: list[int], g: int, num
         states = backend.encode_placeholder_prompts(layout, vectors)  # (G, L, D_text): one prompt per class
         states = states[where]  # (b, L, D_text), each sample its class's prompt
         per_sample = backend.denoising_loss(latents, states, generator, rows=(lo, hi, batch))  # (b,)
+        trained += len(per_sample)
         # the batch mean: alone as before; in a team each member's sum / B, so the team's summed gradient is it
         loss = per_sample.mean() if team.size == 1 else per_sample.sum() / batch
         for group in optimizer.param_groups:
@@ -404,7 +406,7 @@ def _train_group(plan: _Plan, cfg: InvertConfig, classes: list[int], g: int, num
     finite = team.all_finite(finite)
     _stop_if_diverged(finite, vectors, cfg.steps, g, ckpt_path, cfg)
     if team.size > 1:
-        print(f"invert group {g + 1}/{num_groups}: process {team.rank} trained {(hi - lo) * (cfg.steps - start)} of "
+        print(f"invert group {g + 1}/{num_groups}: process {team.rank} trained {trained} of "
               f"the group's {batch * (cfg.steps - start)} samples (data parallel over processes "
               f"{', '.join(map(str, team.ranks))})", flush=True)
     if not team.leader:
