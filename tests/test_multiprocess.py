@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import promptset
 from promptset.artifacts import PromptSet, load_tensors
 from promptset.models import create_student
 from promptset.runfolder import write_classes
@@ -218,9 +219,8 @@ def test_generate_shares_one_class_over_two_processes(inputs, tmp_path):
         shutil.copytree(root / "data" / name, tmp_path / "data" / name)
     net = create_student("convnet_tiny", 1, 16)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "teacher.safetensors"))
-    ok(run(sys.executable, "-m", "promptset", "invert", "--backend", "sd", "--model", model, "--data",
-           tmp_path / "data", "--out", tmp_path / "one", "--steps", 2, "--batch-size", 2, "--resolution", 16,
-           "--device", "cpu", "--no-progress"))
+    promptset.invert(backend="sd", model=str(model), data=str(tmp_path / "data"), out=str(tmp_path / "one"), steps=2,
+                     batch_size=2, resolution=16, device="cpu", progress=False)
     prompts = PromptSet.load(tmp_path / "one" / "prompts.safetensors")
     first = dataclasses.replace(prompts, embeddings=prompts.embeddings[:1], token_names=prompts.token_names[:1],
                                 class_folders=prompts.class_folders[:1], initializers=prompts.initializers[:1])

@@ -7,7 +7,7 @@ made with the same settings (the manifest records their key), so an interrupted 
 completed, not redone. `labels.safetensors` records the settings themselves, so `evaluate` can tell whether these
 images are the ones it would make.
 
-Under torchrun every process takes a contiguous share of the (class, index) jobs (`dist.span`, as `evaluate`
+Under torchrun every process takes a contiguous share of the (class, index) jobs (`sampling.rank_share`, as `evaluate`
 shares its fresh rounds), so any class count keeps every process busy. PNGs are encoded and written on a writer
 thread while the sampler goes on; the teacher labels each batch's patches on the model's device, from the pixels
 just made (what the PNG holds), and rank 0 gathers every process's labels into `labels.safetensors`.
