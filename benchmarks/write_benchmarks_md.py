@@ -201,9 +201,42 @@ def performance_section() -> list[str]:
             "reproducibility setting for speed.",
             "",
         ]
+    lines += class_count_section()
     lines += [
         "GPU rows (SD-1.5-shaped model at 512 px, bf16 and fp32, MFU and peak memory): pending. No GPU was lent "
         "to the sessions that measured these; `benchmarks/README.md` has the commands.",
+        "",
+    ]
+    return lines
+
+
+def class_count_section() -> list[str]:
+    """The per-class cost of the whole pipeline at two class counts (benchmarks/bench_classes.py)."""
+    res = _load("bench_classes.json")
+    if not res:
+        return []
+    s = res["settings"]
+    rows = res["rows"]
+    lines = [
+        "### Class count: per-class cost of select, invert, generate and evaluate",
+        "",
+        "Command: `python benchmarks/bench_classes.py --quick --threads 1 --json "
+        "benchmarks/results/bench_classes.json`."
+        f" Machine: {_machine(res['machine'])}. {s['model']}, {s['images_per_class']} real images per class, invert "
+        f"{s['steps']} steps per group at batch {s['batch_size']}, generate IPC {s['ipc']} at {s['steps']} denoising "
+        f"steps, evaluate {s['method']} {s['protocol'].upper()} with one {s['student']} for {s['epochs']} epoch; each "
+        "class count in a fresh process, stage times measured in it.",
+        "",
+    ]
+    lines += _table(rows, [("classes", "classes"), ("select s", "select_s"), ("invert s", "invert_s"),
+                           ("generate s", "generate_s"), ("evaluate s", "evaluate_s"), ("total s", "total_s"),
+                           ("ms per class", "per_class_ms"), ("peak RSS MB", "peak_rss_mb")])
+    verdict = "within" if res["per_class_ratio"] <= 1.3 else "outside"
+    lines += [
+        "",
+        f"**Per-class cost at {rows[-1]['classes']} classes: {res['per_class_ratio']:.2f}x that at "
+        f"{rows[0]['classes']}** ({verdict} issue 16's bound of 1.3x): nothing in the bookkeeping grows faster than "
+        "the class count.",
         "",
     ]
     return lines

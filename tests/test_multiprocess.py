@@ -8,6 +8,7 @@ threads per process, whatever the number of processes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,8 +22,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from promptset.artifacts import load_tensors
+import promptset
+from promptset.artifacts import PromptSet, load_tensors
 from promptset.models import create_student
+from promptset.runfolder import write_classes
 
 pytestmark = pytest.mark.slow
 
@@ -176,3 +179,60 @@ def test_a_refusal_on_any_rank_stops_every_rank_before_writing(inputs, single, t
     result = ok(run(BIN / "torchrun", "--nproc-per-node", 2, "--master-port", _free_port(), script, timeout=120))
     assert "rank 0 refused: --data x: bad image on rank 1 (reported by process 1)" in result.stdout
     assert "rank 1 refused: --data x: bad image on rank 1" in result.stdout
+
+
+def test_fewer_groups_than_processes_train_data_parallel_like_one_process(inputs, tmp_path):
+    """Issue 16: 3 classes at batch 8 are one group; both processes train it (each its half of every batch, the
+    gradient summed over both) and the prompts are one process's up to float summation order."""
+    root, model = inputs
+    data = tmp_path / "data"
+    for name in CLASSES[:3]:
+        shutil.copytree(root / "data" / name, data / name)
+    args = ["invert", "--backend", "sd", "--model", model, "--data", data, "--steps", 4, "--batch-size", 8,
+            "--resolution", 16, "--device", "cpu", "--log-every", 2, "--checkpoint-every", 2, "--no-progress"]
+    ok(run(sys.executable, "-m", "promptset", *args, "--out", tmp_path / "one"))
+    logs = ok(torchrun(*args, "--out", tmp_path / "two"))
+    assert "1 group(s) of up to 3 classes" in logs.stdout
+    assert "group 1 data parallel over processes 0, 1" in logs.stdout
+    for rank in (0, 1):  # each process logs the samples it trained: half of 4 steps x 8
+        assert f"invert group 1/1: process {rank} trained 16 of the group's 32 samples" in logs.stdout
+    one = load_tensors(tmp_path / "one" / "prompts.safetensors")[0]["embeddings"]
+    two = load_tensors(tmp_path / "two" / "prompts.safetensors")[0]["embeddings"]
+    init = load_tensors(tmp_path / "one" / "invert" / "groups" / "g00000.safetensors")[0]["init"]
+    assert (one - init).abs().max() > 1e-3  # the vectors moved, so agreeing is not trivial
+    torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-6)
+    rows = {k: [json.loads(line) for line in (tmp_path / k / "invert" / "metrics.jsonl").read_text().splitlines()]
+            for k in ("one", "two")}
+    assert [r["step"] for r in rows["two"]] == [r["step"] for r in rows["one"]] == [2, 4]
+    for a, b in zip(rows["one"], rows["two"]):  # the whole batch's per-class losses, gathered from both
+        assert b["class_loss"] == pytest.approx(a["class_loss"], rel=1e-5)
+    left = sorted(p.relative_to(tmp_path / "two" / "invert").as_posix()
+                  for p in (tmp_path / "two" / "invert").rglob("*.safetensors"))
+    assert left == ["groups/g00000.safetensors"]  # the leader wrote it and removed the checkpoint and latent cache
+
+
+def test_generate_shares_one_class_over_two_processes(inputs, tmp_path):
+    """Issue 16: (class, index) jobs are shared, so one class keeps both processes busy; the PNGs and the soft
+    labels (each process labels its own images, rank 0 gathers them) are one process's, bit for bit."""
+    root, model = inputs
+    for name in CLASSES[:2]:  # inversion needs two classes; generation then runs on the first alone
+        shutil.copytree(root / "data" / name, tmp_path / "data" / name)
+    net = create_student("convnet_tiny", 1, 16)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "teacher.safetensors"))
+    promptset.invert(backend="sd", model=str(model), data=str(tmp_path / "data"), out=str(tmp_path / "one"), steps=2,
+                     batch_size=2, resolution=16, device="cpu", progress=False)
+    prompts = PromptSet.load(tmp_path / "one" / "prompts.safetensors")
+    first = dataclasses.replace(prompts, embeddings=prompts.embeddings[:1], token_names=prompts.token_names[:1],
+                                class_folders=prompts.class_folders[:1], initializers=prompts.initializers[:1])
+    first.save(tmp_path / "one" / "prompts.safetensors")
+    write_classes(tmp_path / "one", [CLASSES[0]], [CLASSES[0]])
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    args = ["generate", "--ipc", 5, "--steps", 2, "--batch-size", 2, "--sampler-batch", 2, "--device", "cpu",
+            "--soft-labels", "--teacher", f"convnet_tiny:{tmp_path / 'teacher.safetensors'}", "--no-progress"]
+    ok(run(sys.executable, "-m", "promptset", *args, "--run-dir", tmp_path / "one"))
+    logs = ok(torchrun(*args, "--run-dir", tmp_path / "two"))
+    assert "generate: process 0 made 3 of its 3 images (jobs 0-2 of 5" in logs.stdout
+    assert "generate: process 1 made 2 of its 2 images (jobs 3-4 of 5" in logs.stdout
+    generated = tree(tmp_path / "two" / "generated")
+    assert generated == tree(tmp_path / "one" / "generated") and len(generated) == 5 + 1
+    same_tensors(tmp_path / "two" / "labels.safetensors", tmp_path / "one" / "labels.safetensors")

@@ -1,15 +1,19 @@
 """Crash-safe file writes: every artifact is written to a temporary name in the same folder, then renamed.
 
-A killed process therefore leaves either the old file or the new one, never a partial one.
+A killed process therefore leaves either the old file or the new one, never a partial one. `BackgroundWriter` runs
+such writes on a thread of their own, so a GPU loop does not wait on PNG encoding and fsync.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import queue
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -116,3 +120,58 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+class BackgroundWriter:
+    """Runs write tasks on one thread, in the order submitted, while the caller goes on computing.
+
+    At most `max_pending` tasks wait (`submit` blocks beyond that), so memory stays bounded however fast the caller
+    produces. The first error a task raises is raised in the caller by the next `submit` or by `close` (leaving the
+    `with` block), and no later task runs, so files written after a failed one never exist. Tasks write with the
+    functions above (temporary file, fsync, rename): a crash leaves whole files only.
+    """
+
+    def __init__(self, max_pending: int = 4, name: str = "promptset-writer"):
+        self._tasks: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            if self._error is None:  # after a failure the rest are drained, not run
+                try:
+                    task()
+                except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+                    self._error = err
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, fn, *args, **kwargs) -> None:
+        """Queue `fn(*args, **kwargs)`; raises the error of an earlier task, if one failed."""
+        self._raise()
+        self._tasks.put(functools.partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        """Wait until every queued task ran; raise the first error of any."""
+        if self._thread.is_alive():
+            self._tasks.put(None)
+            self._thread.join()
+        self._raise()
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is None:
+            self.close()
+            return
+        try:  # the block failed: finish what was queued (whole files), keep the block's error
+            self.close()
+        except BaseException:  # noqa: BLE001
+            pass

@@ -293,12 +293,21 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous().float().div_(255.0)
 
 
+def quantize_pixels(t: torch.Tensor) -> torch.Tensor:
+    """Floats in [0, 1] (any shape) to the uint8 values an image file stores: NaN as 0, clamped, rounded (on the CPU).
+
+    `to_tensor` of the saved file gives back exactly `quantize_pixels(t).float() / 255`."""
+    values = torch.nan_to_num(t.detach().to("cpu", torch.float32), nan=0.0)
+    return values.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
+
+
 def to_pil(t: torch.Tensor) -> Image.Image:
-    """Convert a (3, H, W) tensor in [0, 1] to an RGB image (rounded, clamped, uint8); inverse of `to_tensor`."""
+    """Convert a (3, H, W) tensor in [0, 1] (or uint8 pixels) to an RGB image (rounded, clamped, uint8); inverse of
+    `to_tensor`."""
     if t.ndim != 3 or t.shape[0] != 3:
         raise ValueError(f"to_pil expects a (3, H, W) tensor, got shape {tuple(t.shape)}")
-    values = torch.nan_to_num(t.detach().to("cpu", torch.float32), nan=0.0)
-    array = values.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()  # (H, W, 3)
+    pixels = t.detach().cpu() if t.dtype == torch.uint8 else quantize_pixels(t)
+    array = pixels.permute(1, 2, 0).numpy()  # (H, W, 3)
     return Image.fromarray(np.ascontiguousarray(array))
 
 

@@ -347,17 +347,24 @@ class DiffusionBackend:
     # ----------------------------------------------------------------------------------------------------------
     # the denoising objective (Ho et al. 2020; Rombach et al. 2022), the loss textual inversion minimises
     def denoising_loss(
-        self, latents: torch.Tensor, states: torch.Tensor, generator: torch.Generator
+        self, latents: torch.Tensor, states: torch.Tensor, generator: torch.Generator,
+        rows: tuple[int, int, int] | None = None,
     ) -> torch.Tensor:
-        """`denoising_objective` at a uniform random timestep, noise and timestep drawn from `generator`. (B,)"""
+        """`denoising_objective` at a uniform random timestep, noise and timestep drawn from `generator`. (b,)
+
+        rows=(lo, hi, n): `latents` and `states` are rows [lo, hi) of a batch of n samples (one process's share of
+        a data-parallel batch); noise and timesteps are drawn for all n and rows [lo, hi) used, so the share's
+        losses are those rows of the whole batch's. Default: the whole batch.
+        """
         b = latents.shape[0]
-        noise = to_device(torch.randn(latents.shape, generator=generator, device=generator.device), self.device)
-        t = to_device(
-            torch.randint(
-                0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator, device=generator.device
-            ),
-            self.device,
-        )
+        lo, hi, n = rows if rows is not None else (0, b, b)
+        noise = torch.randn((n, *latents.shape[1:]), generator=generator, device=generator.device)[lo:hi]
+        t = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=generator, device=generator.device
+        )[lo:hi]
+        if hi == lo:  # an empty share (a batch smaller than the team): the draws above keep the stream in step
+            return torch.zeros(0, device=self.device)
+        noise, t = to_device(noise, self.device), to_device(t, self.device)
         return denoising_objective(self.unet, self.noise_scheduler, latents, noise, t, states, dtype=self.dtype)
 
     # ----------------------------------------------------------------------------------------------------------

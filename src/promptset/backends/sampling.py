@@ -16,6 +16,7 @@ import torch
 
 from ..artifacts import PromptSet, sha256_bytes
 from ..data import cut_patches
+from ..dist import span
 from ..errors import UserError
 from ..seeding import derive_seed
 from .base import image_generators
@@ -57,6 +58,12 @@ class Job:
 
 def jobs_for(classes: list[int], images_per_class: int, seed: int, stage: str = "generate") -> list[Job]:
     return [Job(c, i, derive_seed(seed, stage, c, i)) for c in classes for i in range(images_per_class)]
+
+
+def rank_share(jobs: list[Job], rank: int, world: int) -> tuple[int, int]:
+    """This process's jobs [lo, hi): a contiguous share of the (class, index) list, sizes differing by at most one,
+    so any class count (one class too) keeps every process busy. `generate` and `evaluate`'s rounds share so."""
+    return span(len(jobs), rank, world)
 
 
 class PromptConditioner:

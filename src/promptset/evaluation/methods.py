@@ -231,8 +231,9 @@ def build_generative(ctx: Context, method: str) -> Distilled:
                     conditioner = TextConditioner(backend, class_prompt_strings(ctx))
                 with torch.no_grad():
                     uncond = backend.encode_prompts([""]) if ctx.gen["guidance"] != 1.0 else None
-            # each rank makes its slice of the round (an image depends on its seed only) and all get every image
-            lo, hi = span(len(jobs), rank, world)
+            # each rank makes its share of the round's (class, index) jobs, as generate shares them (an image
+            # depends on its seed only), and all get every image
+            lo, hi = sampling.rank_share(jobs, rank, world)
             patches = []
             for s in range(lo, hi, ctx.cfg.gen_batch_size):
                 out = sampling.generate_batch(

@@ -88,13 +88,28 @@ def is_batchnorm(module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
 
 
-def sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
-    """Batch norm over the global batch (CUDA only: SyncBatchNorm has no CPU kernel)."""
+def sync_batchnorm(model: torch.nn.Module, group=None) -> torch.nn.Module:
+    """Batch norm over the global batch, its statistics reduced in `group` (CUDA only: SyncBatchNorm has no CPU
+    kernel). Without a group SyncBatchNorm uses the default group, gloo here, which stages every reduction through
+    the host: pass the NCCL group (`dist.gradient_group`)."""
     try:
         from timm.layers import convert_sync_batchnorm  # also converts timm's fused BatchNormAct layers
     except ImportError:
         convert_sync_batchnorm = torch.nn.SyncBatchNorm.convert_sync_batchnorm
-    return convert_sync_batchnorm(model)
+    return convert_sync_batchnorm(model, process_group=group)
+
+
+def data_parallel_parts(model: torch.nn.Module, device: torch.device, world: int):
+    """(model, gradient group, sync_bn) for training on `world` processes: on CUDA the NCCL group, in which DDP
+    reduces the gradients and SyncBatchNorm the batch statistics; on CPU the default gloo group (None) and batch norm
+    per process. Collective when world > 1 (every rank creates the NCCL group)."""
+    if world == 1:
+        return model, None, False
+    group = gradient_group(device)
+    sync_bn = device.type == "cuda"
+    if sync_bn:
+        model = sync_batchnorm(model, group)  # the same parameter tensors, so an optimizer made later owns them
+    return model, group, sync_bn
 
 
 def training_state(model, optimizer, scheduler, generator, rng, epoch: int, steps: int, history: list) -> dict:
@@ -199,16 +214,12 @@ def train_student(
     total_steps = recipe.epochs * steps_per_epoch
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    sync_bn = world > 1 and device.type == "cuda"
-    if sync_bn:
-        model = sync_batchnorm(model)  # the same parameter tensors, so the optimizer below still owns them
+    model, group, sync_bn = data_parallel_parts(model, device, world)
     optimizer = make_optimizer(model, recipe)
-    group = None
     train_model = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        group = gradient_group(device)
         train_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, process_group=group
         )

@@ -279,3 +279,23 @@ def load_teacher(
             "pass a teacher trained on the same classes"
         )
     return teacher
+
+
+@torch.no_grad()
+def label_pixels(teacher: nn.Module, pixels: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The teacher's logits (N, C) fp32 on the CPU for uint8 images (N, 3, S, S), computed on the teacher's device.
+
+    The teacher always sees exactly `chunk` images (the last chunk padded with copies of its last image), so an
+    image's logits do not depend on which images it was labelled with, nor on the process that labelled it. The
+    inputs are `pixels / 255`, exactly what `to_tensor` gives for the PNG of those pixels.
+    """
+    device = next(teacher.parameters()).device
+    out = []
+    for s in range(0, len(pixels), chunk):
+        part = pixels[s : s + chunk]
+        real = len(part)
+        if real < chunk:
+            part = torch.cat([part, part[-1:].expand(chunk - real, *part.shape[1:])])
+        x = part.to(device).float().div_(255)  # (chunk, 3, S, S) in [0, 1]
+        out.append(teacher(x)[:real].float())
+    return torch.cat(out).cpu() if out else torch.zeros(0, getattr(teacher, "num_classes", 0))

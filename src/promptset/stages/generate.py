@@ -6,6 +6,11 @@ factor x factor patches, resized to the dataset resolution. A rerun skips images
 made with the same settings (the manifest records their key), so an interrupted or partly deleted generation is
 completed, not redone. `labels.safetensors` records the settings themselves, so `evaluate` can tell whether these
 images are the ones it would make.
+
+Under torchrun every process takes a contiguous share of the (class, index) jobs (`sampling.rank_share`, as `evaluate`
+shares its fresh rounds), so any class count keeps every process busy. PNGs are encoded and written on a writer
+thread while the sampler goes on; the teacher labels each batch's patches on the model's device, from the pixels
+just made (what the PNG holds), and rank 0 gathers every process's labels into `labels.safetensors`.
 """
 
 from __future__ import annotations
@@ -15,17 +20,19 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..artifacts import PromptSet, save_tensors, tensors_hash
-from ..atomic import append_jsonl, read_jsonl, save_image, write_text
+from ..atomic import BackgroundWriter, append_jsonl, read_jsonl, save_image, write_text
 from ..backends import sampling
 from ..backends.sampling import SAMPLERS, Job, PromptConditioner, generation_key, generation_settings, jobs_for
 from ..config import make_config, opt, to_dict
-from ..data import load_image, to_pil, to_tensor
-from ..dist import barrier, prepared_everywhere, rank_world
+from ..data import load_image, quantize_pixels, to_pil, to_tensor
+from ..dist import all_gather_rows, barrier, prepared_everywhere, rank_world
 from ..errors import UserError
 from ..grids import labeled_grid
+from ..models import label_pixels
 from ..progress import progress_bar
 from ..runfolder import (
     ClassInfo,
@@ -80,7 +87,9 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> Path:
         if out == run:
             write_config(run, "generate", to_dict(cfg))
         remove_stale_tmp(gen_dir)  # left by a killed run; nobody writes here before the barrier below
-    jobs = jobs_for(list(range(rank, len(classes), world)), per_class, cfg.seed)
+    every = jobs_for(list(range(len(classes))), per_class, cfg.seed)  # (class, index) order
+    lo, hi = sampling.rank_share(every, rank, world)
+    jobs = every[lo:hi]  # this process's share
     done = _finished_images(gen_dir, classes, jobs, key, factor, cfg.ipc, image_size)
     todo = [j for j in jobs if (j.cls, j.index) not in done]
     if rank == 0 and done:
@@ -89,37 +98,82 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> Path:
               f"making {len(todo)}", flush=True)
     barrier()
 
+    labels = None
+    if plan.teacher is not None:  # images made by an earlier run are labelled from their files
+        labels = _Labels(plan.teacher, lo, len(jobs), factor, cfg.ipc, cfg.sampler_batch)
+        labels.add_files(gen_dir, classes, [j for j in jobs if (j.cls, j.index) in done], image_size)
     conditioner = PromptConditioner(backend, plan.prompts)
     with torch.no_grad():
         uncond = backend.encode_prompts([""]) if cfg.guidance != 1.0 else None
     part = gen_dir / f".manifest.rank{rank}.jsonl"
     bar = progress_bar(total=len(jobs), initial=len(jobs) - len(todo), desc="generate", unit="img",
                disable=not (cfg.progress and rank == 0))
-    for s in range(0, len(todo), cfg.batch_size):
-        batch = todo[s : s + cfg.batch_size]
-        patches = sampling.generate_batch(backend, conditioner, batch, steps=cfg.steps, guidance=cfg.guidance,
-                                          factor=factor, image_size=image_size, uncond=uncond,
-                                          micro_batch=cfg.sampler_batch)  # (B, P, 3, S, S)
-        for job, job_patches in zip(batch, patches):
-            folder = classes[job.cls].folder
-            for p in range(factor**2):
-                idx = job.index * factor**2 + p
-                if idx >= cfg.ipc:
-                    break
-                save_image(gen_dir / folder / f"{idx:05d}.png", to_pil(job_patches[p]))
-            # one manifest row per image, appended after its files exist: a resumed run trusts these rows
-            append_jsonl(part, {"class_index": job.cls, "image": job.index, "seed": job.seed, "key": key})
-        bar.update(len(batch))
+    with BackgroundWriter() as writer:  # PNG encoding and fsync off the sampling thread
+        for s in range(0, len(todo), cfg.batch_size):
+            batch = todo[s : s + cfg.batch_size]
+            patches = sampling.generate_batch(backend, conditioner, batch, steps=cfg.steps, guidance=cfg.guidance,
+                                              factor=factor, image_size=image_size, uncond=uncond,
+                                              micro_batch=cfg.sampler_batch)  # (B, P, 3, S, S)
+            pixels = quantize_pixels(patches)  # (B, P, 3, S, S) uint8, what the PNGs hold
+            if labels is not None:
+                labels.add(batch, pixels)
+            writer.submit(_write_images, gen_dir, classes, batch, pixels, factor, cfg.ipc, part, key)
+            bar.update(len(batch))
     bar.close()
+    if world > 1:
+        print(f"generate: process {rank} made {len(todo)} of its {len(jobs)} images (jobs {lo}-{hi - 1} of "
+              f"{len(every)} in (class, index) order)", flush=True)
+    logits = None if labels is None else all_gather_rows(labels.logits, len(every))  # (N, P, C) on every rank
     barrier()
     if rank == 0:
-        _finish(plan, cfg, gen_dir, per_class)
-        labels = "seeds and the teacher's soft labels" if plan.teacher is not None else "seeds"
+        _finish(plan, cfg, gen_dir, per_class, logits)
+        what = "seeds and the teacher's soft labels" if plan.teacher is not None else "seeds"
         print(f"generate: {len(classes) * cfg.ipc} images ({len(classes)} classes x {cfg.ipc}, "
-              f"{len(todo)} made now) in {gen_dir}; grid {plan.out / 'grid.png'}; {labels} in "
+              f"{len(todo)} made now) in {gen_dir}; grid {plan.out / 'grid.png'}; {what} in "
               f"{plan.out / 'labels.safetensors'}", flush=True)
     barrier()
     return gen_dir
+
+
+def _write_images(gen_dir: Path, classes, batch: list[Job], pixels: torch.Tensor, factor: int, ipc: int,
+                  manifest: Path, key: str) -> None:
+    """The patch PNGs of a batch of images (atomic, fsynced), then one manifest row per image (on the writer)."""
+    for job, job_pixels in zip(batch, pixels):
+        folder = classes[job.cls].folder
+        for p, idx in enumerate(_patch_indices(job, factor, ipc)):
+            save_image(gen_dir / folder / f"{idx:05d}.png", to_pil(job_pixels[p]))
+        # one manifest row per image, appended after its files exist: a resumed run trusts these rows
+        append_jsonl(manifest, {"class_index": job.cls, "image": job.index, "seed": job.seed, "key": key})
+
+
+class _Labels:
+    """The teacher's logits of this process's images (its `span` share [lo, lo + count) of all jobs): (count, P, C).
+
+    Patches past `ipc` (the last image of a class cut into more patches than needed) keep zero logits."""
+
+    def __init__(self, teacher, lo: int, count: int, factor: int, ipc: int, sampler_batch: int):
+        self.teacher, self.lo, self.factor, self.ipc = teacher, lo, factor, ipc
+        self.chunk = sampler_batch * factor**2  # patches per teacher call, fixed: labels never depend on batching
+        self.per_class = math.ceil(ipc / factor**2)
+        self.logits = torch.zeros(count, factor**2, teacher.num_classes)
+
+    def add(self, batch: list[Job], pixels: torch.Tensor) -> None:
+        """Label the patches (B, P, 3, S, S) uint8 of a batch of jobs."""
+        logits = label_pixels(self.teacher, pixels.flatten(0, 1), self.chunk).view(len(batch), self.factor**2, -1)
+        for job, row in zip(batch, logits):
+            n = len(_patch_indices(job, self.factor, self.ipc))
+            self.logits[job.cls * self.per_class + job.index - self.lo, :n] = row[:n]
+
+    def add_files(self, gen_dir: Path, classes, jobs: list[Job], image_size: int) -> None:
+        """Label images an earlier run made, read back from their PNGs."""
+        for s in range(0, len(jobs), 64):
+            batch = jobs[s : s + 64]
+            pixels = torch.zeros(len(batch), self.factor**2, 3, image_size, image_size, dtype=torch.uint8)
+            for b, job in enumerate(batch):
+                for q, idx in enumerate(_patch_indices(job, self.factor, self.ipc)):
+                    with load_image(gen_dir / classes[job.cls].folder / f"{idx:05d}.png") as image:
+                        pixels[b, q] = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+            self.add(batch, pixels)
 
 
 @dataclass
@@ -163,12 +217,14 @@ def _prepare(cfg: GenerateConfig) -> _Plan:
     if cfg.soft_labels and not cfg.teacher:
         raise UserError("--soft-labels needs --teacher PATH.safetensors (from `promptset teacher`) or NAME:PATH")
     teacher = None
-    if cfg.soft_labels:
+    if cfg.soft_labels:  # checked before the model loads; it labels on the model's device
         from ..models import load_teacher
 
         teacher = load_teacher(cfg.teacher, num_classes=len(classes), device="cpu",
                                class_folders=[c.folder for c in classes])
     backend = create_backend(kind, model, device=cfg.device, dtype=cfg.dtype, sampler=cfg.sampler)
+    if teacher is not None:
+        teacher = teacher.to(backend.device)
     prompts.check_backend(backend, prompts_path)
     if cfg.compile:
         backend.compile_denoiser()
@@ -223,8 +279,10 @@ def _image_ok(path: Path, size: int) -> bool:
         return False
 
 
-def _finish(plan: _Plan, cfg: GenerateConfig, gen_dir: Path, per_class: int) -> None:
-    """Write the final manifest, grid.png and labels.safetensors (with the generation settings) from rank 0."""
+def _finish(plan: _Plan, cfg: GenerateConfig, gen_dir: Path, per_class: int, logits: torch.Tensor | None) -> None:
+    """Write the final manifest, grid.png and labels.safetensors (with the generation settings) from rank 0.
+
+    logits: the teacher's logits of every patch (N, P, C) fp32 in (class, index) order, or None without a teacher."""
     classes, factor, image_size, teacher, key = plan.classes, plan.factor, plan.image_size, plan.teacher, plan.key
     rows = _manifest_rows(gen_dir)
     manifest, seeds = [], []
@@ -249,10 +307,9 @@ def _finish(plan: _Plan, cfg: GenerateConfig, gen_dir: Path, per_class: int) -> 
             "generation_key": key, "generation": json.dumps(plan.settings, sort_keys=True)}
     tensors = {"seeds": torch.tensor(seeds, dtype=torch.int32)}  # (N,)
     if teacher is not None:
-        tensors["soft_labels"] = soft_labels_for(teacher, gen_dir, manifest, len(classes), per_class, factor,
-                                                 cfg.label_dtype)
-        meta.update({"teacher": teacher.spec, "teacher_sha256": teacher.weights_sha256, "label_kind": "logits",
-                     "label_dtype": cfg.label_dtype})
+        stored, label_meta = stored_labels(logits, cfg.label_dtype)
+        tensors.update(stored)
+        meta.update({"teacher": teacher.spec, "teacher_sha256": teacher.weights_sha256} | label_meta)
     save_tensors(plan.out / "labels.safetensors", tensors, meta)
 
 
@@ -264,18 +321,10 @@ def _remove_unlisted(gen_dir: Path, classes, listed: set[str]) -> None:
                 path.unlink()
 
 
-@torch.no_grad()
-def soft_labels_for(teacher, gen_dir, manifest, num_classes, per_class, factor, dtype) -> torch.Tensor:
-    """Teacher logits on every saved patch (read back from its PNG, as the student will see it): (N, P, C)."""
-    labels = torch.zeros(num_classes * per_class, factor**2, teacher.num_classes)
-    paths = [gen_dir / m["file"] for m in manifest]
-    where = [(m["class_index"] * per_class + m["image"], m["patch"]) for m in manifest]
-    for s in range(0, len(paths), 256):
-        x = torch.stack([to_tensor(load_image(p)) for p in paths[s : s + 256]])
-        logits = teacher(x).float()
-        for (n, p), row in zip(where[s : s + 256], logits):
-            labels[n, p] = row
-    return labels.to(torch.float16 if dtype == "fp16" else torch.float32)
+def stored_labels(logits: torch.Tensor, label_dtype: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The teacher's gathered logits (N, P, C) fp32 as `labels.safetensors` stores them: (tensors, metadata)."""
+    tensors = {"soft_labels": logits.to(torch.float16 if label_dtype == "fp16" else torch.float32)}
+    return tensors, {"label_kind": "logits", "label_dtype": label_dtype}
 
 
 def _grid(path: Path, gen_dir: Path, classes, per_row: int, size: int) -> None:

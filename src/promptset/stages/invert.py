@@ -12,6 +12,10 @@ How this run is organised, and why:
   `m` times when G divides the batch size B = G * m; otherwise continuing where the previous step stopped, so any
   batch size works), each sample conditioned on its own class token. A group owns its RNG stream (seeded from
   (seed, group)), so its result is a pure function of the seed: the same in one process or sharded over many.
+- Under torchrun the groups go one per process (`dist.team_schedule`); when fewer groups than processes remain, a
+  group is trained data-parallel by a team of processes: every member draws the whole batch's random numbers, works
+  on its `span` share of the batch (loss = its samples' sum / B), the (G, V, D) gradient is summed over the team,
+  and every member takes the same AdamW step. That equals one process up to the order of float sums.
 - The VAE encodes each training image (and its mirror image) once; steps sample from that cache.
 - Only a (G, V, D) tensor of placeholder vectors trains. It is injected into the text encoder's token-embedding
   output (see `DiffusionBackend.slots`), so no weight of the model changes at all.
@@ -24,7 +28,6 @@ How this run is organised, and why:
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +41,7 @@ from ..backends.base import DiffusionBackend, PromptLayout
 from ..config import make_config, opt, to_dict
 from ..data import MAX_IMAGE_PIXELS, ImageFolderIndex, load_class_images, scan_image_folder, verify_images
 from ..devices import to_device
-from ..dist import barrier, prepared_everywhere, rank_world
+from ..dist import Team, barrier, join_teams, prepared_everywhere, rank_world, span, team_schedule
 from ..errors import TrainingDiverged, UserError
 from ..progress import progress_bar
 from ..runfolder import (
@@ -133,6 +136,8 @@ def invert(cfg: InvertConfig | None = None, **overrides) -> Path:
     taken: set[str] = set()
     token_names = [token_name_for(f, taken) for f in index.classes]
     folder = run / "invert"
+    groups = _groups(num_classes, plan.per_group)
+    schedule = team_schedule(len(groups), world)
 
     if rank == 0:
         if plan.replaced:
@@ -144,13 +149,13 @@ def invert(cfg: InvertConfig | None = None, **overrides) -> Path:
         remove_stale_tmp(run, recursive=False)
         print(f"invert: --data {cfg.data}: {num_classes} classes, {index.num_images} images; skipped "
               f"{index.skipped_hidden} hidden and {index.skipped_non_image} non-image entries", flush=True)
-        groups = math.ceil(num_classes / plan.per_group)
         share = (f"each class {cfg.batch_size // plan.per_group} times per step"
                  if cfg.batch_size % plan.per_group == 0 else
                  "the classes in turn, so every class gets the same number of samples over "
                  f"{plan.per_group} steps")
-        print(f"invert: {groups} group(s) of up to {plan.per_group} classes, batch {cfg.batch_size}: {share}",
+        print(f"invert: {len(groups)} group(s) of up to {plan.per_group} classes, batch {cfg.batch_size}: {share}",
               flush=True)
+        _print_teams(schedule, world)
         words = "the class names" if not (cfg.initializer or cfg.initializers) else "the words given"
         print(f"invert: initializer words: {words}" + ("" if plan.init_notes else " (one token each)"), flush=True)
         for note in plan.init_notes:
@@ -160,9 +165,11 @@ def invert(cfg: InvertConfig | None = None, **overrides) -> Path:
                      title="invert: stored bytes of the distilled set")
     barrier()
 
-    groups = _groups(num_classes, plan.per_group)
-    for g in range(rank, len(groups), world):
-        _train_group(plan, cfg, groups[g], g, len(groups), folder, show=cfg.progress and rank == 0)
+    teams = join_teams(schedule, backend.device)  # this process's team per group it works on
+    for g, ranks in schedule:
+        if rank in ranks:
+            _train_group(plan, cfg, groups[g], g, len(groups), folder, show=cfg.progress and rank == 0,
+                         team=teams[g])
     barrier()
 
     prompts_path = run / "prompts.safetensors"
@@ -297,17 +304,22 @@ def _latent_cache(backend, cfg, index, classes, g, resolution, folder) -> tuple[
 
 
 def _train_group(plan: _Plan, cfg: InvertConfig, classes: list[int], g: int, num_groups: int, folder: Path,
-                 show: bool) -> None:
-    """Train the placeholder vectors of one class group; resumes from its checkpoint; writes groups/gNNNNN."""
+                 show: bool, team: Team | None = None) -> None:
+    """Train the placeholder vectors of one class group; resumes from its checkpoint; writes groups/gNNNNN.
+
+    With a team of several processes, each works on its share of every batch and the gradient is summed over the
+    team; every member holds the same vectors, optimizer and generator state, and the leader alone writes files.
+    """
+    team = team or Team((rank_world()[0],), rank_world()[0])
     backend, index, layout = plan.backend, plan.index, plan.layout
     result_path = folder / "groups" / f"g{g:05d}.safetensors"
     ckpt_path = folder / "checkpoints" / f"g{g:05d}.safetensors"
     data_key = {"split_hash": index.split_hash(), "classes": ",".join(map(str, classes))}
-    if _matches(result_path, data_key):
+    if _matches(result_path, data_key):  # written only after the team's last step: every member sees the same
         ckpt_path.unlink(missing_ok=True)  # a run killed between writing the result and cleaning up
         return  # finished on an earlier run
     device = backend.device
-    means, stds = _latent_cache(backend, cfg, index, classes, g, plan.resolution, folder)
+    means, stds = _team_latent_cache(team, backend, cfg, index, classes, g, plan.resolution, folder)
     counts = torch.tensor([m.shape[0] for m in means])  # (G,)
     offsets = torch.cumsum(counts, 0) - counts  # (G,) first row of each class in the flat cache
     views = means[0].shape[1]
@@ -325,64 +337,117 @@ def _train_group(plan: _Plan, cfg: InvertConfig, classes: list[int], g: int, num
         if rank_world()[0] == 0:
             print(f"invert group {g + 1}/{num_groups}: resuming from step {start} of {cfg.steps} ({ckpt_path})",
                   flush=True)
-    _drop_metrics_after(_metrics_path(folder), g, start)  # rows of steps the killed run did past its checkpoint
+    if team.leader:
+        _drop_metrics_after(_metrics_path(folder), g, start)  # rows of steps the killed run did past its checkpoint
 
     group_size = len(classes)
     batch = _group_batch(cfg.batch_size, plan.per_group, group_size)
+    lo, hi = span(batch, team.index, team.size)  # this process's share of every batch (all of it alone)
+    share = slice(lo, hi)
     loss_sum = torch.zeros(group_size, device=device)
     loss_n = torch.zeros(group_size, device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)  # every loss since the start of this process
+    trained = 0  # samples this process put through the denoiser
     t0 = time.perf_counter()
     record = None
     bar = progress_bar(total=cfg.steps, initial=start, desc=f"invert group {g + 1}/{num_groups}", disable=not show,
                unit="step")
     for step in range(start, cfg.steps):
         # ---- one batch: the group's classes in turn (each `batch / G` times when G divides the batch) ----------
+        # every member draws the random numbers of the whole batch (the same stream) and keeps its share's
         sample_class = _batch_classes(step, batch, group_size)  # (B,) local class of each sample
         pick = (torch.rand(len(sample_class), generator=generator) * counts[sample_class]).long()  # (B,)
         view = torch.randint(0, views, (len(sample_class),), generator=generator)  # (B,)
-        rows = to_device(offsets[sample_class] + pick, device)  # (B,) rows of the flat cache, one gather
-        view = to_device(view, device)
-        latents = flat_means[rows, view]  # (B, c, h, w)
+        rows = to_device((offsets[sample_class] + pick)[share], device)  # (b,) rows of the flat cache, one gather
+        view = to_device(view[share], device)
+        latents = flat_means[rows, view]  # (b, c, h, w)
         if flat_stds is not None:
-            noise = to_device(torch.randn(latents.shape, generator=generator), device)
-            latents = latents + flat_stds[rows, view] * noise
+            noise = torch.randn((batch, *flat_means.shape[2:]), generator=generator)[share]  # (b, c, h, w)
+            latents = latents + flat_stds[rows, view] * to_device(noise, device)
+        where = to_device(sample_class[share], device)  # (b,)
         states = backend.encode_placeholder_prompts(layout, vectors)  # (G, L, D_text): one prompt per class
-        states = states[to_device(sample_class, device)]  # (B, L, D_text), each sample its class's prompt
-        per_sample = backend.denoising_loss(latents, states, generator)  # (B,)
-        loss = per_sample.mean()
+        states = states[where]  # (b, L, D_text), each sample its class's prompt
+        per_sample = backend.denoising_loss(latents, states, generator, rows=(lo, hi, batch))  # (b,)
+        trained += len(per_sample)
+        # the batch mean: alone as before; in a team each member's sum / B, so the team's summed gradient is it
+        loss = per_sample.mean() if team.size == 1 else per_sample.sum() / batch
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if loss.requires_grad:  # not for an empty share (a batch smaller than the team)
+            loss.backward()
+        if team.size > 1:
+            _sum_gradient(vectors, team)
         optimizer.step()
         finite &= torch.isfinite(loss)
-        where = to_device(sample_class, device)
         loss_sum.index_add_(0, where, per_sample.detach().float())
         loss_n.index_add_(0, where, torch.ones_like(per_sample, dtype=torch.float))
         done = step + 1
         bar.update(1)
 
         if done % cfg.log_every == 0 or done == cfg.steps:
+            finite = team.all_finite(finite)
+            team.all_reduce_(loss_sum)  # the per-class losses of the whole batch, as one process logs them
+            team.all_reduce_(loss_n)
             record = _metrics(vectors.detach(), init.to(device), loss_sum / loss_n.clamp_min(1), classes, index, g,
                               done, _lr_at(step, cfg), time.perf_counter() - t0)
             _stop_if_diverged(finite, vectors, done, g, ckpt_path, cfg)
-            append_jsonl(_metrics_path(folder), record)
+            if team.leader:
+                append_jsonl(_metrics_path(folder), record)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             loss_sum.zero_()
             loss_n.zero_()
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            finite = team.all_finite(finite)
             _stop_if_diverged(finite, vectors, done, g, ckpt_path, cfg)  # never checkpoint a bad state
-            _save_checkpoint(ckpt_path, vectors, optimizer, generator, done, data_key)
+            if team.leader:
+                _save_checkpoint(ckpt_path, vectors, optimizer, generator, done, data_key)
     bar.close()
+    finite = team.all_finite(finite)
     _stop_if_diverged(finite, vectors, cfg.steps, g, ckpt_path, cfg)
-    if rank_world()[0] == 0 and record is not None:
+    if team.size > 1:
+        print(f"invert group {g + 1}/{num_groups}: process {team.rank} trained {trained} of "
+              f"the group's {batch * (cfg.steps - start)} samples (data parallel over processes "
+              f"{', '.join(map(str, team.ranks))})", flush=True)
+    if not team.leader:
+        return
+    if record is not None:
         print(f"invert group {g + 1}/{num_groups}: done, {cfg.steps} steps; final loss {record['loss']:.4f} (mean of "
               f"the last {min(cfg.log_every, cfg.steps - start)} steps)", flush=True)
     save_tensors(result_path, {"embeddings": vectors.detach().float().cpu(), "init": init.cpu()},
                  {"group": str(g), "steps": str(cfg.steps)} | data_key)
     ckpt_path.unlink(missing_ok=True)
     (folder / "latents" / f"g{g:05d}.safetensors").unlink(missing_ok=True)
+
+
+def _sum_gradient(vectors: torch.nn.Parameter, team: Team) -> None:
+    """Sum the (G, V, D) gradient of the placeholder vectors over the team (a member with no sample adds zeros)."""
+    if vectors.grad is None:
+        vectors.grad = torch.zeros_like(vectors)
+    team.all_reduce_(vectors.grad)
+
+
+def _team_latent_cache(team: Team, backend, cfg, index, classes, g, resolution, folder):
+    """`_latent_cache`, encoded once by the team's leader; the other members read the file it wrote."""
+    if team.leader:
+        cache = _latent_cache(backend, cfg, index, classes, g, resolution, folder)
+    team.barrier()
+    if not team.leader:
+        cache = _latent_cache(backend, cfg, index, classes, g, resolution, folder)  # finds the leader's file
+    return cache
+
+
+def _print_teams(schedule: list[tuple[int, tuple[int, ...]]], world: int) -> None:
+    """Say how the processes share the groups (rank 0, before training)."""
+    if world == 1:
+        return
+    shared = [(g, ranks) for g, ranks in schedule if len(ranks) > 1]
+    solo = len(schedule) - len(shared)
+    text = f"invert: {world} processes: {solo} group(s) trained one per process"
+    if shared:
+        text += "; " + "; ".join(f"group {g + 1} data parallel over processes {', '.join(map(str, ranks))}"
+                                 for g, ranks in shared)
+    print(text, flush=True)
 
 
 def _stop_if_diverged(finite: torch.Tensor, vectors: torch.Tensor, step: int, g: int, ckpt_path: Path, cfg) -> None:
