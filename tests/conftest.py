@@ -17,6 +17,14 @@ os.environ["PROMPTSET_THREADS"] = os.environ.get("PROMPTSET_TEST_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def hash_cache(tmp_path_factory) -> Path:
+    """File hashes are cached in a folder of this session, never in the user's ~/.cache (subprocesses inherit it)."""
+    folder = tmp_path_factory.mktemp("promptset-cache")
+    os.environ["PROMPTSET_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: one thread is as fast, and far faster on a busy machine (no OpenMP spin-waits)."""
