@@ -36,16 +36,22 @@ def test_auto_dtype_on_cuda_picks_bf16_or_fp16_by_compute_capability(monkeypatch
 
 
 def test_fp32_on_cuda_turns_on_tf32():
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    before = matmul.fp32_precision, conv.fp32_precision
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    new_api = hasattr(matmul, "fp32_precision")  # torch >= 2.9; before it, allow_tf32
+    flags = [(matmul, "fp32_precision"), (cudnn.conv, "fp32_precision")] if new_api else [
+        (matmul, "allow_tf32"), (cudnn, "allow_tf32")]
+    off, on = ("ieee", "tf32") if new_api else (False, True)
+    before = [getattr(obj, name) for obj, name in flags]
     try:
-        matmul.fp32_precision = conv.fp32_precision = "ieee"
+        for obj, name in flags:
+            setattr(obj, name, off)
         resolve_dtype("fp32", torch.device("cpu"))
-        assert matmul.fp32_precision == "ieee"  # not on the CPU
+        assert [getattr(obj, name) for obj, name in flags] == [off, off]  # not on the CPU
         assert resolve_dtype("fp32", CUDA) == torch.float32
-        assert matmul.fp32_precision == "tf32" and conv.fp32_precision == "tf32"
+        assert [getattr(obj, name) for obj, name in flags] == [on, on]
     finally:
-        matmul.fp32_precision, conv.fp32_precision = before
+        for (obj, name), value in zip(flags, before):
+            setattr(obj, name, value)
 
 
 def test_invert_dtype_auto_resolves_to_fp32_on_cpu_and_records_it(tiny_sd, tmp_path, capsys):
