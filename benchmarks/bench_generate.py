@@ -570,7 +570,7 @@ def parse_args(argv=None):
     args.images_per_class = args.images_per_class or (4 if gpu or args.quick else 8)
     args.dtypes = [d.strip() for d in (args.dtype or ("fp32,bf16" if gpu else "fp32")).split(",") if d.strip()]
     if not gpu and any(d != "fp32" for d in args.dtypes):
-        p.error("half precision on CPU is refused by promptset; use --dtype fp32 on CPU")
+        p.error("half precision on CPU is far slower than fp32 (not a benchmark of anything); use --dtype fp32 on CPU")
     return args
 
 

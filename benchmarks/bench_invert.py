@@ -240,7 +240,7 @@ def parse_args(argv=None):
     if args.steps <= args.warmup:
         p.error(f"--steps {args.steps} must exceed --warmup {args.warmup}")
     if not gpu and any(d != "fp32" for d in args.dtypes):
-        p.error("half precision on CPU is refused by promptset; use --dtype fp32 on CPU")
+        p.error("half precision on CPU is far slower than fp32 (not a benchmark of anything); use --dtype fp32 on CPU")
     return args
 
 

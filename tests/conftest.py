@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,11 @@ torch.set_num_threads(int(os.environ.get("PROMPTSET_TEST_THREADS", "1")))
 os.environ["PROMPTSET_THREADS"] = os.environ.get("PROMPTSET_TEST_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+
+# File hashes are cached in a folder of this session, never in the user's ~/.cache. Set at import, before test
+# modules build their subprocess environments from os.environ.
+os.environ["PROMPTSET_CACHE"] = tempfile.mkdtemp(prefix="promptset-test-cache-")
+atexit.register(shutil.rmtree, os.environ["PROMPTSET_CACHE"], True)
 
 
 @pytest.fixture(scope="module")

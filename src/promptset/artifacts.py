@@ -36,34 +36,90 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-_FILE_HASHES: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime_ns) -> sha256, per process
+_FILE_HASHES: dict[tuple, str] = {}  # (resolved path, size, mtime_ns, ctime_ns, inode) -> sha256, this process
+_HEX = set("0123456789abcdef")
+
+
+def hash_cache_dir() -> Path:
+    """Where file hashes are cached across processes: `$PROMPTSET_CACHE/file-sha256`, else
+    `$XDG_CACHE_HOME/promptset/file-sha256` (default `~/.cache/promptset/file-sha256`); never inside a model folder."""
+    env = os.environ.get("PROMPTSET_CACHE")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "promptset"
+    return base.expanduser() / "file-sha256"
 
 
 def sha256_file_cached(path: str | os.PathLike) -> str:
-    """`sha256_file`, remembered per (path, size, mtime) so a model loaded again in one process is hashed once."""
+    """`sha256_file`, remembered by (path, size, mtime, ctime, inode): in this process, and on disk for later ones.
+
+    A model file is hashed once per machine (per cache folder), not at every load of every stage on every rank. The
+    first process to need a hash takes a lock on its cache entry (`fcntl.flock`); the others wait for it and read
+    the result instead of hashing the same bytes at once. Rewriting a file changes its mtime and ctime (and a copy
+    is a new inode), so a changed file is hashed again. Without a writable cache folder it just hashes.
+    """
     p = Path(path).resolve()
     st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns)
+    key = (str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
     if key not in _FILE_HASHES:
-        _FILE_HASHES[key] = sha256_file(p)
+        _FILE_HASHES[key] = _disk_cached_sha256(p, key)
     return _FILE_HASHES[key]
 
 
-def fingerprint_path(path: str | os.PathLike) -> str:
-    """Content fingerprint of a model file or folder: sha256 over every (non-hidden) file's name and full bytes.
+def _disk_cached_sha256(path: Path, key: tuple) -> str:
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: hash every time
+        return sha256_file(path)
+    entry = hash_cache_dir() / sha256_bytes(json.dumps(key).encode("utf-8"))[:40]
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        f = open(entry, "a+", encoding="ascii")
+    except OSError:
+        return sha256_file(path)
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        except OSError:
+            return sha256_file(path)
+        f.seek(0)
+        cached = f.read().strip()
+        if len(cached) == 64 and set(cached) <= _HEX:
+            return cached
+        digest = sha256_file(path)
+        try:  # a torn write (a killed process) leaves an entry that is not 64 hex digits: hashed again
+            f.seek(0)
+            f.truncate()
+            f.write(digest)
+            f.flush()
+        except OSError:
+            pass
+        return digest
 
-    Two fine-tunes of one model differ somewhere in their weights, rarely in the first or last MiB, so every byte
-    counts. Hashes are cached per (path, size, mtime) within a process.
-    """
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+def fingerprint_files(root: str | os.PathLike, files: list[Path]) -> str:
+    """Content fingerprint of `files` under the folder `root`: sha256 over each file's relative name, size and full
+    bytes (sorted; hidden files skipped). Two fine-tunes of one model differ somewhere in their weights, rarely in
+    the first or last MiB, so every byte counts."""
+    root = Path(root)
     h = hashlib.sha256()
-    for p in files:
-        rel = p.relative_to(path) if path.is_dir() else Path(p.name)
+    for p in sorted(files):
+        rel = p.relative_to(root)
         if any(part.startswith(".") for part in rel.parts):
             continue
         h.update(f"{rel.as_posix()}:{p.stat().st_size}:{sha256_file_cached(p)}\n".encode())
     return h.hexdigest()
+
+
+def fingerprint_path(path: str | os.PathLike) -> str:
+    """`fingerprint_files` of a model file, or of every (non-hidden) file of a folder."""
+    path = Path(path)
+    if path.is_dir():
+        return fingerprint_files(path, [p for p in path.rglob("*") if p.is_file()])
+    return fingerprint_files(path.parent, [path])
+
+
+def combined_fingerprint(parts: dict[str, str]) -> str:
+    """One fingerprint of several (name: fingerprint or setting) parts, e.g. weights plus a config folder."""
+    return sha256_bytes(json.dumps(parts, sort_keys=True).encode("utf-8"))
 
 
 def hub_fingerprint(model: str, revision: str | None, resolved_commit: str | None) -> str:

@@ -148,7 +148,7 @@ def check_run_folder(run: Path, stage: str, config: dict, *, overwrite: bool = F
 
 
 _PATH_KEYS = ("data", "out", "run", "test", "train", "class_names")  # always paths
-_MAYBE_PATH_KEYS = ("model", "vae")  # a path when one exists (else a Hub id or a keyword)
+_MAYBE_PATH_KEYS = ("model", "vae", "model_config")  # a path when one exists (else a Hub id or a keyword)
 
 
 def absolute_spec(spec: str) -> str:
@@ -255,9 +255,10 @@ _IDENTITY_KEYS = {
     "backend", "model", "data", "steps", "batch_size", "classes_per_batch", "lr", "resolution", "num_vectors",
     "seed", "template", "initializer", "initializers", "factor", "num_crops", "teacher", "ipc", "guidance",
     "sampler", "weight_decay", "warmup_steps", "prompt_dtype", "flip", "dtype",
-    "num_collages", "max_images_per_class", "image_size", "soft_labels",
+    "num_collages", "max_images_per_class", "image_size", "soft_labels", "model_config", "prediction_type",
 }
 
 
 def _identity(config: dict) -> dict:
-    return {k: v for k, v in absolute_paths(config).items() if k in _IDENTITY_KEYS}
+    """The result-changing part of a stage config; an empty option equals one a stage did not have yet."""
+    return {k: v for k, v in absolute_paths(config).items() if k in _IDENTITY_KEYS and v != ""}

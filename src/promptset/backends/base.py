@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..devices import resolve_device, resolve_dtype, to_device
+from ..devices import dtype_name, resolve_device, resolve_dtype, to_device
 from ..errors import UserError
+from ..precision import check_finite
 
 __all__ = ["DiffusionBackend", "resolve_device", "resolve_dtype", "denoising_objective", "image_generators"]
 
@@ -179,6 +180,27 @@ class DiffusionBackend:
         self.prediction_type = getattr(noise_scheduler.config, "prediction_type", "epsilon")
         check_prediction_type(self.prediction_type, f"the {kind} model's noise scheduler")
 
+    def describe(self) -> str:
+        """One line on what was loaded: device, dtype, prediction type, native resolution (printed at load)."""
+        dtype = dtype_name(self.dtype) + (" with TF32 matmuls" if self.device.type == "cuda" and
+                                          self.dtype == torch.float32 else "")
+        return (f"{self.kind} model {self.model_id} on {self.device} in {dtype}: prediction type "
+                f"{self.prediction_type}, native resolution {self.resolution} px (latents "
+                f"{self.autoencoder.latent_channels}x{self.latent_size}x{self.latent_size})")
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the UNet's activations in the backward pass, on every diffusers version promptset allows.
+
+        diffusers 0.30-0.31 checkpoint a block only when `block.training` is True (later versions whenever grad is
+        enabled), and the frozen UNet sits in eval mode. So exactly the modules that checkpoint (those with a
+        `gradient_checkpointing` flag: down/mid/up blocks, transformers) get `training = True`; their children
+        (dropout, norms, attention) stay in eval mode, so the outputs stay eval mode's bit for bit.
+        """
+        self.unet.enable_gradient_checkpointing()
+        for module in self.unet.modules():
+            if getattr(module, "gradient_checkpointing", False):
+                module.training = True  # the flag alone, not module.train(): children keep eval mode
+
     def compile_denoiser(self, flag: str = "--compile") -> None:
         """`torch.compile` the UNet with static shapes. Each new input shape compiles on its first call (tens of
         seconds on a CPU, also on a GPU for SD-sized models); later calls run the compiled kernels. Outputs equal
@@ -338,11 +360,17 @@ class DiffusionBackend:
             stds.append(std.float().cpu() if std is not None else None)
         mean = torch.cat(means)
         std = None if stds[0] is None else torch.cat(stds)
+        what = f"the VAE's latents of {len(images)} images"
+        check_finite(mean if std is None else torch.cat([mean, std], 1), what, self.dtype, "the VAE")
         return mean, std
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.decode(latents.to(self.dtype)).float()
+        """Latents (B, c, h, w) to images in [0, 1] (B, 3, H, W) fp32; refuses NaN/inf in or out (no black PNGs)."""
+        check_finite(latents, f"the {len(latents)} latents to decode", self.dtype, "the denoiser")
+        images = self.autoencoder.decode(latents.to(self.dtype)).float()
+        check_finite(images, f"the VAE's decodes of {len(latents)} finite latents", self.dtype, "the VAE")
+        return images
 
     # ----------------------------------------------------------------------------------------------------------
     # the denoising objective (Ho et al. 2020; Rombach et al. 2022), the loss textual inversion minimises

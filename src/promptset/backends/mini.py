@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..artifacts import sha256_file
+from ..artifacts import sha256_file, sha256_file_cached
 from ..atomic import atomic_path, staged_dir, write_json
 from ..devices import resolve_device, resolve_dtype
 from ..errors import UserError
@@ -114,7 +114,7 @@ def taef2_fingerprint(folder: Path) -> str:
     files = taef2_files(folder)
     if files is None:
         raise UserError(f"TAEF2 weights not found in {folder}: expected {ENCODER_FILE} and {DECODER_FILE} there")
-    return _hash_lines([f"{p.name}:{sha256_file(p)}" for p in files])
+    return _hash_lines([f"{p.name}:{sha256_file_cached(p)}" for p in files])
 
 
 def copy_taef2(source: Path, model_folder: Path) -> None:
@@ -192,7 +192,7 @@ def text_encoder_dir(source: dict) -> Path:
 def text_encoder_fingerprint(folder: Path) -> str:
     """sha256 over the files that decide the token states: config, vocabulary and weights."""
     names = ("config.json", "vocab.txt", "tokenizer.json", "model.safetensors")
-    return _hash_lines([f"{n}:{sha256_file(folder / n)}" for n in names if (folder / n).is_file()])
+    return _hash_lines([f"{n}:{sha256_file_cached(folder / n)}" for n in names if (folder / n).is_file()])
 
 
 def load_text_encoder(source: dict):
@@ -446,7 +446,7 @@ def model_fingerprint(folder: str | Path, info: dict | None = None) -> str:
         for p in sorted((folder / sub).rglob("*")):
             rel = p.relative_to(folder)
             if p.is_file() and not any(part.startswith(".") for part in rel.parts):
-                lines.append(f"{rel.as_posix()}:{sha256_file(p)}")
+                lines.append(f"{rel.as_posix()}:{sha256_file_cached(p)}")
     defining = {
         "kind": info["kind"],
         "resolution": info["resolution"],
@@ -525,7 +525,7 @@ def load_mini(
     model: str | Path,
     *,
     device: str | None = "auto",
-    dtype: str = "fp32",
+    dtype: str = "auto",
     sampler: str = "ddim",
     vae_path: str | Path | None = None,
 ) -> DiffusionBackend:
@@ -534,7 +534,7 @@ def load_mini(
     Args:
         model: The model folder.
         device: torch device (`auto` picks CUDA when available).
-        dtype: fp32, fp16 or bf16 (fp32 on CPU).
+        dtype: auto (bf16 or fp16 on a GPU, fp32 on CPU), fp32, fp16 or bf16.
         sampler: Sampling scheduler name (ddim, dpm, euler, pndm, ddpm), built from the stored training schedule.
         vae_path: Folder with the TAEF2 weights, overriding the model's own copy and recorded source.
     """
@@ -564,7 +564,7 @@ def load_mini(
         "UNet",
         "UNet2DConditionModel.from_pretrained(unet).save_pretrained(unet, safe_serialization=True)",
     )
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True, torch_dtype=torch_dtype)
     scheduler_config = DDPMScheduler.load_config(folder / "scheduler")
     return mini_backend(
         tokenizer=tokenizer,

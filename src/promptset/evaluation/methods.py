@@ -112,7 +112,8 @@ class Context:
     image_size: int
     ipc: int
     factor: int
-    gen: dict  # backend, model, resolution, steps, guidance, sampler, seed, sampler_batch
+    gen: dict  # backend, model, resolution, steps, guidance, sampler, seed, sampler_batch, dtype (resolved),
+    # model_config, prediction_type
     teacher: torch.nn.Module | None
     needs_soft: bool  # P1: the teacher's logits are stored with every sample
     rounds: int
@@ -133,8 +134,9 @@ class Context:
                     "pass --backend and --model"
                 )
             self._backend = create_backend(
-                self.gen["backend"], self.gen["model"], device=self.cfg.device, dtype=self.cfg.dtype,
-                sampler=self.gen["sampler"],
+                self.gen["backend"], self.gen["model"], device=self.cfg.device, dtype=self.gen["dtype"],
+                sampler=self.gen["sampler"], model_config=self.gen["model_config"],
+                prediction_type=self.gen["prediction_type"],
             )
             if self.gen["resolution"]:
                 self._backend.resolution = int(self.gen["resolution"])
@@ -148,7 +150,8 @@ class Context:
             model_hash=self.backend().model_hash if explicit else prompts.model_hash, steps=self.gen["steps"],
             guidance=self.gen["guidance"], sampler=self.gen["sampler"], seed=self.gen["seed"],
             resolution=self.gen["resolution"] or self.backend().resolution, factor=self.factor,
-            image_size=self.image_size, dtype=self.cfg.dtype, sampler_batch=self.gen["sampler_batch"], compile=False,
+            image_size=self.image_size, dtype=self.gen["dtype"], sampler_batch=self.gen["sampler_batch"],
+            compile=False,
         )
 
 
@@ -294,7 +297,7 @@ def _round_key(ctx: Context, method: str, r: int) -> str:
     """Everything that changes the pixels of round r (the prompts file by size and time: a new invert changes it)."""
     prompts = ctx.run / "prompts.safetensors"
     stat = prompts.stat() if prompts.is_file() else None
-    what = [str(ctx.run.resolve()), method, ctx.gen, ctx.factor, ctx.image_size, ctx.ipc, r, ctx.cfg.dtype,
+    what = [str(ctx.run.resolve()), method, ctx.gen, ctx.factor, ctx.image_size, ctx.ipc, r,
             ctx.cfg.class_prompt if method == "class-prompt" else "", stat and (stat.st_size, stat.st_mtime_ns)]
     return json.dumps(what, sort_keys=True, default=str)
 

@@ -38,9 +38,10 @@ import torch
 
 from ..accounting import fmt_bytes, png_bytes, real_bytes
 from ..atomic import append_jsonl, write_json
+from ..backends.base import PREDICTION_TYPES
 from ..backends.sampling import SAMPLER_BATCH, SAMPLERS
 from ..config import make_config, opt
-from ..devices import resolve_device
+from ..devices import DTYPE_CHOICES, DTYPES, auto_dtype, resolve_device, resolve_dtype_name
 from ..dist import barrier, prepared_everywhere, rank_world
 from ..errors import UserError
 from ..evaluation.methods import METHODS, NEEDS_TRAIN, Context, RealFolder, load_real_folder
@@ -48,6 +49,7 @@ from ..evaluation.results import entry_key, load_results, make_entry, now, print
 from ..evaluation.student import Recipe, TrainSet, is_batchnorm, train_student
 from ..models import create_student
 from ..runfolder import (
+    absolute_paths,
     artifact_metadata,
     check_same_classes,
     require_classes,
@@ -119,7 +121,11 @@ class EvaluateConfig:
     gen_batch_size: int = opt(32, "images per progress step while regenerating (does not change the images)")
     sampler_batch: int = opt(0, "images denoised together, padded to exactly this many (default: generate's, else 8); "
                              "images depend on it in the last bits, larger is faster")
-    dtype: str = opt("fp32", "generator dtype", choices=["fp32", "fp16", "bf16"])
+    dtype: str = opt("auto", "generator dtype; auto = the dtype generate recorded when this device runs it (round 0 "
+                     "then reuses generate's images), else bf16/fp16 on a GPU, fp32 on CPU", choices=DTYPE_CHOICES)
+    model_config: str = opt("", "sd single-file generator: its diffusers config folder (default: invert's)")
+    prediction_type: str = opt("", "sd: override the generator's prediction type (default: invert's)",
+                               choices=["", *PREDICTION_TYPES])
     eval_every: int = opt(0, "test every N epochs (and after the last); 0 = about 10 tests per student "
                           "(every epochs/10); best-epoch accuracy is over tested epochs")
     eval_batch_size: int = opt(512, "batch size on the test split")
@@ -363,6 +369,12 @@ def _context(cfg: EvaluateConfig, methods: list[str]) -> Context:
             "NAME:PATH.safetensors (a classifier trained on the classes in classes.json)"
         )
     device = resolve_device(cfg.device)
+    gen["dtype"] = _generator_dtype(cfg.dtype, json.loads(meta.get("generation") or "{}").get("dtype"), device)
+    if absolute_paths({"model": gen["model"]})["model"] == invert_cfg.get("model"):  # load it as invert did
+        gen["model_config"] = cfg.model_config or invert_cfg.get("model_config") or ""
+        gen["prediction_type"] = cfg.prediction_type or invert_cfg.get("prediction_type") or ""
+    else:
+        gen["model_config"], gen["prediction_type"] = cfg.model_config, cfg.prediction_type
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if rank_world()[1] > 1 and device.type == "cuda":
         if device.index != local_rank:
@@ -395,6 +407,22 @@ def _context(cfg: EvaluateConfig, methods: list[str]) -> Context:
     rounds = math.ceil(cfg.epochs / cfg.regen_every) if cfg.regen_every else 1
     return Context(cfg=cfg, run=run, classes=classes, device=device, image_size=image_size, ipc=ipc, factor=factor,
                    gen=gen, teacher=teacher, needs_soft=cfg.protocol == "p1", rounds=rounds)
+
+
+def _generator_dtype(flag: str, recorded: str | None, device: torch.device) -> str:
+    """The dtype evaluate generates in: `--dtype` when given; for `auto`, the one generate recorded (its images are
+    then round 0) when this device runs it well (fp16 on any GPU, bf16 on capability 8.0+, fp32 anywhere), else
+    `auto_dtype(device)`, with a note that round 0 is generated again."""
+    if flag != "auto":
+        return resolve_dtype_name(flag, device)
+    best = auto_dtype(device)
+    if recorded not in DTYPES or recorded in ("fp32", best) or (device.type == "cuda" and recorded == "fp16"):
+        return recorded if recorded in DTYPES else best
+    if rank_world()[0] == 0:
+        print(f"evaluate: generate made its images in {recorded}, which {device} does not run well; the generator "
+              f"runs in {best} here (--dtype auto), so round 0 is generated again (pass --dtype {recorded} to "
+              "match it)", flush=True)
+    return best
 
 
 def _recipe(cfg: EvaluateConfig) -> Recipe:

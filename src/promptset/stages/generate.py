@@ -26,9 +26,11 @@ import torch
 from ..artifacts import PromptSet, save_tensors, tensors_hash
 from ..atomic import BackgroundWriter, append_jsonl, read_jsonl, save_image, write_text
 from ..backends import sampling
+from ..backends.base import PREDICTION_TYPES
 from ..backends.sampling import SAMPLERS, Job, PromptConditioner, generation_key, generation_settings, jobs_for
 from ..config import make_config, opt, to_dict
 from ..data import load_image, quantize_pixels, to_pil, to_tensor
+from ..devices import DTYPE_CHOICES, dtype_name
 from ..dist import all_gather_rows, barrier, prepared_everywhere, rank_world
 from ..errors import UserError
 from ..grids import labeled_grid
@@ -36,6 +38,7 @@ from ..models import label_pixels
 from ..progress import progress_bar
 from ..runfolder import (
     ClassInfo,
+    absolute_paths,
     check_same_classes,
     remove_stale_tmp,
     require_classes,
@@ -67,7 +70,11 @@ class GenerateConfig:
     teacher: str = opt("", "teacher for --soft-labels, as NAME:PATH.safetensors")
     label_dtype: str = opt("fp16", "dtype of stored soft labels", choices=["fp32", "fp16"])
     device: str = opt("auto", "torch device")
-    dtype: str = opt("fp32", "model dtype", choices=["fp32", "fp16", "bf16"])
+    dtype: str = opt("auto", "model dtype: auto = bf16 on GPUs of compute capability 8.0+, fp16 on older GPUs, fp32 "
+                     "on CPU (recorded resolved, so evaluate can reuse these images)", choices=DTYPE_CHOICES)
+    model_config: str = opt("", "sd single-file checkpoint: its diffusers config folder (default: invert's)")
+    prediction_type: str = opt("", "sd: override the scheduler's prediction type (default: invert's)",
+                               choices=["", *PREDICTION_TYPES])
     compile: bool = opt(False, "torch.compile the UNet: one compile up front (tens of seconds), then faster batches; "
                         "images match uncompiled ones to float rounding, not bit for bit (measure with "
                         "benchmarks/bench_generate.py --compile)")
@@ -222,7 +229,12 @@ def _prepare(cfg: GenerateConfig) -> _Plan:
 
         teacher = load_teacher(cfg.teacher, num_classes=len(classes), device="cpu",
                                class_folders=[c.folder for c in classes])
-    backend = create_backend(kind, model, device=cfg.device, dtype=cfg.dtype, sampler=cfg.sampler)
+    if absolute_paths({"model": model})["model"] == invert_cfg.get("model"):  # load it as invert did
+        cfg.model_config = cfg.model_config or invert_cfg.get("model_config") or ""
+        cfg.prediction_type = cfg.prediction_type or invert_cfg.get("prediction_type") or ""
+    backend = create_backend(kind, model, device=cfg.device, dtype=cfg.dtype, sampler=cfg.sampler,
+                             model_config=cfg.model_config, prediction_type=cfg.prediction_type)
+    cfg.dtype = dtype_name(backend.dtype)  # `auto` resolved: recorded in config.yaml and labels.safetensors
     if teacher is not None:
         teacher = teacher.to(backend.device)
     prompts.check_backend(backend, prompts_path)

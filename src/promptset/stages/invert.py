@@ -37,12 +37,13 @@ import torch
 from ..accounting import print_budget, prompt_bytes
 from ..artifacts import PromptSet, load_tensors, save_tensors, token_name_for
 from ..atomic import append_jsonl, read_jsonl, write_text
-from ..backends.base import DiffusionBackend, PromptLayout
+from ..backends.base import PREDICTION_TYPES, DiffusionBackend, PromptLayout
 from ..config import make_config, opt, to_dict
 from ..data import MAX_IMAGE_PIXELS, ImageFolderIndex, load_class_images, scan_image_folder, verify_images
-from ..devices import to_device
+from ..devices import DTYPE_CHOICES, dtype_name, to_device
 from ..dist import Team, barrier, join_teams, prepared_everywhere, rank_world, span, team_schedule
 from ..errors import TrainingDiverged, UserError
+from ..precision import LossScaler, divergence_advice
 from ..progress import progress_bar
 from ..runfolder import (
     check_run_folder,
@@ -80,8 +81,11 @@ class InvertConfig:
     flip: bool = opt(True, "also train on mirrored images (encoded once into the latent cache)")
     seed: int = opt(0, "random seed")
     device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1, ...")
-    dtype: str = opt("fp32", "model dtype (the placeholder vectors always train in fp32)",
-                     choices=["fp32", "fp16", "bf16"])
+    dtype: str = opt("auto", "model dtype: auto = bf16 on GPUs of compute capability 8.0+, fp16 on older GPUs (with "
+                     "loss scaling), fp32 on CPU; the placeholder vectors always train in fp32", choices=DTYPE_CHOICES)
+    model_config: str = opt("", "sd single-file checkpoint: a diffusers config folder of its base model (else "
+                            "diffusers guesses; every SD 2.x file becomes the 768 px v-prediction model)")
+    prediction_type: str = opt("", "sd: override the scheduler's prediction type", choices=["", *PREDICTION_TYPES])
     prompt_dtype: str = opt("fp32", "dtype of the stored prompts", choices=["fp32", "fp16", "int8"])
     gradient_checkpointing: bool = opt(False, "recompute the UNet's activations in the backward pass (less memory, "
                                        "about 30% more time; same result)")
@@ -160,6 +164,9 @@ def invert(cfg: InvertConfig | None = None, **overrides) -> Path:
         print(f"invert: initializer words: {words}" + ("" if plan.init_notes else " (one token each)"), flush=True)
         for note in plan.init_notes:
             print(f"invert: initializer {note}", flush=True)
+        if backend.dtype == torch.float16:
+            print(f"invert: the model runs in fp16: the loss is scaled by {LossScaler(backend.dtype).scale:g} (halved "
+                  "and the step skipped on an inf/NaN gradient), so its tiny gradients do not underflow", flush=True)
         print_budget(prompt_bytes(num_classes, cfg.num_vectors, backend.token_dim, cfg.prompt_dtype),
                      num_classes=num_classes, image_size=select_info(run).get("image_size"),
                      title="invert: stored bytes of the distilled set")
@@ -241,9 +248,11 @@ def _prepare(cfg: InvertConfig) -> _Plan:
     per_group = cfg.classes_per_batch or min(num_classes, cfg.batch_size)
     if cfg.verify_images:
         verify_images(index, max_pixels=cfg.max_image_pixels, progress=cfg.progress and rank_world()[0] == 0)
-    backend = create_backend(cfg.backend, cfg.model, device=cfg.device, dtype=cfg.dtype)
+    backend = create_backend(cfg.backend, cfg.model, device=cfg.device, dtype=cfg.dtype, model_config=cfg.model_config,
+                             prediction_type=cfg.prediction_type)
+    cfg.dtype = dtype_name(backend.dtype)  # `auto` resolved: config.yaml records what ran
     if cfg.gradient_checkpointing:
-        backend.unet.enable_gradient_checkpointing()  # diffusers checkpoints whenever grad is on, also in eval mode
+        backend.enable_gradient_checkpointing()
     # No torch.compile here: with torch 2.13 on CPU, inductor's backward of diffusers' UNet returns gradients 40-60%
     # away from eager and fp64 (benchmarks/check_compile_grad.py), while its forward agrees.
     resolution = cfg.resolution or backend.resolution
@@ -280,7 +289,8 @@ def _latent_cache(backend, cfg, index, classes, g, resolution, folder) -> tuple[
     if path.is_file():
         try:
             tensors, meta = load_tensors(path, "latent cache")
-            if all(meta.get(k) == v for k, v in key.items()):
+            finite = all(torch.isfinite(t).all() for t in tensors.values())  # a NaN cache of an older run: rebuilt
+            if finite and all(meta.get(k) == v for k, v in key.items()):
                 means = [tensors[f"mean{i}"] for i in range(len(classes))]
                 stds = [tensors.get(f"std{i}") for i in range(len(classes))]
                 return means, stds
@@ -290,7 +300,10 @@ def _latent_cache(backend, cfg, index, classes, g, resolution, folder) -> tuple[
     for i, c in enumerate(classes):
         images = load_class_images(index, c, resolution, max_pixels=cfg.max_image_pixels)  # (N, 3, R, R) in [0, 1]
         views = [images, images.flip(-1)] if cfg.flip else [images]
-        mean, std = backend.encode_images(torch.cat(views))  # (F*N, c, h, w)
+        try:
+            mean, std = backend.encode_images(torch.cat(views))  # (F*N, c, h, w); refuses NaN/inf latents
+        except TrainingDiverged as err:
+            raise type(err)(f"class {index.classes[c]} ({len(images)} training images): {err}") from None
         n = images.shape[0]
         mean = mean.view(len(views), n, *mean.shape[1:]).transpose(0, 1).contiguous()  # (N, F, c, h, w)
         means.append(mean)
@@ -331,9 +344,10 @@ def _train_group(plan: _Plan, cfg: InvertConfig, classes: list[int], g: int, num
     vectors = torch.nn.Parameter(init.clone().to(device))
     optimizer = torch.optim.AdamW([vectors], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "invert", g))
+    scaler = LossScaler(backend.dtype)  # fp16: dynamic loss scaling; bf16/fp32: a no-op
     start = 0
     if _matches(ckpt_path, data_key):  # a checkpoint of other data (same path, new files) is not resumed
-        start = _load_checkpoint(ckpt_path, vectors, optimizer, generator)
+        start = _load_checkpoint(ckpt_path, vectors, optimizer, generator, scaler)
         if rank_world()[0] == 0:
             print(f"invert group {g + 1}/{num_groups}: resuming from step {start} of {cfg.steps} ({ckpt_path})",
                   flush=True)
@@ -375,13 +389,21 @@ def _train_group(plan: _Plan, cfg: InvertConfig, classes: list[int], g: int, num
             group["lr"] = _lr_at(step, cfg)
         optimizer.zero_grad(set_to_none=True)
         if loss.requires_grad:  # not for an empty share (a batch smaller than the team)
-            loss.backward()
+            scaler.scaled(loss).backward()
         if team.size > 1:
-            _sum_gradient(vectors, team)
-        optimizer.step()
-        finite &= torch.isfinite(loss)
-        loss_sum.index_add_(0, where, per_sample.detach().float())
-        loss_n.index_add_(0, where, torch.ones_like(per_sample, dtype=torch.float))
+            _sum_gradient(vectors, team)  # before unscaling: every member checks the same summed gradient
+        applied = scaler.step(optimizer)  # False only for a step fp16 loss scaling skipped (inf/NaN gradient)
+        counted = per_sample.detach().float()
+        if applied:
+            finite &= torch.isfinite(loss)
+            weight = torch.ones_like(counted)
+        else:  # the vectors did not change: a finite loss still describes them; an inf one is left out
+            weight = torch.isfinite(counted).float()
+            counted = counted.nan_to_num(0.0, 0.0, 0.0)
+            if scaler.exhausted:
+                _stop_if_diverged(torch.zeros((), dtype=torch.bool), vectors, step + 1, g, ckpt_path, cfg, scaler)
+        loss_sum.index_add_(0, where, counted)
+        loss_n.index_add_(0, where, weight)
         done = step + 1
         bar.update(1)
 
@@ -390,8 +412,8 @@ def _train_group(plan: _Plan, cfg: InvertConfig, classes: list[int], g: int, num
             team.all_reduce_(loss_sum)  # the per-class losses of the whole batch, as one process logs them
             team.all_reduce_(loss_n)
             record = _metrics(vectors.detach(), init.to(device), loss_sum / loss_n.clamp_min(1), classes, index, g,
-                              done, _lr_at(step, cfg), time.perf_counter() - t0)
-            _stop_if_diverged(finite, vectors, done, g, ckpt_path, cfg)
+                              done, _lr_at(step, cfg), time.perf_counter() - t0) | scaler.metrics()
+            _stop_if_diverged(finite, vectors, done, g, ckpt_path, cfg, scaler)
             if team.leader:
                 append_jsonl(_metrics_path(folder), record)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -399,12 +421,12 @@ def _train_group(plan: _Plan, cfg: InvertConfig, classes: list[int], g: int, num
             loss_n.zero_()
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
             finite = team.all_finite(finite)
-            _stop_if_diverged(finite, vectors, done, g, ckpt_path, cfg)  # never checkpoint a bad state
+            _stop_if_diverged(finite, vectors, done, g, ckpt_path, cfg, scaler)  # never checkpoint a bad state
             if team.leader:
-                _save_checkpoint(ckpt_path, vectors, optimizer, generator, done, data_key)
+                _save_checkpoint(ckpt_path, vectors, optimizer, generator, done, data_key, scaler)
     bar.close()
     finite = team.all_finite(finite)
-    _stop_if_diverged(finite, vectors, cfg.steps, g, ckpt_path, cfg)
+    _stop_if_diverged(finite, vectors, cfg.steps, g, ckpt_path, cfg, scaler)
     if team.size > 1:
         print(f"invert group {g + 1}/{num_groups}: process {team.rank} trained {trained} of "
               f"the group's {batch * (cfg.steps - start)} samples (data parallel over processes "
@@ -412,8 +434,10 @@ def _train_group(plan: _Plan, cfg: InvertConfig, classes: list[int], g: int, num
     if not team.leader:
         return
     if record is not None:
-        print(f"invert group {g + 1}/{num_groups}: done, {cfg.steps} steps; final loss {record['loss']:.4f} (mean of "
-              f"the last {min(cfg.log_every, cfg.steps - start)} steps)", flush=True)
+        skipped = (f" ({scaler.skipped} skipped by fp16 loss scaling for an inf/NaN gradient; loss scale now "
+                   f"{scaler.scale:g})" if scaler.enabled else "")
+        print(f"invert group {g + 1}/{num_groups}: done, {cfg.steps} steps{skipped}; final loss {record['loss']:.4f} "
+              f"(mean of the last {min(cfg.log_every, cfg.steps - start)} steps)", flush=True)
     save_tensors(result_path, {"embeddings": vectors.detach().float().cpu(), "init": init.cpu()},
                  {"group": str(g), "steps": str(cfg.steps)} | data_key)
     ckpt_path.unlink(missing_ok=True)
@@ -450,14 +474,20 @@ def _print_teams(schedule: list[tuple[int, tuple[int, ...]]], world: int) -> Non
     print(text, flush=True)
 
 
-def _stop_if_diverged(finite: torch.Tensor, vectors: torch.Tensor, step: int, g: int, ckpt_path: Path, cfg) -> None:
-    """Raise TrainingDiverged if a loss or a vector became NaN/inf (a host sync: only at log and checkpoint steps)."""
-    if bool(finite) and bool(torch.isfinite(vectors).all()):
+def _stop_if_diverged(finite: torch.Tensor, vectors: torch.Tensor, step: int, g: int, ckpt_path: Path, cfg,
+                      scaler: LossScaler | None = None) -> None:
+    """Raise TrainingDiverged if a loss or a vector became NaN/inf, or fp16 loss scaling ran out of scale (a host
+    sync: only at log and checkpoint steps), with the likely cause for the dtype the model runs in."""
+    if bool(finite) and bool(torch.isfinite(vectors).all()) and not (scaler is not None and scaler.exhausted):
         return
     kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else "no checkpoint was written yet"
+    what = "the loss became NaN or inf"
+    if scaler is not None and scaler.exhausted:
+        what = (f"the gradient stayed NaN or inf in fp16 while loss scaling halved its scale to {scaler.scale:g} "
+                f"({scaler.skipped} steps skipped)")
     raise TrainingDiverged(
-        f"the loss became NaN or inf by step {step} of group {g}; {kept}. Lower --lr (now {cfg.lr}) and "
-        "rerun with --overwrite"
+        f"{what} by step {step} of group {g}; {kept}. {divergence_advice(cfg.dtype, cfg.lr)}, and rerun with "
+        "--overwrite"
     )
 
 
@@ -499,19 +529,21 @@ def _matches(path: Path, key: dict[str, str]) -> bool:
     return all(meta.get(k) == v for k, v in key.items())
 
 
-def _save_checkpoint(path: Path, vectors, optimizer, generator, step: int, key: dict[str, str]) -> None:
+def _save_checkpoint(path: Path, vectors, optimizer, generator, step: int, key: dict[str, str],
+                     scaler: LossScaler) -> None:
     state = optimizer.state[vectors]
-    tensors = {
+    tensors = {  # without a state AdamW has not stepped yet (fp16 loss scaling skipped every step): its fresh state
         "vectors": vectors.detach().cpu(),
-        "exp_avg": state["exp_avg"].cpu(),
-        "exp_avg_sq": state["exp_avg_sq"].cpu(),
-        "adam_step": torch.as_tensor(state["step"]).reshape(1).float().cpu(),
+        "exp_avg": state["exp_avg"].cpu() if state else torch.zeros(vectors.shape),
+        "exp_avg_sq": state["exp_avg_sq"].cpu() if state else torch.zeros(vectors.shape),
+        "adam_step": torch.as_tensor(state.get("step", 0.0)).reshape(1).float().cpu(),
         "rng_state": generator.get_state(),
+        "loss_scaler": scaler.state(),  # (scale, good steps, skipped steps): fp16 resumes bit for bit
     }
     save_tensors(path, tensors, {"step": str(step)} | key)
 
 
-def _load_checkpoint(path: Path, vectors, optimizer, generator) -> int:
+def _load_checkpoint(path: Path, vectors, optimizer, generator, scaler: LossScaler) -> int:
     tensors, meta = load_tensors(path, "checkpoint")
     with torch.no_grad():
         vectors.copy_(tensors["vectors"].to(vectors.device))
@@ -521,4 +553,6 @@ def _load_checkpoint(path: Path, vectors, optimizer, generator) -> int:
         "exp_avg_sq": tensors["exp_avg_sq"].to(vectors.device).clone(),
     }
     generator.set_state(tensors["rng_state"])
+    if "loss_scaler" in tensors:
+        scaler.load_state(tensors["loss_scaler"])
     return int(meta["step"])
