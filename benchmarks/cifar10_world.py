@@ -792,9 +792,10 @@ def reading(entries: dict, quality: dict, fidelity: dict, p: dict) -> list[str]:
 def generated_teacher_accuracy(run: Path) -> dict:
     """How often the teacher's stored soft labels of generate's d3m images name the prompted class (`promptset
     generate --soft-labels`: one patch per image here), overall and per class."""
-    from safetensors.torch import load_file
+    from promptset.artifacts import load_tensors
+    from promptset.labelcodec import decode_soft_labels
 
-    labels = load_file(str(run / "labels.safetensors"))["soft_labels"].float()  # (N, P, C)
+    labels = decode_soft_labels(*load_tensors(run / "labels.safetensors"))  # (N, P, C), whatever the codec
     rows = [json.loads(x) for x in (run / "generated" / "manifest.jsonl").read_text().splitlines() if x.strip()]
     target = torch.tensor([r["class_index"] for r in rows])
     if len(target) != labels.shape[0] * labels.shape[1]:

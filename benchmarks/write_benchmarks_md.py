@@ -469,6 +469,25 @@ DEMO_ROWS = [("p1", "d3m"), ("p1", "rded"), ("p1", "random-real"), ("p1", "rando
              ("p2", "random-real")]  # fmt: skip
 
 
+def codec_trade_section() -> list[str]:
+    """Label codecs and seed selection on the CIFAR-10 world: the table, plot and reading `codec_trade.py` wrote
+    from its numbers (codec_trade.md next to codec_trade.json), or how to make them."""
+    md = RESULTS / "codec_trade.md"
+    if md.is_file():
+        return [*md.read_text().strip().splitlines(), ""]
+    return [
+        "## CIFAR-10: label codecs and seed selection (accuracy against stored bytes)",
+        "",
+        "Not run yet. `python benchmarks/codec_trade.py --scale cpu --threads 1` evaluates the CIFAR-10 world at "
+        "IPC 10 under P1 (10 rounds of fresh d3m images, ConvNet-3, 300 epochs, 3 seeds) once per label codec "
+        "(fp16, int8, topk:3, topk:1, vq:64) for d3m, rded, random-real and random-real at d3m's stored bytes, and "
+        "d3m with seed selection (G = 1, 4, 8) under P1 and P2; every finished row is kept, so it resumes across "
+        "sessions. It writes benchmarks/results/codec_trade.json, .md (table and a reading from the numbers) and "
+        "_accuracy_vs_bytes.png, which this section then shows.",
+        "",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", default=str(ROOT / "runs" / "demo" / "demo.json"), help="demo.json of a demo run")
@@ -533,6 +552,7 @@ def main() -> None:
             "could not say anything about D3M.",
             "",
         ]
+    lines += codec_trade_section()
     lines += performance_section()
     Path(args.out).write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {args.out}")

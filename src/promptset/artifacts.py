@@ -150,6 +150,14 @@ def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def images_sha256(images: torch.Tensor) -> str:
+    """sha256 of uint8 images (N, 3, S, S) with their shape: the same pixels, in the same order, give the same hash."""
+    x = images.detach().contiguous().cpu()
+    if x.dtype != torch.uint8:
+        raise ValueError(f"images_sha256 takes uint8 images, got {x.dtype}")
+    return sha256_bytes(f"{tuple(x.shape)}\n".encode() + x.numpy().tobytes())
+
+
 def metadata_hash(metadata: dict[str, str]) -> str:
     """sha256 over the metadata strings (except the hashes themselves), so an edited template or model id shows."""
     body = {k: v for k, v in metadata.items() if k not in _HASH_KEYS}
@@ -269,6 +277,12 @@ class PromptSet:
     @classmethod
     def load(cls, path: str | os.PathLike) -> PromptSet:
         tensors, meta = load_tensors(path, "prompts file")
+        return cls.from_stored(tensors, meta, path)
+
+    @classmethod
+    def from_stored(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str], path: str | os.PathLike) -> PromptSet:
+        """The prompts from their stored tensors and metadata (a prompts file's, or a packed set's); `path` names
+        where they came from in errors."""
         if meta.get("format") != "promptset.prompts":
             raise UserError(f"prompts file {path} is not a promptset prompts file (format={meta.get('format')})")
         if meta.get("format_version") != FORMAT_VERSION:

@@ -24,6 +24,8 @@ COMMANDS = {
     "report": "Markdown table and accuracy-vs-bytes plot of runs",
     "pretrain": "train the small offline mini generator",
     "teacher": "train a teacher classifier (for select, soft labels, P3) on an ImageFolder",
+    "pack": "the distilled set as one self-describing, checksummed file",
+    "materialize": "a packed set back into an ImageFolder and its labels, with the same generator",
     "demo": "the whole pipeline on a built-in dataset, in minutes on CPU",
 }
 
@@ -76,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cls, fn = _load(args.command)
         flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+        for key in [k for k in flags if k.endswith("_arg")]:  # a positional argument (see config.opt)
+            name = key[: -len("_arg")]
+            if name in flags and flags[name] != flags[key]:
+                raise UserError(f"{flags[key]!r} and --{name.replace('_', '-')} {flags[name]!r} name two different "
+                                "inputs; give one")
+            flags[name] = flags.pop(key)
         config = resolve(cls, load_yaml(args.config, args.command), flags)
         fn(config)
         return 0

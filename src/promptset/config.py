@@ -17,9 +17,12 @@ import yaml
 from .errors import UserError
 
 
-def opt(default: Any, help: str, *, choices: list | None = None, aliases: tuple[str, ...] = ()) -> Any:
-    """A config field with its help text (and optional choices and extra flag spellings) for the generated CLI."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases})
+def opt(default: Any, help: str, *, choices: list | None = None, aliases: tuple[str, ...] = (),
+        positional: bool = False) -> Any:
+    """A config field with its help text (and optional choices and extra flag spellings) for the generated CLI;
+    `positional` also accepts it as the command's first bare argument (`promptset pack RUN`)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases,
+                                                        "positional": positional})
 
 
 def flag_name(name: str) -> str:
@@ -42,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             )
             continue
         base = _base_type(kind)
+        if meta.get("positional"):  # `promptset pack RUN` as well as `promptset pack --run RUN`
+            parser.add_argument(f"{f.name}_arg", nargs="?", type=base, default=argparse.SUPPRESS,
+                                metavar=f.name.upper(), help=f"same as {flag_name(f.name)}")
         parser.add_argument(
             *flags, dest=f.name, type=base, default=argparse.SUPPRESS, choices=meta.get("choices"),
             help=help_text, metavar=f.name.upper() if not meta.get("choices") else None,
@@ -87,12 +93,23 @@ def unknown_option(key: str, names, where: str) -> UserError:
     return UserError(f"{where}: unknown option {key!r}; {hint}")
 
 
+def _aliases(cls: type) -> dict[str, str]:
+    """Other spellings of fields (their extra flags, e.g. `--label-dtype` for `label_codec`) -> field names."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        for alias in f.metadata.get("aliases", ()):
+            out[alias.lstrip("-").replace("-", "_")] = f.name
+    return out
+
+
 def resolve(cls: type, yaml_values: dict, flags: dict, *, source: str = "--config") -> Any:
     """Build `cls` from defaults, then YAML values, then explicitly given flags."""
     names = {f.name for f in dataclasses.fields(cls)}
+    aliases = _aliases(cls)
     values = {}
     for key, value in (yaml_values or {}).items():
         key = key.replace("-", "_")
+        key = key if key in names else aliases.get(key, key)
         if key not in names:
             raise unknown_option(key, names, source)
         values[key] = value
@@ -106,6 +123,8 @@ def make_config(cls: type, cfg: Any, overrides: dict, verb: str) -> Any:
     The caller's `cfg` is not modified: `promptset.invert(cfg, steps=5)` leaves `cfg.steps` as it was.
     """
     names = {f.name for f in dataclasses.fields(cls)}
+    aliases = _aliases(cls)
+    overrides = {(k if k in names else aliases.get(k, k)): v for k, v in overrides.items()}
     for key in overrides:
         if key not in names:
             raise unknown_option(key, names, f"promptset.{verb}()")

@@ -244,6 +244,21 @@ def scan_image_folder(
     return ImageFolderIndex(root, class_names, files, skipped_hidden, skipped_non_image)
 
 
+def common_image_side(index: ImageFolderIndex, *, max_pixels: int | None = None) -> int | None:
+    """The side every image of the folder shares when all are square and of one size (e.g. 32 for raw CIFAR-10),
+    else None. Reads headers only: the resolution of the data, which the stored set keeps by default."""
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    sizes = set()
+    for paths in index.files:
+        for path in paths:
+            with _pil_limit_at_least(limit), Image.open(path) as img:
+                sizes.add(img.size)
+            if len(sizes) > 1:
+                return None
+    (width, height), = sizes
+    return width if width == height else None
+
+
 def load_image(path: str | Path, *, max_pixels: int | None = None) -> Image.Image:
     """Fully decode an image file to RGB.
 

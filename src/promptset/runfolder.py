@@ -242,6 +242,16 @@ def select_info(run: Path) -> dict:
     return info
 
 
+def dataset_image_size(run: Path) -> int | None:
+    """Side of one training image of the data the prompts were learned from: select's patch size, else the side
+    invert found every one of its (square, equal-size) images to have; None when neither is known.
+
+    The stored set keeps this resolution by default (issue 17: 64 px samples of prompts learned from raw 32 px CIFAR-10
+    folders were stored and labelled at 64 px, and a 32 px teacher named their class for 26% of them)."""
+    size = select_info(run).get("image_size") or stage_config(run, "invert").get("data_image_size")
+    return int(size) if size else None
+
+
 def artifact_metadata(run: Path, name: str) -> dict:
     """The metadata of `<run>/<name>` (prompts.safetensors, labels.safetensors), or {} when it does not exist."""
     from .artifacts import load_tensors

@@ -18,14 +18,17 @@ from pathlib import Path
 
 import torch
 
-from ..accounting import DTYPE_BYTES, SEED_BYTES, check_stored_bytes, class_list_bytes
-from ..artifacts import PromptSet, load_tensors, save_tensors, sha256_bytes, tensors_hash
+from ..accounting import SEED_BYTES, check_stored_bytes, class_list_bytes, compressed_size, tensor_data
+from ..artifacts import PromptSet, images_sha256, load_tensors, save_tensors, sha256_bytes, tensors_hash
 from ..atomic import read_jsonl
 from ..backends import sampling
-from ..backends.sampling import PromptConditioner, TextConditioner, class_prompts, generation_settings, jobs_for
+from ..backends.sampling import Job, PromptConditioner, TextConditioner, class_prompts, generation_settings, jobs_for
+from ..backends.selection import best_of_candidates
 from ..data import ImageFolderIndex, cut_patches, load_class_images, load_image, scan_image_folder, to_tensor
 from ..dist import all_gather_rows, ddp_world, span
 from ..errors import UserError
+from ..labelcodec import LabelCodec, decode_soft_labels, encode_labels, parse_codec, planned_bytes
+from ..models import label_pixels
 from ..progress import progress_bar
 from ..runfolder import ClassInfo, check_same_classes
 from ..seeding import derive_seed
@@ -95,6 +98,7 @@ class Distilled:
     ipc: int | None
     info: dict = field(default_factory=dict)
     png_bytes: int | None = None
+    compressed: dict[str, int] = field(default_factory=dict)  # per component, after accounting.COMPRESSOR
 
     @property
     def stored_bytes(self) -> int:
@@ -152,7 +156,12 @@ class Context:
             resolution=self.gen["resolution"] or self.backend().resolution, factor=self.factor,
             image_size=self.image_size, dtype=self.gen["dtype"], sampler_batch=self.gen["sampler_batch"],
             compile=False,
-        )
+        ) | self.selection()
+
+    def selection(self) -> dict:
+        """Seed selection's part of the generation settings, as generate records it ({} without selection)."""
+        g = int(getattr(self.cfg, "candidates", 1) or 1)
+        return {} if g == 1 else {"candidates": g, "selection_teacher": self.teacher.weights_sha256}
 
 
 @torch.no_grad()
@@ -172,15 +181,23 @@ def shared_teacher_logits(teacher: torch.nn.Module, images: torch.Tensor, num_cl
     return all_gather_rows(part, len(images))
 
 
-def stored_logits(logits: torch.Tensor, dtype: str) -> torch.Tensor:
-    """Logits as the student sees them: rounded to the stored dtype."""
-    return logits.to(torch.float16 if dtype == "fp16" else torch.float32)
+def label_codec(ctx: Context) -> LabelCodec:
+    """The `--label-codec` soft labels are stored with (checked against the class count)."""
+    return parse_codec(ctx.cfg.label_codec, ctx.num_classes)
 
 
 def label_bytes(ctx: Context, samples: int) -> dict[str, int]:
+    """Stored bytes of the soft labels of `samples` patches, per stored tensor of the codec (P1 only)."""
     if not ctx.needs_soft:
         return {}
-    return {"soft_labels": samples * ctx.num_classes * DTYPE_BYTES[ctx.cfg.label_dtype]}
+    return planned_bytes(label_codec(ctx), samples, ctx.num_classes)
+
+
+def stored_soft_labels(ctx: Context, logits: torch.Tensor) -> tuple[dict, dict, torch.Tensor]:
+    """Encode logits (..., C) with the codec and decode them again: (stored tensors, their metadata, the logits the
+    student trains on), so what evaluate trains on is exactly what a receiver of the stored set decodes."""
+    encoded, meta = encode_labels(logits, label_codec(ctx))
+    return encoded, meta, decode_soft_labels(encoded, meta)
 
 
 def plan_generative(ctx: Context, method: str) -> dict[str, int]:
@@ -207,75 +224,47 @@ def build_generative(ctx: Context, method: str) -> Distilled:
     c, p = ctx.num_classes, ctx.factor**2
     per_class = math.ceil(ctx.ipc / p)
     labels = torch.arange(c).repeat_interleave(ctx.ipc)  # (C*K,)
-    rounds, seeds, logits, reused = [], [], [], False
+    rounds, seeds, logits, hashes, top1, reused = [], [], [], [], [], False
     conditioner = uncond = None
-    rank, world = ddp_world()
-    show = ctx.cfg.progress and rank == 0
+    show = ctx.cfg.progress and ddp_world()[0] == 0
     bar = progress_bar(range(ctx.rounds), desc=f"{method}: images", unit="round", disable=not show, leave=False)
     for r in bar:
         stage = "generate" if r == 0 else f"eval-round{r}"
         jobs = jobs_for(list(range(c)), per_class, ctx.gen["seed"], stage)
-        images = stored = None
+        images = None
         if r == 0 and method == "d3m":
-            images, stored = _reuse_generated(ctx)
+            images, chosen = _reuse_generated(ctx)
             reused = images is not None
+            jobs = chosen or jobs
         memo = _round_key(ctx, method, r)
         if images is None and memo in _ROUNDS:  # made by an earlier evaluate call in this process (other protocol)
             _ROUNDS.move_to_end(memo)
-            images = _ROUNDS[memo]
+            images, jobs = _ROUNDS[memo]
         if images is None:
             if conditioner is None:
-                backend = ctx.backend()
-                if method == "d3m":
-                    prompts = PromptSet.load(ctx.run / "prompts.safetensors")
-                    prompts.check_backend(backend, ctx.run / "prompts.safetensors")
-                    conditioner = PromptConditioner(backend, prompts)
-                else:
-                    conditioner = TextConditioner(backend, class_prompt_strings(ctx))
-                with torch.no_grad():
-                    uncond = backend.encode_prompts([""]) if ctx.gen["guidance"] != 1.0 else None
-            # each rank makes its share of the round's (class, index) jobs, as generate shares them (an image
-            # depends on its seed only), and all get every image
-            lo, hi = sampling.rank_share(jobs, rank, world)
-            patches = []
-            for s in range(lo, hi, ctx.cfg.gen_batch_size):
-                out = sampling.generate_batch(
-                    ctx.backend(),
-                    conditioner,
-                    jobs[s : min(s + ctx.cfg.gen_batch_size, hi)],
-                    steps=ctx.gen["steps"],
-                    guidance=ctx.gen["guidance"],
-                    factor=ctx.factor,
-                    image_size=ctx.image_size,
-                    uncond=uncond,
-                    micro_batch=ctx.gen["sampler_batch"],
-                )  # (B, P, 3, S, S)
-                patches.append(to_uint8(out))
-            mine = torch.cat(patches) if patches else torch.zeros(0, p, 3, ctx.image_size, ctx.image_size).byte()
-            per_image = all_gather_rows(mine, len(jobs)).view(c, per_class * p, 3, ctx.image_size, ctx.image_size)
-            images = per_image[:, : ctx.ipc].reshape(c * ctx.ipc, 3, ctx.image_size, ctx.image_size)
-            _remember_round(memo, images)
+                conditioner, uncond = _conditioning(ctx, method)
+            images, jobs = _generate_round(ctx, conditioner, uncond, jobs)  # (C*K, 3, S, S) uint8, jobs as stored
+            _remember_round(memo, images, jobs)
+        hashes.append(images_sha256(images))
         images = images.to(ctx.device)
-        if ctx.needs_soft:
-            stored = (
-                stored
-                if stored is not None
-                else stored_logits(shared_teacher_logits(ctx.teacher, images, c), ctx.cfg.label_dtype)
-            )
-            logits.append(stored.cpu())
+        if ctx.teacher is not None and (ctx.needs_soft or ctx.teacher.image_size):  # only at the size it expects
+            round_logits = shared_teacher_logits(ctx.teacher, images, c).cpu()  # (C*K, C) fp32
+            top1.append(float((round_logits.argmax(1) == labels).float().mean()))
+            if ctx.needs_soft:
+                logits.append(round_logits)
         seeds.append(torch.tensor([j.seed for j in jobs], dtype=torch.int32))
-        rounds.append(
-            TrainSet(images, labels.to(ctx.device), None if stored is None else stored.to(ctx.device).float())
-        )
+        rounds.append(TrainSet(images, labels.to(ctx.device)))
     tensors = {"seeds": torch.stack(seeds)}  # (R, C*per_class)
+    label_meta = {}
     if logits:
-        tensors["soft_labels"] = torch.stack(logits)  # (R, C*K, C)
+        encoded, label_meta, decoded = stored_soft_labels(ctx, torch.stack(logits))  # (R, C*K, C)
+        tensors.update(encoded)
+        for r, train_set in enumerate(rounds):
+            train_set.logits = decoded[r].to(ctx.device)  # the student sees the decoded labels, nothing finer
     components = plan_generative(ctx, method)
-    actual = {"seeds": tensors["seeds"].numel() * 4}
-    if logits:
-        actual["soft_labels"] = tensors["soft_labels"].numel() * tensors["soft_labels"].element_size()
+    actual = {name: t.numel() * t.element_size() for name, t in tensors.items()}
     check_stored_bytes(components, actual, f"evaluate {method}")
-    labels_file = _write_labels(ctx, method, tensors)
+    labels_file = _write_labels(ctx, method, tensors, label_meta, hashes)
     info = {
         "rounds": ctx.rounds,
         "regen_every": ctx.cfg.regen_every,
@@ -284,13 +273,76 @@ def build_generative(ctx: Context, method: str) -> Distilled:
         "labels_file": labels_file,
         "generation": dict(ctx.gen),
     }
+    if label_meta:
+        info["label_codec"] = label_meta["label_codec"]
+    if top1:  # how class-typical the stored images are, to the teacher (what seed selection raises)
+        info["teacher_top1_on_images"] = 100 * sum(top1) / len(top1)
+    info["candidates"] = int(ctx.cfg.candidates)
     if method == "class-prompt":
         info["prompts"] = class_prompt_strings(ctx)
-    return Distilled(rounds, components, ctx.ipc, info)
+    return Distilled(rounds, components, ctx.ipc, info, compressed=_compressed_generative(ctx, method, tensors))
+
+
+def _compressed_generative(ctx: Context, method: str, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Each stored component of a generated set after `accounting.COMPRESSOR`, as `promptset budget` counts it."""
+    data = {name: [tensor_data(t)] for name, t in tensors.items()}
+    if method == "d3m":
+        stored = PromptSet.load(ctx.run / "prompts.safetensors").stored_tensors()
+        data["prompts"] = [tensor_data(stored[k]) for k in sorted(stored)]
+        data["class_list"] = ["\n".join(x.folder for x in ctx.classes).encode("utf-8")]
+    else:
+        data["prompt_strings"] = [p.encode("utf-8") for p in class_prompt_strings(ctx)]
+    return {name: compressed_size(chunks) for name, chunks in data.items()}
+
+
+def _conditioning(ctx: Context, method: str):
+    """(conditioner, unconditional states or None) of d3m's prompts or class-prompt's strings."""
+    backend = ctx.backend()
+    if method == "d3m":
+        prompts = PromptSet.load(ctx.run / "prompts.safetensors")
+        prompts.check_backend(backend, ctx.run / "prompts.safetensors")
+        conditioner = PromptConditioner(backend, prompts)
+    else:
+        conditioner = TextConditioner(backend, class_prompt_strings(ctx))
+    with torch.no_grad():
+        uncond = backend.encode_prompts([""]) if ctx.gen["guidance"] != 1.0 else None
+    return conditioner, uncond
+
+
+def _generate_round(ctx: Context, conditioner, uncond, jobs: list) -> tuple[torch.Tensor, list]:
+    """One round's patches, (C*K, 3, S, S) uint8 in ImageFolder order, and the jobs as stored (with --candidates G,
+    each carries its chosen candidate's seed); each rank makes its slice (an image depends on its seed only) and
+    every rank gets every image."""
+    c, p = ctx.num_classes, ctx.factor**2
+    per_class = math.ceil(ctx.ipc / p)
+    rank, world = ddp_world()
+    lo, hi = sampling.rank_share(jobs, rank, world)  # as generate shares its (class, index) jobs
+    patches, seeds = [], []
+    kw = dict(steps=ctx.gen["steps"], guidance=ctx.gen["guidance"], factor=ctx.factor, image_size=ctx.image_size,
+              uncond=uncond, micro_batch=ctx.gen["sampler_batch"])
+    g = int(ctx.cfg.candidates)
+    chunk = ctx.gen["sampler_batch"] * p  # the teacher scores fixed batches: a score never depends on the grouping
+
+    def logits_of(pixels: torch.Tensor) -> torch.Tensor:
+        return label_pixels(ctx.teacher, pixels, chunk)
+
+    for s in range(lo, hi, ctx.cfg.gen_batch_size):
+        batch = jobs[s : min(s + ctx.cfg.gen_batch_size, hi)]
+        if g > 1:
+            batch, out, _ = best_of_candidates(ctx.backend(), conditioner, batch, g, logits_of, **kw)
+        else:
+            out = to_uint8(sampling.generate_batch(ctx.backend(), conditioner, batch, **kw))  # (B, P, 3, S, S)
+        patches.append(out)
+        seeds += [j.seed for j in batch]
+    mine = torch.cat(patches) if patches else torch.zeros(0, p, 3, ctx.image_size, ctx.image_size).byte()
+    per_image = all_gather_rows(mine, len(jobs)).view(c, per_class * p, 3, ctx.image_size, ctx.image_size)
+    chosen = all_gather_rows(torch.tensor(seeds, dtype=torch.int64), len(jobs)).tolist()
+    jobs = [Job(j.cls, j.index, int(seed)) for j, seed in zip(jobs, chosen)]
+    return per_image[:, : ctx.ipc].reshape(c * ctx.ipc, 3, ctx.image_size, ctx.image_size), jobs
 
 
 ROUNDS_CACHE_BYTES = 256 << 20  # generated rounds kept per process, so P1 and P2 of one run generate them once
-_ROUNDS: OrderedDict[str, torch.Tensor] = OrderedDict()
+_ROUNDS: OrderedDict[str, tuple[torch.Tensor, list]] = OrderedDict()
 
 
 def _round_key(ctx: Context, method: str, r: int) -> str:
@@ -298,21 +350,25 @@ def _round_key(ctx: Context, method: str, r: int) -> str:
     prompts = ctx.run / "prompts.safetensors"
     stat = prompts.stat() if prompts.is_file() else None
     what = [str(ctx.run.resolve()), method, ctx.gen, ctx.factor, ctx.image_size, ctx.ipc, r,
-            ctx.cfg.class_prompt if method == "class-prompt" else "", stat and (stat.st_size, stat.st_mtime_ns)]
+            ctx.cfg.class_prompt if method == "class-prompt" else "", stat and (stat.st_size, stat.st_mtime_ns),
+            ctx.selection() if ctx.cfg.candidates > 1 else {}]
     return json.dumps(what, sort_keys=True, default=str)
 
 
-def _remember_round(key: str, images: torch.Tensor) -> None:
-    _ROUNDS[key] = images.cpu()
-    while sum(x.numel() for x in _ROUNDS.values()) > ROUNDS_CACHE_BYTES:
+def _remember_round(key: str, images: torch.Tensor, jobs: list) -> None:
+    _ROUNDS[key] = (images.cpu(), jobs)
+    while sum(x.numel() for x, _ in _ROUNDS.values()) > ROUNDS_CACHE_BYTES:
         _ROUNDS.popitem(last=False)
 
 
-def _write_labels(ctx: Context, method: str, tensors: dict[str, torch.Tensor]) -> str:
-    """Store the seeds (and P1 soft labels) of every round in `<run>/eval/labels/`, as the budget counts them."""
+def _write_labels(ctx: Context, method: str, tensors: dict[str, torch.Tensor], label_meta: dict[str, str],
+                  hashes: list[str]) -> str:
+    """Store the seeds (and P1 soft labels, encoded) of every round in `<run>/eval/labels/`, as the budget counts
+    them, with the sha256 of every round's images (what materialize compares its images with)."""
     teacher = getattr(ctx.teacher, "weights_sha256", "none") if ctx.needs_soft else "onehot"
+    codec = str(label_codec(ctx)) if ctx.needs_soft else "none"
     # one file per distinct stored set: the name hashes everything that changes its tensors
-    what = json.dumps([ctx.gen, ctx.factor, ctx.image_size, ctx.cfg.regen_every, ctx.cfg.label_dtype, teacher])
+    what = json.dumps([ctx.gen, ctx.factor, ctx.image_size, ctx.cfg.regen_every, codec, teacher])
     name = f"{method}-ipc{ctx.ipc}-r{ctx.rounds}-{sha256_bytes(what.encode())[:12]}.safetensors"
     meta = {
         "format": "promptset.eval-labels",
@@ -324,23 +380,30 @@ def _write_labels(ctx: Context, method: str, tensors: dict[str, torch.Tensor]) -
         "image_size": str(ctx.image_size),
         "class_folders": json.dumps([c.folder for c in ctx.classes]),
         "generation": json.dumps(ctx.gen),
-        "label_kind": "logits" if ctx.needs_soft else "none",
-        "label_dtype": ctx.cfg.label_dtype,
+        "label_kind": "none",
         "teacher": getattr(ctx.teacher, "spec", "none") if ctx.needs_soft else "none",
+        "teacher_sha256": teacher if ctx.needs_soft else "none",
         "seed_stages": "round 0: 'generate', round r: 'eval-round{r}'",
+        "image_sha256": json.dumps(hashes),
+        **label_meta,
     }
+    if method == "d3m":  # everything that changes a pixel, as generate records it: what `pack` needs
+        prompts = PromptSet.load(ctx.run / "prompts.safetensors")
+        meta["generation_settings"] = json.dumps(ctx.generation_settings(prompts))
     path = ctx.run / "eval" / "labels" / name
     if ddp_world()[0] == 0:
         save_tensors(path, tensors, meta)
     return str(path.relative_to(ctx.run))
 
 
-def _reuse_generated(ctx: Context) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Round 0 of d3m from `generate`'s PNGs (and its soft labels, when the same teacher made them).
+def _reuse_generated(ctx: Context) -> tuple[torch.Tensor | None, list | None]:
+    """Round 0 of d3m from `generate`'s PNGs (the teacher labels them again here: cheap, and the labels then come
+    from the one codec path evaluate stores).
 
-    Only when generate recorded exactly the settings evaluate would generate with (prompts, model, steps, guidance,
-    sampler, seed, resolution, factor, image size, dtype, compile, sampler batch) and its manifest lists every file
-    with that key; file times are never trusted. Anything else is regenerated.
+    Returns (images, the jobs as stored) or (None, None). Only when generate recorded exactly the settings evaluate
+    would generate with (prompts, model, steps, guidance, sampler, seed, resolution, factor, image size, dtype,
+    compile, sampler batch, seed selection) and its manifest lists every file with that key; file times are never
+    trusted. Anything else is regenerated.
     """
     gen_dir, labels_path = ctx.run / "generated", ctx.run / "labels.safetensors"
     if not (labels_path.is_file() and (gen_dir / "manifest.jsonl").is_file()):
@@ -360,14 +423,11 @@ def _reuse_generated(ctx: Context) -> tuple[torch.Tensor | None, torch.Tensor | 
     images = to_uint8(torch.stack([to_tensor(load_image(gen_dir / f)) for f in files]))  # (C*K, 3, S, S)
     if tuple(images.shape[-2:]) != (ctx.image_size, ctx.image_size):
         return None, None
-    stored = None
-    sha = getattr(ctx.teacher, "weights_sha256", None)
-    if ctx.needs_soft and "soft_labels" in tensors and meta.get("teacher_sha256") == sha:
-        soft = tensors["soft_labels"]  # (C*per_class_gen, P, C)
-        gen_per_class, p = int(meta["images_per_class"]), ctx.factor**2
-        rows = [soft[c * gen_per_class + i // p, i % p] for c in range(ctx.num_classes) for i in range(ctx.ipc)]
-        stored = stored_logits(torch.stack(rows).float(), ctx.cfg.label_dtype)
-    return images, stored
+    # the seeds generate stored (with --candidates, the chosen ones): the first images of every class
+    gen_per_class, per_class = int(meta["images_per_class"]), math.ceil(ctx.ipc / ctx.factor**2)
+    seeds = tensors["seeds"].view(ctx.num_classes, gen_per_class)[:, :per_class].tolist()
+    jobs = [Job(c, i, int(seeds[c][i])) for c in range(ctx.num_classes) for i in range(per_class)]
+    return images, jobs
 
 
 def build_rded(ctx: Context, seed: int | None = None) -> Distilled:
@@ -426,14 +486,18 @@ def _real_distilled(
     ctx: Context, images: torch.Tensor, labels: torch.Tensor, ipc: int | None, info: dict
 ) -> Distilled:
     images = images.to(ctx.device)
-    stored = (
-        stored_logits(shared_teacher_logits(ctx.teacher, images, ctx.num_classes), ctx.cfg.label_dtype).float()
-        if ctx.needs_soft
-        else None
-    )
+    stored = None
     components = {"images_raw": len(images) * 3 * ctx.image_size**2}
-    components.update(label_bytes(ctx, len(images)))
-    return Distilled([TrainSet(images, labels.to(ctx.device), stored)], components, ipc, info)
+    compressed = {"images_raw": compressed_size([tensor_data(images)])}  # the raw pixels, as every component
+    if ctx.needs_soft:
+        encoded, meta, decoded = stored_soft_labels(ctx, shared_teacher_logits(ctx.teacher, images, ctx.num_classes))
+        stored = decoded.to(ctx.device)
+        components.update({name: t.numel() * t.element_size() for name, t in encoded.items()})
+        compressed.update({name: compressed_size([tensor_data(t)]) for name, t in encoded.items()})
+        check_stored_bytes(label_bytes(ctx, len(images)), {k: v for k, v in components.items() if k != "images_raw"},
+                           "evaluate (real images)")
+        info = {**info, "label_codec": meta["label_codec"]}
+    return Distilled([TrainSet(images, labels.to(ctx.device), stored)], components, ipc, info, compressed=compressed)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..accounting import fmt_bytes
+from ..accounting import COMPRESSOR, fmt_bytes
 from ..atomic import atomic_path, write_text
 from ..config import to_dict
 from ..errors import UserError
@@ -32,6 +32,31 @@ def entry_key(method: str, protocol: str, student: str, ipc: int | None, regen_e
     if method in GENERATIVE:
         key += f"/regen{regen_every}" if regen_every else "/fixed"
     return key
+
+
+def variant_key(cfg, method: str) -> str:
+    """The key suffix of what sets one entry of a method apart beyond entry_key: a P1 label codec other than fp16
+    (`/topk3`), and seed selection (`/best-of-4`) for generated sets. Empty for the defaults."""
+    parts = []
+    codec = str(getattr(cfg, "label_codec", "fp16")).strip().lower()
+    if cfg.protocol == "p1" and codec != "fp16":
+        parts.append(codec.replace(":", ""))
+    candidates = int(getattr(cfg, "candidates", 1) or 1)
+    if candidates > 1 and method.partition("@")[0] in GENERATIVE:
+        parts.append(f"best-of-{candidates}")
+    return "".join(f"/{p}" for p in parts)
+
+
+def variant_label(cfg, method: str) -> str:
+    """`variant_key` for people: 'topk:3', 'best of 4', 'topk:3, best of 4' ('' for the defaults)."""
+    parts = []
+    codec = str(getattr(cfg, "label_codec", "fp16")).strip().lower()
+    if cfg.protocol == "p1" and codec != "fp16":
+        parts.append(codec)
+    candidates = int(getattr(cfg, "candidates", 1) or 1)
+    if candidates > 1 and method.partition("@")[0] in GENERATIVE:
+        parts.append(f"best of {candidates}")
+    return ", ".join(parts)
 
 
 def load_results(path: Path) -> dict:
@@ -105,6 +130,10 @@ def make_entry(ctx, method: str, key: str, data, runs: list[dict], *, png: int |
         "optimizer_steps": runs[0]["optimizer_steps"],
         "stored_bytes": data.stored_bytes,
         "stored_components": data.components,
+        "compressor": COMPRESSOR,
+        "stored_bytes_compressed": sum(data.compressed.values()) if data.compressed else None,
+        "stored_compressed": data.compressed,
+        "variant": variant_label(cfg, method),
         "png_bytes": png,
         "ipc_equivalent": data.stored_bytes / per_image,
         "not_counted": {
@@ -162,6 +191,11 @@ COLUMNS = [
 ]
 
 
+def base_method(label: str) -> str:
+    """'random-real' of a row label such as 'random-real@d3m' or 'd3m [topk:3]'."""
+    return label.partition(" [")[0].partition("@")[0]
+
+
 def load_rows(runs: list[Path]) -> list[dict]:
     """One flat row per results.json entry of every run, sorted by protocol, student, method and IPC."""
     rows = []
@@ -180,7 +214,7 @@ def load_rows(runs: list[Path]) -> list[dict]:
             rows.append(
                 {
                     "run": run.name or str(run),
-                    "method": e["method"],
+                    "method": e["method"] + (f" [{e['variant']}]" if e.get("variant") else ""),
                     "protocol": e["protocol"],
                     "student": e["student"],
                     "ipc": e["ipc"],
@@ -199,7 +233,7 @@ def load_rows(runs: list[Path]) -> list[dict]:
                 }
             )
     order = {"d3m": 0, "class-prompt": 1, "rded": 2, "random-real": 3, "full": 4}
-    rows.sort(key=lambda r: (r["protocol"], r["student"], r["run"], order.get(r["method"].partition("@")[0], 9),
+    rows.sort(key=lambda r: (r["protocol"], r["student"], r["run"], order.get(base_method(r["method"]), 9),
                              r["method"], r["ipc"] or 10**9))
     return rows
 
@@ -278,7 +312,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             [r["stored_bytes"] for r in mine],
             [r["final_top1_mean"] for r in mine],
             yerr=[r["final_top1_std"] for r in mine],
-            marker=markers.get(method.partition("@")[0], "D"),
+            marker=markers.get(base_method(method), "D"),
             capsize=3,
             linestyle=("--" if kind == "fixed" else "-") if len(mine) > 1 else "none",
             label=label,

@@ -25,7 +25,8 @@ from promptset.runfolder import check_same_classes
 GRAMMAR = (
     "teacher spec must be 'none', the PATH of a teacher made by `promptset teacher`, or 'NAME:PATH' with NAME one of "
     f"{', '.join(STUDENTS)}, convnetD, timm/<model>, torchvision/<model> and PATH a .safetensors state dict "
-    "(e.g. 'resnet20:weights/cifar10_resnet20.safetensors')"
+    "(e.g. 'resnet20:weights/cifar10_resnet20.safetensors'); NAME@SIZE:PATH names the input side the teacher was "
+    "trained at (e.g. 'timm/resnet18@224:teacher.safetensors')"
 )
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 
@@ -54,20 +55,24 @@ def _classes_in_state(net: nn.Module, state: dict[str, torch.Tensor]) -> int | N
     return int(weight.shape[0]) if weight is not None and weight.ndim == 2 else None
 
 
-def _builtin_geometry(name: str, state: dict[str, torch.Tensor], path: Path) -> tuple[int, int]:
-    """(image_size, channels) a built-in student was trained at, read off its weight shapes."""
+def _builtin_geometry(name: str, state: dict[str, torch.Tensor], path: Path) -> tuple[int, int, bool]:
+    """(image_size, channels, size_known) of a built-in network, read off its weight shapes.
+
+    A ConvNet's classifier width fixes its input side exactly; the CIFAR ResNets (resnet20/56) are 32 px networks.
+    A ResNet-18's stem says only "64 px or less" (3x3) or "more than 64 px" (7x7): its size is then not known.
+    """
     try:
         if name == "convnet_tiny" or _CONVNET.fullmatch(name):
             depth = 2 if name == "convnet_tiny" else int(name[len("convnet") :])
             first, head = state["features.0.weight"], state["classifier.weight"]
             side = math.isqrt(head.shape[1] // first.shape[0])
-            return side << depth, int(first.shape[1])
+            return side << depth, int(first.shape[1]), True
         if name == "resnet18":
             first = state["conv1.weight"]
-            return (32 if first.shape[-1] == 3 else 224), int(first.shape[1])
+            return (32 if first.shape[-1] == 3 else 224), int(first.shape[1]), False
     except KeyError as err:
         raise UserError(f"teacher weights {path} are not a {name} state dict (no {err.args[0]!r})") from None
-    return 32, 3
+    return 32, 3, True
 
 
 def _build_external(kind: str, arch: str, num_classes: int | None) -> nn.Module:
@@ -103,7 +108,8 @@ class Teacher(nn.Module):
         name: The architecture name (e.g. `resnet20`, `timm/resnet50`).
         weights_path: The safetensors file.
         weights_sha256: Hex sha256 of the weights file.
-        image_size: Input side it was trained at when its file says so (inputs are resized to it), else None.
+        image_size: Input side it was trained at (inputs are resized to it): from its file's metadata, the spec's
+            NAME@SIZE, or the architecture (ConvNets, CIFAR ResNets); None when unknown (see `require_input_size`).
         class_folders: Its classes in order when its file lists them, else None.
     """
 
@@ -142,7 +148,7 @@ class Teacher(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits for images in [0, 1] (B, 3, H, W) -> (B, num_classes); resized first to the size the teacher was
-        trained at when its file records one (files written by `promptset teacher`)."""
+        trained at whenever that is known."""
         size = self.image_size
         if size and tuple(images.shape[-2:]) != (size, size):
             images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True,
@@ -174,16 +180,31 @@ def read_teacher_metadata(path: Path) -> dict:
     return meta
 
 
-def _split_spec(spec: str) -> tuple[str, Path]:
-    """(architecture name or '', path) of `NAME:PATH` or of a bare `PATH` (whose file names its architecture)."""
+def _split_spec(spec: str) -> tuple[str, Path, int | None]:
+    """(architecture name or '', path, input side or None) of `NAME[@SIZE]:PATH` or of a bare `PATH` (whose file
+    names its architecture)."""
     name, sep, raw_path = spec.partition(":")
     name, raw_path = name.strip(), raw_path.strip()
     bare = not sep or (spec.lower().endswith(".safetensors") and Path(spec).expanduser().is_file())
     if bare:
-        return "", Path(spec).expanduser()
+        return "", Path(spec).expanduser(), None
     if not name or not raw_path:
         raise UserError(f"bad teacher spec {spec!r}: {GRAMMAR}")
-    return name, Path(raw_path).expanduser()
+    name, at, size = name.partition("@")
+    if at and not (size.isdigit() and int(size) > 0):
+        raise UserError(f"bad teacher spec {spec!r}: SIZE in NAME@SIZE:PATH must be a positive number of pixels")
+    return name.strip(), Path(raw_path).expanduser(), int(size) if at else None
+
+
+def require_input_size(teacher: Teacher, what: str) -> int:
+    """The input side `teacher` expects, or a UserError saying how to name it (`what` says who needs it)."""
+    if teacher.image_size:
+        return int(teacher.image_size)
+    raise UserError(
+        f"{what}: teacher {teacher.spec} does not say which image size it was trained at, so it cannot be fed images "
+        f"at the size it expects; name it as {teacher.name}@SIZE:{teacher.weights_path} (e.g. "
+        f"{teacher.name}@224:{teacher.weights_path}), or train one with `promptset teacher`, whose file records it"
+    )
 
 
 def load_teacher(
@@ -215,7 +236,7 @@ def load_teacher(
     spec = spec.strip()
     if spec.lower() == "none":
         return None
-    name, path = _split_spec(spec)
+    name, path, spec_size = _split_spec(spec)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise UserError(
             f"teacher weights {path} look like a pickle ({path.suffix}); pickles are never loaded. Convert the "
@@ -249,6 +270,10 @@ def load_teacher(
     except (SafetensorError, OSError) as err:
         raise UserError(f"cannot read teacher weights {path}: {err}") from None
     trained_size = int(meta["image_size"]) if meta.get("image_size") else None
+    if spec_size and trained_size and spec_size != trained_size:
+        raise UserError(f"teacher spec {spec!r} says {spec_size} px but {path} records that it was trained at "
+                        f"{trained_size} px; drop @{spec_size} or pass @{trained_size}")
+    known_size = trained_size or spec_size
 
     if external:
         probe = _build_external(kind, arch, num_classes)
@@ -257,8 +282,9 @@ def load_teacher(
         norm = meta.get("normalize") or {}
         normalize = ImageNormalize(3, norm.get("mean"), norm.get("std"))
     else:
-        image_size, channels = _builtin_geometry(name, state, path)
-        image_size = trained_size or image_size
+        image_size, channels, certain = _builtin_geometry(name, state, path)
+        known_size = known_size or (image_size if certain else None)
+        image_size = known_size or image_size
         probe = create_student(name, num_classes or 10, image_size, channels)
         width = _classes_in_state(probe, state)
         net = probe if width in (None, num_classes or 10) else create_student(name, width, image_size, channels)
@@ -270,7 +296,7 @@ def load_teacher(
         detail = str(err).splitlines()[0:3]
         raise UserError(f"teacher weights {path} do not fit architecture {name!r}: {' '.join(detail)}") from None
 
-    teacher = Teacher(net, spec, name, path, _sha256(path), normalize, image_size=trained_size).to(device)
+    teacher = Teacher(net, spec, name, path, _sha256(path), normalize, image_size=known_size).to(device)
     teacher.class_folders = meta.get("class_folders")
     teacher.metadata = {k: v for k, v in meta.items() if k not in ("content_sha256", "metadata_sha256")}
     if num_classes is not None and teacher.num_classes != num_classes:

@@ -45,13 +45,23 @@ from ..devices import DTYPE_CHOICES, DTYPES, auto_dtype, resolve_device, resolve
 from ..dist import barrier, prepared_everywhere, rank_world
 from ..errors import UserError
 from ..evaluation.methods import METHODS, NEEDS_TRAIN, Context, RealFolder, load_real_folder
-from ..evaluation.results import entry_key, load_results, make_entry, now, print_table, write_report
+from ..evaluation.results import (
+    entry_key,
+    load_results,
+    make_entry,
+    now,
+    print_table,
+    variant_key,
+    write_report,
+)
 from ..evaluation.student import Recipe, TrainSet, is_batchnorm, train_student
+from ..labelcodec import CODEC_HELP, parse_codec
 from ..models import create_student
 from ..runfolder import (
     absolute_paths,
     artifact_metadata,
     check_same_classes,
+    dataset_image_size,
     require_classes,
     require_prompts,
     select_info,
@@ -78,7 +88,8 @@ class EvaluateConfig:
     student: str = opt("convnet3", "student network (convnet3, convnet4, resnet18, resnet20, resnet56, a timm name)")
     ipc: str = opt("", "training images (patches) per class: one number or a comma-separated list (1,10,50), all "
                    "evaluated in this call (default: the run's generate ipc, else 10)")
-    image_size: int = opt(0, "student input side in pixels (default: the dataset resolution from select.json)")
+    image_size: int = opt(0, "student input side in pixels (default: the resolution of the data the prompts were "
+                          "learned from, from select.json or invert)")
     teacher: str = opt("", "teacher NAME:PATH.safetensors for P1/P3 (default: the one that labelled the run)")
     epochs: int = opt(300, "training epochs (RDED: 300)")
     seeds: int = opt(3, "student runs (seeds seed, seed+1, ...); results are mean and std over them")
@@ -100,9 +111,8 @@ class EvaluateConfig:
     regen_every: int = opt(
         10, "d3m/class-prompt: new images (new seeds) every N epochs at a fixed step count; 0 = a fixed set"
     )
-    label_dtype: str = opt(
-        "fp16", "dtype of the stored soft labels (P1), counted in the budget", choices=["fp32", "fp16"]
-    )
+    label_codec: str = opt("fp16", "P1: " + CODEC_HELP + "; every stored byte is counted in the budget",
+                           aliases=("--label-dtype",))
     class_prompt: str = opt("a photo of a {name}", "class-prompt template; {name} is the class display name")
     backend: str = opt("", "generator backend kind (default: the one invert used)")
     model: str = opt("", "generator model (default: the one invert used)")
@@ -118,6 +128,9 @@ class EvaluateConfig:
     )
     resolution: int = opt(0, "generation resolution in pixels (default: invert's)")
     factor: int = opt(0, "cut each generated image into factor x factor patches (default: select's)")
+    candidates: int = opt(1, "d3m/class-prompt seed selection: G candidate images per stored image, the teacher "
+                          "keeps the most typical of its class (lowest cross-entropy), only its seed is stored "
+                          "(1 = off; round 0 reuses generate's images when generate used the same G)")
     gen_batch_size: int = opt(32, "images per progress step while regenerating (does not change the images)")
     sampler_batch: int = opt(0, "images denoised together, padded to exactly this many (default: generate's, else 8); "
                              "images depend on it in the last bits, larger is faster")
@@ -208,7 +221,7 @@ def _train_method(ctx: Context, method: str, recipe: Recipe, test_set: TrainSet,
         data = shared if shared is not None else build(ctx, s)
         if spec.stores_images and png is None and main:
             png = png_bytes(data.rounds[0].images.cpu())
-        key = entry_key(method, cfg.protocol, cfg.student, data.ipc, cfg.regen_every)
+        key = entry_key(method, cfg.protocol, cfg.student, data.ipc, cfg.regen_every) + variant_key(cfg, method)
         if target:  # one row per IPC of the method it matches
             key += f"/matches-{target}-ipc{ctx.ipc}"
         with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
@@ -279,10 +292,11 @@ def _validate(cfg: EvaluateConfig) -> tuple[list[str], list[int]]:
                         "random-real@M for random-real at the stored bytes of method M")
     if cfg.protocol not in PROTOCOLS:
         raise UserError(f"--protocol {cfg.protocol!r} is not one of {list(PROTOCOLS)}")
-    for name in ("epochs", "seeds", "batch_size", "eval_batch_size", "gen_batch_size"):
+    for name in ("epochs", "seeds", "batch_size", "eval_batch_size", "gen_batch_size", "candidates"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     ipcs = parse_ipcs(cfg.ipc)
+    parse_codec(cfg.label_codec)  # K against the class count once classes.json is read (_context)
     for name in ("image_size", "eval_every", "regen_every", "gen_steps", "resolution", "factor", "sampler_batch"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative")
@@ -325,6 +339,7 @@ def _equal_bytes_builder(ctx: Context, target: str, build):
 def _context(cfg: EvaluateConfig, methods: list[str]) -> Context:
     """The run's classes, sizes, generator settings and teacher, from the flags and what earlier stages recorded."""
     from ..models import load_teacher
+    from ..models.teachers import require_input_size
 
     run = Path(cfg.run)
     classes = require_classes(run)
@@ -343,7 +358,7 @@ def _context(cfg: EvaluateConfig, methods: list[str]) -> Context:
         if not (run / "prompts.safetensors").is_file():
             raise UserError(f"--method d3m needs {run / 'prompts.safetensors'}; run invert first")
         require_prompts(run, classes)
-    image_size = cfg.image_size or int(selected.get("image_size") or meta.get("image_size") or 32)
+    image_size = cfg.image_size or dataset_image_size(run) or int(meta.get("image_size") or 32)
     ipc = int(meta.get("ipc") or 10)  # the default; --ipc values replace it
     factor = cfg.factor or int(meta.get("factor") or selected.get("factor") or 1)
     prompts_meta = artifact_metadata(run, "prompts.safetensors")
@@ -357,17 +372,17 @@ def _context(cfg: EvaluateConfig, methods: list[str]) -> Context:
         "seed": cfg.gen_seed if cfg.gen_seed >= 0 else int(meta.get("seed") or 0),
         "sampler_batch": cfg.sampler_batch or int(meta.get("sampler_batch") or SAMPLER_BATCH),  # generate's default
     }
-    needs_teacher = cfg.protocol in ("p1", "p3")
+    needs_teacher = cfg.protocol in ("p1", "p3") or cfg.candidates > 1
     spec = (
         cfg.teacher
         or meta.get("teacher")
         or (selected.get("teacher") if selected.get("teacher") != "none" else "")
     )
     if needs_teacher and (not spec or spec == "none"):
-        raise UserError(
-            f"--protocol {cfg.protocol} needs a teacher for its soft labels: pass --teacher "
-            "NAME:PATH.safetensors (a classifier trained on the classes in classes.json)"
-        )
+        why = f"--protocol {cfg.protocol} needs a teacher for its soft labels" if cfg.protocol != "p2" else \
+            "--candidates needs a teacher to score the candidate images"
+        raise UserError(f"{why}: pass --teacher NAME:PATH.safetensors (a classifier trained on the classes in "
+                        "classes.json)")
     device = resolve_device(cfg.device)
     gen["dtype"] = _generator_dtype(cfg.dtype, json.loads(meta.get("generation") or "{}").get("dtype"), device)
     if absolute_paths({"model": gen["model"]})["model"] == invert_cfg.get("model"):  # load it as invert did
@@ -390,6 +405,9 @@ def _context(cfg: EvaluateConfig, methods: list[str]) -> Context:
     teacher = None
     if spec and spec != "none" and (needs_teacher or cfg.teacher):
         teacher = load_teacher(spec, num_classes=None, device=device, class_folders=folders)
+        if needs_teacher:
+            require_input_size(teacher, "evaluate --candidates" if cfg.protocol == "p2" else
+                               f"evaluate --protocol {cfg.protocol}")  # fed at its own size
         if teacher.num_classes != len(classes):
             raise UserError(
                 f"teacher {spec} predicts {teacher.num_classes} classes but classes.json lists "
@@ -404,6 +422,8 @@ def _context(cfg: EvaluateConfig, methods: list[str]) -> Context:
                 f"teacher {spec} does not take {image_size} px images ({str(err).splitlines()[0]}); "
                 "pass --image-size the teacher was trained at"
             ) from None
+    if cfg.protocol == "p1":
+        parse_codec(cfg.label_codec, len(classes))
     rounds = math.ceil(cfg.epochs / cfg.regen_every) if cfg.regen_every else 1
     return Context(cfg=cfg, run=run, classes=classes, device=device, image_size=image_size, ipc=ipc, factor=factor,
                    gen=gen, teacher=teacher, needs_soft=cfg.protocol == "p1", rounds=rounds)

@@ -23,23 +23,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import PromptSet, save_tensors, tensors_hash
+from ..artifacts import PromptSet, images_sha256, save_tensors, tensors_hash
 from ..atomic import BackgroundWriter, append_jsonl, read_jsonl, save_image, write_text
 from ..backends import sampling
 from ..backends.base import PREDICTION_TYPES
 from ..backends.sampling import SAMPLERS, Job, PromptConditioner, generation_key, generation_settings, jobs_for
+from ..backends.selection import best_of_candidates, candidate_seeds
 from ..config import make_config, opt, to_dict
 from ..data import load_image, quantize_pixels, to_pil, to_tensor
 from ..devices import DTYPE_CHOICES, dtype_name
 from ..dist import all_gather_rows, barrier, prepared_everywhere, rank_world
 from ..errors import UserError
 from ..grids import labeled_grid
+from ..labelcodec import CODEC_HELP, encode_labels, parse_codec
 from ..models import label_pixels
 from ..progress import progress_bar
 from ..runfolder import (
     ClassInfo,
     absolute_paths,
     check_same_classes,
+    dataset_image_size,
     remove_stale_tmp,
     require_classes,
     select_info,
@@ -65,10 +68,15 @@ class GenerateConfig:
     sampler: str = opt("ddim", "sampler", choices=list(SAMPLERS))
     resolution: int = opt(0, "generation resolution in pixels (default: invert's)")
     factor: int = opt(0, "cut each image into factor x factor patches (default: select's factor, else 1)")
-    image_size: int = opt(0, "side of each saved patch in pixels (default: the dataset resolution from select)")
+    image_size: int = opt(0, "side of each saved patch in pixels (default: the resolution of the data the prompts "
+                          "were learned from: select's patch size, else the side of invert's images)")
     soft_labels: bool = opt(False, "store the teacher's soft labels (logits) per patch in labels.safetensors")
-    teacher: str = opt("", "teacher for --soft-labels, as NAME:PATH.safetensors")
-    label_dtype: str = opt("fp16", "dtype of stored soft labels", choices=["fp32", "fp16"])
+    teacher: str = opt("", "teacher for --soft-labels and --candidates, as NAME:PATH.safetensors or a promptset "
+                       "teacher's PATH")
+    label_codec: str = opt("fp16", CODEC_HELP + "; every stored byte is counted", aliases=("--label-dtype",))
+    candidates: int = opt(1, "seed selection: draw G candidate images per stored image and keep the one the teacher "
+                          "finds most typical of its class (lowest cross-entropy); only the chosen seed is stored, so "
+                          "it costs G-1 extra generations and no byte (1 = off)")
     device: str = opt("auto", "torch device")
     dtype: str = opt("auto", "model dtype: auto = bf16 on GPUs of compute capability 8.0+, fp16 on older GPUs, fp32 "
                      "on CPU (recorded resolved, so evaluate can reuse these images)", choices=DTYPE_CHOICES)
@@ -94,10 +102,11 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> Path:
         if out == run:
             write_config(run, "generate", to_dict(cfg))
         remove_stale_tmp(gen_dir)  # left by a killed run; nobody writes here before the barrier below
+        _say_image_size(plan, cfg)
     every = jobs_for(list(range(len(classes))), per_class, cfg.seed)  # (class, index) order
     lo, hi = sampling.rank_share(every, rank, world)
     jobs = every[lo:hi]  # this process's share
-    done = _finished_images(gen_dir, classes, jobs, key, factor, cfg.ipc, image_size)
+    done = _finished_images(gen_dir, classes, jobs, key, factor, cfg.ipc, image_size, cfg.candidates)
     todo = [j for j in jobs if (j.cls, j.index) not in done]
     if rank == 0 and done:
         share = "" if world == 1 else " (this process's share)"
@@ -106,7 +115,7 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> Path:
     barrier()
 
     labels = None
-    if plan.teacher is not None:  # images made by an earlier run are labelled from their files
+    if cfg.soft_labels:  # images made by an earlier run are labelled from their files
         labels = _Labels(plan.teacher, lo, len(jobs), factor, cfg.ipc, cfg.sampler_batch)
         labels.add_files(gen_dir, classes, [j for j in jobs if (j.cls, j.index) in done], image_size)
     conditioner = PromptConditioner(backend, plan.prompts)
@@ -118,13 +127,11 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> Path:
     with BackgroundWriter() as writer:  # PNG encoding and fsync off the sampling thread
         for s in range(0, len(todo), cfg.batch_size):
             batch = todo[s : s + cfg.batch_size]
-            patches = sampling.generate_batch(backend, conditioner, batch, steps=cfg.steps, guidance=cfg.guidance,
-                                              factor=factor, image_size=image_size, uncond=uncond,
-                                              micro_batch=cfg.sampler_batch)  # (B, P, 3, S, S)
-            pixels = quantize_pixels(patches)  # (B, P, 3, S, S) uint8, what the PNGs hold
+            # (B, P, 3, S, S) uint8, what the PNGs hold; with --candidates the jobs carry the chosen seeds
+            batch, pixels, extras = _make_images(plan, cfg, conditioner, uncond, batch)
             if labels is not None:
                 labels.add(batch, pixels)
-            writer.submit(_write_images, gen_dir, classes, batch, pixels, factor, cfg.ipc, part, key)
+            writer.submit(_write_images, gen_dir, classes, batch, pixels, factor, cfg.ipc, part, key, extras)
             bar.update(len(batch))
     bar.close()
     if world > 1:
@@ -134,7 +141,7 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> Path:
     barrier()
     if rank == 0:
         _finish(plan, cfg, gen_dir, per_class, logits)
-        what = "seeds and the teacher's soft labels" if plan.teacher is not None else "seeds"
+        what = "seeds and the teacher's soft labels" if cfg.soft_labels else "seeds"
         print(f"generate: {len(classes) * cfg.ipc} images ({len(classes)} classes x {cfg.ipc}, "
               f"{len(todo)} made now) in {gen_dir}; grid {plan.out / 'grid.png'}; {what} in "
               f"{plan.out / 'labels.safetensors'}", flush=True)
@@ -143,14 +150,38 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> Path:
 
 
 def _write_images(gen_dir: Path, classes, batch: list[Job], pixels: torch.Tensor, factor: int, ipc: int,
-                  manifest: Path, key: str) -> None:
+                  manifest: Path, key: str, extras: list[dict]) -> None:
     """The patch PNGs of a batch of images (atomic, fsynced), then one manifest row per image (on the writer)."""
-    for job, job_pixels in zip(batch, pixels):
+    for job, job_pixels, extra in zip(batch, pixels, extras):
         folder = classes[job.cls].folder
         for p, idx in enumerate(_patch_indices(job, factor, ipc)):
             save_image(gen_dir / folder / f"{idx:05d}.png", to_pil(job_pixels[p]))
         # one manifest row per image, appended after its files exist: a resumed run trusts these rows
-        append_jsonl(manifest, {"class_index": job.cls, "image": job.index, "seed": job.seed, "key": key})
+        append_jsonl(manifest, {"class_index": job.cls, "image": job.index, "seed": job.seed, "key": key, **extra})
+
+
+def _make_images(plan: _Plan, cfg: GenerateConfig, conditioner, uncond, batch: list[Job],
+                 ) -> tuple[list[Job], torch.Tensor, list[dict]]:
+    """(jobs as stored, their patches (B, P, 3, S, S) uint8, manifest extras): the jobs' own images, or with
+    --candidates G the best of G candidates per job (the job then carries the chosen candidate's seed)."""
+    kw = dict(steps=cfg.steps, guidance=cfg.guidance, factor=plan.factor, image_size=plan.image_size, uncond=uncond,
+              micro_batch=cfg.sampler_batch)
+    if cfg.candidates == 1:
+        patches = sampling.generate_batch(plan.backend, conditioner, batch, **kw)  # (B, P, 3, S, S) in [0, 1]
+        return batch, quantize_pixels(patches), [{} for _ in batch]
+    chunk = cfg.sampler_batch * plan.factor**2  # fixed teacher batches: a score never depends on the grouping
+    chosen, pixels, ce = best_of_candidates(plan.backend, conditioner, batch, cfg.candidates,
+                                            lambda px: label_pixels(plan.teacher, px, chunk), **kw)
+    extras = [{"candidate": int(e.argmin()), "teacher_ce": round(float(e.min()), 6)} for e in ce]
+    return chosen, pixels, extras
+
+
+def _say_image_size(plan: _Plan, cfg: GenerateConfig) -> None:
+    """Say at which size patches are stored when it is not the size they are generated at, and why."""
+    made = plan.backend.resolution // plan.factor
+    if plan.image_size != made:
+        why = "--image-size" if cfg.image_size else "the resolution of the data the prompts were learned from"
+        print(f"generate: patches are generated at {made} px and stored at {plan.image_size} px ({why})", flush=True)
 
 
 class _Labels:
@@ -192,7 +223,7 @@ class _Plan:
     classes: list[ClassInfo]
     backend: object
     prompts: PromptSet
-    teacher: object
+    teacher: object  # labels (--soft-labels) and scores (--candidates) the patches; None without either
     factor: int
     image_size: int
     settings: dict  # everything that changes a pixel (`generation_settings`)
@@ -221,14 +252,22 @@ def _prepare(cfg: GenerateConfig) -> _Plan:
     kind = cfg.backend or invert_cfg.get("backend") or prompts.backend
     model = cfg.model or invert_cfg.get("model") or prompts.model_id
     factor = cfg.factor or int(selected.get("factor", 1))
+    parse_codec(cfg.label_codec, len(classes))  # a bad codec string is refused before the model loads
+    if cfg.candidates < 1:
+        raise UserError(f"--candidates must be at least 1 (1 = no seed selection), got {cfg.candidates}")
+    if cfg.candidates > 1 and not cfg.teacher:
+        raise UserError("--candidates needs --teacher: the teacher scores the candidate images")
     if cfg.soft_labels and not cfg.teacher:
         raise UserError("--soft-labels needs --teacher PATH.safetensors (from `promptset teacher`) or NAME:PATH")
     teacher = None
-    if cfg.soft_labels:  # checked before the model loads; it labels on the model's device
+    if cfg.soft_labels or cfg.candidates > 1:  # checked before the model loads; it labels on the model's device
         from ..models import load_teacher
+        from ..models.teachers import require_input_size
 
         teacher = load_teacher(cfg.teacher, num_classes=len(classes), device="cpu",
                                class_folders=[c.folder for c in classes])
+        # it labels (and scores) every patch at the size it expects
+        require_input_size(teacher, "generate --soft-labels" if cfg.soft_labels else "generate --candidates")
     if absolute_paths({"model": model})["model"] == invert_cfg.get("model"):  # load it as invert did
         cfg.model_config = cfg.model_config or invert_cfg.get("model_config") or ""
         cfg.prediction_type = cfg.prediction_type or invert_cfg.get("prediction_type") or ""
@@ -242,7 +281,7 @@ def _prepare(cfg: GenerateConfig) -> _Plan:
         backend.compile_denoiser()
     if cfg.resolution or invert_cfg.get("resolution"):
         backend.resolution = int(cfg.resolution or invert_cfg["resolution"])
-    image_size = cfg.image_size or int(selected.get("image_size", backend.resolution // factor))
+    image_size = cfg.image_size or dataset_image_size(run) or backend.resolution // factor
     out = Path(cfg.out) if cfg.out else run
     settings = generation_settings(
         prompts_hash=tensors_hash({"embeddings": prompts.embeddings}), template=prompts.template,
@@ -250,17 +289,19 @@ def _prepare(cfg: GenerateConfig) -> _Plan:
         resolution=backend.resolution, factor=factor, image_size=image_size, dtype=cfg.dtype,
         sampler_batch=cfg.sampler_batch, compile=cfg.compile,
     )
+    if cfg.candidates > 1:  # another image is kept: part of what the stored set is (keys of G = 1 runs unchanged)
+        settings.update({"candidates": cfg.candidates, "selection_teacher": teacher.weights_sha256})
     return _Plan(run, out, classes, backend, prompts, teacher, factor, image_size, settings)
 
 
 def _finished_images(gen_dir: Path, classes, jobs: list[Job], key: str, factor: int, ipc: int,
-                     image_size: int) -> set[tuple[int, int]]:
+                     image_size: int, candidates: int) -> set[tuple[int, int]]:
     """(class, image) pairs already generated with these settings: in a manifest, and every patch file decodes."""
     rows = _manifest_rows(gen_dir)
     done = set()
     for job in jobs:
         row = rows.get((job.cls, job.index))
-        if row is not None and row.get("key") == key and row.get("seed") == job.seed:
+        if row is not None and row.get("key") == key and row.get("seed") in candidate_seeds(job.seed, candidates):
             files = [gen_dir / classes[job.cls].folder / f"{idx:05d}.png" for idx in _patch_indices(job, factor, ipc)]
             if all(_image_ok(f, image_size) for f in files):
                 done.add((job.cls, job.index))
@@ -300,13 +341,15 @@ def _finish(plan: _Plan, cfg: GenerateConfig, gen_dir: Path, per_class: int, log
     manifest, seeds = [], []
     for job in jobs_for(list(range(len(classes))), per_class, cfg.seed):
         row = rows.get((job.cls, job.index))
-        if row is None or row.get("key") != key or row.get("seed") != job.seed:
+        if row is None or row.get("key") != key or row.get("seed") not in candidate_seeds(job.seed, cfg.candidates):
             raise RuntimeError(f"generate: image {job.index} of class {job.cls} is missing from every manifest")
         info = classes[job.cls]
+        job = Job(job.cls, job.index, row["seed"])  # the chosen candidate's seed, which alone regenerates it
         seeds.append(job.seed)
         for p, idx in enumerate(_patch_indices(job, factor, cfg.ipc)):
             manifest.append({"class": info.folder, "class_index": job.cls, "index": idx, "image": job.index,
-                             "seed": job.seed, "patch": p, "file": f"{info.folder}/{idx:05d}.png", "key": key})
+                             "seed": job.seed, "patch": p, "file": f"{info.folder}/{idx:05d}.png", "key": key,
+                             **{k: row[k] for k in ("candidate", "teacher_ce") if k in row}})
     write_text(gen_dir / "manifest.jsonl", "".join(json.dumps(m) + "\n" for m in manifest))
     for part in gen_dir.glob(".manifest.rank*.jsonl"):
         part.unlink(missing_ok=True)
@@ -318,8 +361,9 @@ def _finish(plan: _Plan, cfg: GenerateConfig, gen_dir: Path, per_class: int, log
             "image_size": str(image_size), "class_folders": json.dumps([c.folder for c in classes]),
             "generation_key": key, "generation": json.dumps(plan.settings, sort_keys=True)}
     tensors = {"seeds": torch.tensor(seeds, dtype=torch.int32)}  # (N,)
-    if teacher is not None:
-        stored, label_meta = stored_labels(logits, cfg.label_dtype)
+    meta["image_sha256"] = json.dumps([images_sha256(_stored_patches(gen_dir, manifest))])  # what materialize checks
+    if cfg.soft_labels:
+        stored, label_meta = encode_labels(logits, parse_codec(cfg.label_codec, len(classes)))
         tensors.update(stored)
         meta.update({"teacher": teacher.spec, "teacher_sha256": teacher.weights_sha256} | label_meta)
     save_tensors(plan.out / "labels.safetensors", tensors, meta)
@@ -333,10 +377,11 @@ def _remove_unlisted(gen_dir: Path, classes, listed: set[str]) -> None:
                 path.unlink()
 
 
-def stored_labels(logits: torch.Tensor, label_dtype: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The teacher's gathered logits (N, P, C) fp32 as `labels.safetensors` stores them: (tensors, metadata)."""
-    tensors = {"soft_labels": logits.to(torch.float16 if label_dtype == "fp16" else torch.float32)}
-    return tensors, {"label_kind": "logits", "label_dtype": label_dtype}
+def _stored_patches(gen_dir: Path, manifest: list[dict]) -> torch.Tensor:
+    """The saved patches as uint8 (ipc * C, 3, S, S) in ImageFolder order (class, then file name)."""
+    files = sorted((m["class_index"], m["index"], m["file"]) for m in manifest)
+    return torch.stack([torch.from_numpy(np.array(load_image(gen_dir / f), dtype=np.uint8)).permute(2, 0, 1)
+                        for _, _, f in files])
 
 
 def _grid(path: Path, gen_dir: Path, classes, per_row: int, size: int) -> None:

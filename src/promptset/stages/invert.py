@@ -39,7 +39,14 @@ from ..artifacts import PromptSet, load_tensors, save_tensors, token_name_for
 from ..atomic import append_jsonl, read_jsonl, write_text
 from ..backends.base import PREDICTION_TYPES, DiffusionBackend, PromptLayout
 from ..config import make_config, opt, to_dict
-from ..data import MAX_IMAGE_PIXELS, ImageFolderIndex, load_class_images, scan_image_folder, verify_images
+from ..data import (
+    MAX_IMAGE_PIXELS,
+    ImageFolderIndex,
+    common_image_side,
+    load_class_images,
+    scan_image_folder,
+    verify_images,
+)
 from ..devices import DTYPE_CHOICES, dtype_name, to_device
 from ..dist import Team, barrier, join_teams, prepared_everywhere, rank_world, span, team_schedule
 from ..errors import TrainingDiverged, UserError
@@ -146,7 +153,9 @@ def invert(cfg: InvertConfig | None = None, **overrides) -> Path:
     if rank == 0:
         if plan.replaced:
             remove_outputs(run, ["invert", "prompts.safetensors"])
-        write_config(run, "invert", to_dict(cfg) | {"resolution": plan.resolution})
+        # the data's own resolution: generate stores images at it and teachers see them at it (issue 17)
+        write_config(run, "invert", to_dict(cfg) | {"resolution": plan.resolution,
+                                                   "data_image_size": plan.data_image_size})
         if plan.rewrite_classes:
             write_classes(run, index.classes, plan.names)
         remove_stale_tmp(folder)  # half-written files of a killed run; nobody writes there before the barrier
@@ -212,6 +221,7 @@ class _Plan:
     layout: PromptLayout
     resolution: int
     per_group: int  # classes per batch
+    data_image_size: int | None  # side of every (square, equal) training image; None when they differ
     rewrite_classes: bool  # classes.json is missing, lists other classes or other display names
     replaced: bool  # --overwrite replaces a different earlier inversion
 
@@ -264,8 +274,9 @@ def _prepare(cfg: InvertConfig) -> _Plan:
         words, "--initializers" if cfg.initializers else "--initializer", fallback=not chosen)  # (C, D)
     layout = backend.layout(cfg.template, cfg.num_vectors)
     replaced = check_run_folder(run, "invert", to_dict(cfg) | {"resolution": resolution}, overwrite=cfg.overwrite)
+    data_size = common_image_side(index, max_pixels=cfg.max_image_pixels)
     return _Plan(run, index, names, backend, words, init_notes, init_vectors, layout, resolution, per_group,
-                 rewrite_classes, replaced)
+                 data_size, rewrite_classes, replaced)
 
 
 def _metrics_path(folder: Path) -> Path:
