@@ -29,7 +29,7 @@ from ..atomic import save_image, staged_dir, write_json
 from ..backends import sampling
 from ..backends.sampling import Job, PromptConditioner
 from ..config import make_config, opt
-from ..data import to_pil
+from ..data import quantize_pixels, to_pil
 from ..errors import UserError
 from ..labelcodec import decode_soft_labels
 from ..packfile import PackedSet, read_pack
@@ -73,7 +73,7 @@ def materialize(cfg: MaterializeConfig | None = None, **overrides) -> dict:
             images = patches.view(c, per_class * factor**2, *patches.shape[2:])[:, :ipc].flatten(0, 1)  # (C*ipc, ...)
             folder = tmp / f"round{r:02d}"
             for n, (image, k) in enumerate(zip(images, targets.tolist())):
-                save_image(folder / "images" / classes[k]["folder"] / f"{n - k * ipc:05d}.png", to_pil(image / 255))
+                save_image(folder / "images" / classes[k]["folder"] / f"{n - k * ipc:05d}.png", to_pil(image))
             tensors = {"targets": targets}
             if soft is not None:
                 tensors["soft_labels"] = soft[r].contiguous()  # (C*ipc, C) fp32, ImageFolder order
@@ -138,7 +138,7 @@ def _regenerate(backend, conditioner, uncond, jobs: list[Job], gen: dict, cfg: M
                                           guidance=float(gen["guidance"]), factor=int(gen["factor"]),
                                           image_size=int(gen["image_size"]), uncond=uncond,
                                           micro_batch=int(gen["sampler_batch"]))  # (B, P, 3, S, S) in [0, 1]
-        out.append(patches.clamp(0, 1).mul(255).round().to(torch.uint8))
+        out.append(quantize_pixels(patches))  # what generate's PNGs and evaluate's rounds hold
         bar.update(len(batch))
     bar.close()
     return torch.cat(out)
