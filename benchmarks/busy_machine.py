@@ -8,8 +8,9 @@ Four runs of the same demo command, each in a new output folder, timed from spaw
 - `adaptive`: the default (`PROMPTSET_THREADS` unset: the idle cores at start, re-checked as long loops run);
 each `idle` and `busy` (a `while True: pass` process started 2 s before the demo and killed after it). A run that
 passes `--timeout` seconds is stopped and recorded as such (its time is then a lower bound). Rows are written to the
-JSON as they finish and a rerun skips rows already there (`--redo` to run them again). The machine's load average
-before each run is recorded: the idle rows mean something only if it is near 0.
+JSON as they finish and a rerun skips rows already there (`--redo` to run them again). The cores other processes
+kept busy in the 2 s before each run are recorded (an idle row first waits up to 2 minutes for them to fall under
+0.2): the idle rows mean something only if that is near 0, the busy rows if it is near 1.
 
 Benchmarks report numbers, they assert nothing.
 """
@@ -40,6 +41,15 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def busy_cores(seconds: float = 2.0) -> float:
+    """Cores kept busy by all processes over the next `seconds` (from /proc/stat; this script is idle meanwhile)."""
+    from promptset.threads import others_busy_cores, sample
+
+    before = sample()
+    time.sleep(seconds)
+    return round(others_busy_cores(before, sample()), 2)
+
+
 def run_demo(threads: str, load: str, quick: bool, timeout: float, log: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PROMPTSET_THREADS")}
     if threads == "fixed":
@@ -49,10 +59,13 @@ def run_demo(threads: str, load: str, quick: bool, timeout: float, log: Path) ->
     cmd += ["--quick"] if quick else []
     spin = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load == "busy" else None
     try:
-        if spin is not None:
-            time.sleep(2.0)
+        busy = busy_cores()
+        for _ in range(60):  # an idle row waits (up to 2 minutes) for the machine to be idle
+            if spin is not None or busy < 0.2:
+                break
+            busy = busy_cores()
         load1 = round(os.getloadavg()[0], 2)
-        print(f"[busy_machine] {threads}/{load}: {' '.join(cmd)} (log {log}, load {load1})", flush=True)
+        print(f"[busy_machine] {threads}/{load}: {' '.join(cmd)} (log {log}, busy cores {busy})", flush=True)
         t = time.perf_counter()
         with open(log, "w") as f:
             proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -69,7 +82,7 @@ def run_demo(threads: str, load: str, quick: bool, timeout: float, log: Path) ->
             spin.kill()
             spin.wait()
     row = {"threads": threads, "load": load, "seconds": seconds, "timed_out": timed_out, "returncode": rc,
-           "load1_before": load1, "log": str(log)}  # fmt: skip
+           "load1_before": load1, "busy_cores_before": busy, "log": str(log)}  # fmt: skip
     demo_json = out / "demo.json"
     if demo_json.is_file():
         demo = json.loads(demo_json.read_text())

@@ -446,9 +446,10 @@ def busy_machine_section() -> list[str]:
         f"on {data['cpu']} ({data['cores']} cores), each run in a new folder, idle and with one `while True: pass` "
         "process started 2 s before it. *fixed* = one torch thread per core whatever the load (what promptset did "
         f"before, `PROMPTSET_THREADS={data['cores']}`); *adaptive* = the default (threads for the idle cores, "
-        "re-checked every 3 s). The load average before each run says how idle the machine was.",
+        "re-checked every 3 s). *busy cores before*: the cores all processes kept busy in the 2 s before the demo "
+        "started (the busy loop included).",
         "",
-        "| threads | machine | demo s | 1-min load before | torch threads at the end |",
+        "| threads | machine | demo s | busy cores before | torch threads at the end |",
         "|---|---|---|---|---|",
     ]
     for key in ("fixed/idle", "fixed/busy", "adaptive/idle", "adaptive/busy"):

@@ -160,3 +160,44 @@ def test_fingerprint_covers_every_byte_and_pins_hub_commits(tmp_path):
     assert snapshot_commit(snapshot) == commit and snapshot_commit(tmp_path) is None
     assert hub_fingerprint("org/sd", "main", snapshot_commit(snapshot)) == f"hub:org/sd@{commit}"
     assert hub_fingerprint("org/sd", None, None) == "hub:org/sd@main"
+
+
+def _patches_of_promptset(path: Path) -> list[str]:
+    """Assignments to attributes of promptset modules (or setattr on them) in a script: run-time patches."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    aliases = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases |= {(a.asname or a.name).split(".")[0] for a in node.names if a.name.startswith("promptset")}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("promptset"):
+            aliases |= {a.asname or a.name for a in node.names}
+
+    def rooted(expr) -> bool:
+        while isinstance(expr, ast.Attribute):
+            expr = expr.value
+        return isinstance(expr, ast.Name) and expr.id in aliases
+
+    found = []
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, (ast.AugAssign, ast.AnnAssign)) else []  # fmt: skip
+        found += [f"line {node.lineno}" for t in targets if isinstance(t, ast.Attribute) and rooted(t.value)]
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setattr" and node.args:
+            if rooted(node.args[0]):
+                found.append(f"line {node.lineno} (setattr)")
+    return found
+
+
+@pytest.mark.parametrize("script", ["cifar10_world.py", "codec_trade.py", "busy_machine.py", "cifar10_generator.py"])
+def test_benchmark_drivers_patch_nothing_inside_promptset(script):
+    path = SRC.parents[1] / "benchmarks" / script
+    assert _patches_of_promptset(path) == []
+
+
+def test_the_patch_detector_finds_a_patch(tmp_path):
+    script = tmp_path / "s.py"
+    script.write_text("import promptset.backends.sampling as gen\nfrom promptset import stages\n"
+                      "gen.generate_batch = None\nsetattr(stages.invert, 'x', 1)\n")  # fmt: skip
+    assert len(_patches_of_promptset(script)) == 2

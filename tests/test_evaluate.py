@@ -466,3 +466,41 @@ def test_real_split_cache_is_bounded(world):
         methods.load_real_folder(world.test, size, "--test", classes, progress=False)
     assert len(methods._FOLDERS) == methods.REAL_CACHE_SIZE
     assert methods.load_real_folder(world.test, 8, "--test", classes, progress=False) is not first  # evicted
+
+
+def test_generated_rounds_are_cached_on_disk_keyed_by_what_changes_a_pixel(world, tmp_path, monkeypatch):
+    """A second evaluate (a new process: the in-memory rounds cleared) takes every fresh round from <run>/eval/rounds/
+    without loading the generator, bit for bit; IPC 1 reuses IPC 2's images; other settings generate anew."""
+    from promptset.evaluation import methods
+
+    run = tmp_path / "run"
+    shutil.copytree(world.run, run, ignore=shutil.ignore_patterns("eval"))
+    cfg = _cfg(world, run=str(run), regen_every=1, epochs=3, gen_steps=2)  # 3 rounds; round 0 is generate's
+    first = build_generative(_context(cfg, ["d3m"]), "d3m")
+    assert first.info["round_cache"] == {"generated": 2 * 3 * IPC, "reused": 0}
+    assert len(list((run / "eval" / "rounds").glob("*.safetensors"))) == 2  # one file per fresh round's key
+    methods._ROUNDS.clear()
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the generator was loaded although every round was cached")
+
+    monkeypatch.setattr("promptset.backends.create_backend", no_model)
+    again = build_generative(_context(cfg, ["d3m"]), "d3m")
+    assert again.info["round_cache"] == {"generated": 0, "reused": 2 * 3 * IPC}
+    for a, b in zip(first.rounds, again.rounds):
+        assert torch.equal(a.images, b.images) and torch.equal(a.logits, b.logits)
+    methods._ROUNDS.clear()
+    ctx = _context(cfg, ["d3m"])
+    ctx.ipc = 1  # as evaluate sets it for each --ipc value
+    one = build_generative(ctx, "d3m")
+    assert one.info["round_cache"]["generated"] == 0
+    assert torch.equal(one.rounds[1].images, first.rounds[1].images.view(3, IPC, 3, SIZE, SIZE)[:, 0])
+    monkeypatch.undo()
+    methods._ROUNDS.clear()
+    other = build_generative(_context(_cfg(world, run=str(run), regen_every=1, epochs=3, gen_steps=3), ["d3m"]), "d3m")
+    assert other.info["round_cache"]["generated"] == 3 * 3 * IPC  # other denoising steps: other pixels (round 0 too)
+    assert not torch.equal(other.rounds[1].images, first.rounds[1].images)
+    methods._ROUNDS.clear()
+    off = build_generative(_context(_cfg(world, run=str(run), regen_every=1, epochs=3, gen_steps=2,
+                                         round_cache=False), ["d3m"]), "d3m")  # fmt: skip
+    assert "round_cache" not in off.info and torch.equal(off.rounds[2].images, first.rounds[2].images)

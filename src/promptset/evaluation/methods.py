@@ -33,6 +33,7 @@ from ..progress import progress_bar
 from ..runfolder import ClassInfo, check_same_classes
 from ..seeding import derive_seed
 from .results import GENERATIVE
+from .round_cache import RoundCache
 from .student import TrainSet
 
 
@@ -149,9 +150,14 @@ class Context:
     def generation_settings(self, prompts: PromptSet) -> dict:
         """What changes a pixel of the d3m images evaluate makes, in the form `generate` records them."""
         explicit = self.cfg.backend or self.cfg.model  # another model than the prompts were learned on
+        return self.generation_settings_for(
+            self.backend().model_hash if explicit else prompts.model_hash,
+            tensors_hash({"embeddings": prompts.embeddings}), prompts.template,
+        )
+
+    def generation_settings_for(self, model_hash: str, prompts_hash: str = "", template: str = "") -> dict:
         return generation_settings(
-            prompts_hash=tensors_hash({"embeddings": prompts.embeddings}), template=prompts.template,
-            model_hash=self.backend().model_hash if explicit else prompts.model_hash, steps=self.gen["steps"],
+            prompts_hash=prompts_hash, template=template, model_hash=model_hash, steps=self.gen["steps"],
             guidance=self.gen["guidance"], sampler=self.gen["sampler"], seed=self.gen["seed"],
             resolution=self.gen["resolution"] or self.backend().resolution, factor=self.factor,
             image_size=self.image_size, dtype=self.gen["dtype"], sampler_batch=self.gen["sampler_batch"],
@@ -225,7 +231,14 @@ def build_generative(ctx: Context, method: str) -> Distilled:
     per_class = math.ceil(ctx.ipc / p)
     labels = torch.arange(c).repeat_interleave(ctx.ipc)  # (C*K,)
     rounds, seeds, logits, hashes, top1, reused = [], [], [], [], [], False
-    conditioner = uncond = None
+    made: list = []  # (conditioner, uncond), built on first use: a fully cached evaluate never loads the model
+    cache_stats = {"generated": 0, "reused": 0}
+
+    def conditioning():
+        if not made:
+            made.append(_conditioning(ctx, method))
+        return made[0]
+
     show = ctx.cfg.progress and ddp_world()[0] == 0
     bar = progress_bar(range(ctx.rounds), desc=f"{method}: images", unit="round", disable=not show, leave=False)
     for r in bar:
@@ -241,9 +254,7 @@ def build_generative(ctx: Context, method: str) -> Distilled:
             _ROUNDS.move_to_end(memo)
             images, jobs = _ROUNDS[memo]
         if images is None:
-            if conditioner is None:
-                conditioner, uncond = _conditioning(ctx, method)
-            images, jobs = _generate_round(ctx, conditioner, uncond, jobs)  # (C*K, 3, S, S) uint8, jobs as stored
+            images, jobs = _generate_round(ctx, method, stage, conditioning, jobs, cache_stats)  # (C*K, 3, S, S)
             _remember_round(memo, images, jobs)
         hashes.append(images_sha256(images))
         images = images.to(ctx.device)
@@ -278,6 +289,8 @@ def build_generative(ctx: Context, method: str) -> Distilled:
     if top1:  # how class-typical the stored images are, to the teacher (what seed selection raises)
         info["teacher_top1_on_images"] = 100 * sum(top1) / len(top1)
     info["candidates"] = int(ctx.cfg.candidates)
+    if ctx.cfg.round_cache:
+        info["round_cache"] = cache_stats  # images denoised in this call vs taken from <run>/eval/rounds/
     if method == "class-prompt":
         info["prompts"] = class_prompt_strings(ctx)
     return Distilled(rounds, components, ctx.ipc, info, compressed=_compressed_generative(ctx, method, tensors))
@@ -309,12 +322,45 @@ def _conditioning(ctx: Context, method: str):
     return conditioner, uncond
 
 
-def _generate_round(ctx: Context, conditioner, uncond, jobs: list) -> tuple[torch.Tensor, list]:
+def _generate_round(ctx: Context, method: str, stage: str, conditioning, jobs: list,
+                    stats: dict) -> tuple[torch.Tensor, list]:
     """One round's patches, (C*K, 3, S, S) uint8 in ImageFolder order, and the jobs as stored (with --candidates G,
-    each carries its chosen candidate's seed); each rank makes its slice (an image depends on its seed only) and
-    every rank gets every image."""
+    each carries its chosen candidate's seed). Images already in the round cache are taken from it; the others are
+    generated (`_generate_jobs`) and added to it."""
     c, p = ctx.num_classes, ctx.factor**2
     per_class = math.ceil(ctx.ipc / p)
+    cache = RoundCache(ctx.run, _cache_key(ctx, method, stage)) if ctx.cfg.round_cache else None
+    todo = cache.missing(jobs) if cache is not None else jobs
+    if todo:
+        conditioner, uncond = conditioning()
+        patches, chosen = _generate_jobs(ctx, conditioner, uncond, todo)
+        if cache is not None:
+            cache.add(todo, chosen, patches)
+    if cache is not None:
+        patches, chosen = cache.get(jobs)
+    stats["generated"] += len(todo)
+    stats["reused"] += len(jobs) - len(todo)
+    per_image = patches.view(c, per_class * p, 3, ctx.image_size, ctx.image_size)
+    return per_image[:, : ctx.ipc].reshape(c * ctx.ipc, 3, ctx.image_size, ctx.image_size), chosen
+
+
+def _cache_key(ctx: Context, method: str, stage: str) -> dict:
+    """Everything that changes a pixel of a job's patches in this round (see round_cache.py)."""
+    path = ctx.run / "prompts.safetensors"
+    if path.is_file():
+        settings = ctx.generation_settings(PromptSet.load(path))
+    else:  # class-prompt on a run without prompts: the model's own fingerprint
+        settings = ctx.generation_settings_for(ctx.backend().model_hash)
+    if method != "d3m":
+        settings |= {"prompts": class_prompt_strings(ctx), "template": ""}
+    return {"method": method, "stage": stage, "settings": settings,
+            "classes": [x.folder for x in ctx.classes]}  # fmt: skip
+
+
+def _generate_jobs(ctx: Context, conditioner, uncond, jobs: list) -> tuple[torch.Tensor, list]:
+    """The patches of `jobs`, (N, P, 3, S, S) uint8, and the jobs with the seeds used (with --candidates G, each
+    the chosen candidate's); each rank makes its share (an image depends on its seed only) and every rank gets all."""
+    p = ctx.factor**2
     rank, world = ddp_world()
     lo, hi = sampling.rank_share(jobs, rank, world)  # as generate shares its (class, index) jobs
     patches, seeds = [], []
@@ -335,10 +381,9 @@ def _generate_round(ctx: Context, conditioner, uncond, jobs: list) -> tuple[torc
         patches.append(out)
         seeds += [j.seed for j in batch]
     mine = torch.cat(patches) if patches else torch.zeros(0, p, 3, ctx.image_size, ctx.image_size).byte()
-    per_image = all_gather_rows(mine, len(jobs)).view(c, per_class * p, 3, ctx.image_size, ctx.image_size)
+    every = all_gather_rows(mine, len(jobs))
     chosen = all_gather_rows(torch.tensor(seeds, dtype=torch.int64), len(jobs)).tolist()
-    jobs = [Job(j.cls, j.index, int(seed)) for j, seed in zip(jobs, chosen)]
-    return per_image[:, : ctx.ipc].reshape(c * ctx.ipc, 3, ctx.image_size, ctx.image_size), jobs
+    return every, [Job(j.cls, j.index, int(seed)) for j, seed in zip(jobs, chosen)]
 
 
 ROUNDS_CACHE_BYTES = 256 << 20  # generated rounds kept per process, so P1 and P2 of one run generate them once

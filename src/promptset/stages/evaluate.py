@@ -132,6 +132,8 @@ class EvaluateConfig:
                           "keeps the most typical of its class (lowest cross-entropy), only its seed is stored "
                           "(1 = off; round 0 reuses generate's images when generate used the same G)")
     gen_batch_size: int = opt(32, "images per progress step while regenerating (does not change the images)")
+    round_cache: bool = opt(True, "keep generated rounds in <run>/eval/rounds/ (uint8 patches with their seeds), so a "
+                            "rerun or resumed evaluate takes them from there instead of denoising them again")
     sampler_batch: int = opt(0, "images denoised together, padded to exactly this many (default: generate's, else 8); "
                              "images depend on it in the last bits, larger is faster")
     dtype: str = opt("auto", "generator dtype; auto = the dtype generate recorded when this device runs it (round 0 "
