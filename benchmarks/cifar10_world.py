@@ -11,7 +11,7 @@ IPC 50 too: many hours on CPU, for a GPU). Every value of a preset can be overri
 1. Unpack `<shared>/data/cifar10-jpeg.tar.gz` (CIFAR-10 as JPEG q75) into `<cache>/cifar10-jpeg` (once; a marker).
 2. Split every training class by file index: 0-2499 "foundation" (trains the generator), 2500-4999 "distilled"
    (the dataset being distilled), each materialised as an ImageFolder of symlinks in `<cache>/cifar10-jpeg-splits`.
-3. The generator: the committed `mini` model `benchmarks/models/cifar10-mini` (`--model`), trained on the
+3. The generator: the committed `mini` model `benchmarks/models/cifar10-mini-v2` (`--model`), trained on the
    foundation split by the command in its COMMAND.md; this script never trains one. Its captions name five classes
    and describe the other five by a coarser word, so inversion has work to do (section "prompt fidelity").
 4. On the distilled split: select (ResNet-20, factor 1, 32 px), invert (mini, 64 px), generate (max IPC, soft
@@ -395,8 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="torch device for every stage (full scale: cuda)")
     ap.add_argument(
         "--model",
-        default=str(BENCH_DIR / "models" / "cifar10-mini"),
-        help="the mini generator folder (default: the committed benchmarks/models/cifar10-mini)",
+        default=str(BENCH_DIR / "models" / "cifar10-mini-v2"),
+        help="the mini generator folder (default: the committed benchmarks/models/cifar10-mini-v2)",
     )
     ap.add_argument(
         "--results-name",
@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     model = Path(args.model).resolve()
     if not (model / "promptset_model.json").is_file():
         raise SystemExit(
-            f"--model {model}: not a mini model folder; the committed one is benchmarks/models/cifar10-mini "
+            f"--model {model}: not a mini model folder; the committed one is benchmarks/models/cifar10-mini-v2 "
             "(its COMMAND.md says how it was trained)"
         )
     from promptset.backends.mini import model_fingerprint

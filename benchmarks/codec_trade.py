@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shared", default=os.environ.get("PROMPTSET_SHARED", str(world.REPO.parent / "shared")),
                     help="folder holding data/ and weights/")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/promptset"), help="cache folder (not the repo)")
-    ap.add_argument("--model", default=str(BENCH_DIR / "models" / "cifar10-mini"), help="the mini generator")
+    ap.add_argument("--model", default=str(BENCH_DIR / "models" / "cifar10-mini-v2"), help="the mini generator")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--no-progress", action="store_true")
