@@ -532,7 +532,7 @@ def parse_args(argv=None):
         "--size", default="", choices=["", "tiny", "sd15"], help="model shape (default tiny on CPU, sd15 on GPU)"
     )
     p.add_argument("--model", default="", help="existing diffusers SD folder instead of building one")
-    p.add_argument("--dtype", default="", help="comma-separated dtypes (default fp32 on CPU, fp32,bf16 on GPU)")
+    p.add_argument("--dtype", default="", help="comma-separated dtypes (default fp32 on CPU, bf16 on GPU)")
     p.add_argument("--resolution", type=int, default=0, help="image side in pixels (default: the model's native)")
     p.add_argument(
         "--conditioner",
@@ -568,7 +568,7 @@ def parse_args(argv=None):
         p.error("--quick is the CPU smoke run; drop --device cuda or --quick")
     args.size = args.size or ("sd15" if gpu else "tiny")
     args.images_per_class = args.images_per_class or (4 if gpu or args.quick else 8)
-    args.dtypes = [d.strip() for d in (args.dtype or ("fp32,bf16" if gpu else "fp32")).split(",") if d.strip()]
+    args.dtypes = [d.strip() for d in (args.dtype or ("bf16" if gpu else "fp32")).split(",") if d.strip()]
     if not gpu and any(d != "fp32" for d in args.dtypes):
         p.error("half precision on CPU is far slower than fp32 (not a benchmark of anything); use --dtype fp32 on CPU")
     return args

@@ -18,7 +18,7 @@ one step of each come from FlopCounterMode; MFU divides the achieved FLOP/s by t
 (table in common.py).
 
     python benchmarks/bench_invert.py --quick --json bench_invert.json          # CPU, tiny model, 8 classes, < 1 min
-    python benchmarks/bench_invert.py --device cuda --json bench_invert_gpu.json  # SD-1.5 shapes, 512 px, bf16+fp32
+    python benchmarks/bench_invert.py --device cuda --json bench_invert_gpu.json  # SD-1.5 shapes, 512 px, bf16
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--mini-model", default="", help="also time promptset alone on this `mini` model folder (no baseline)"
     )
-    p.add_argument("--dtype", default="", help="comma-separated dtypes (default: fp32 on CPU, bf16,fp32 on GPU)")
+    p.add_argument("--dtype", default="", help="comma-separated dtypes (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--classes", type=int, default=0, help="number of classes C")
     p.add_argument("--steps", type=int, default=0, help="steps per class S of the one-class baseline")
     p.add_argument("--batch-size", type=int, default=0, help="batch size B (both)")
@@ -227,11 +227,11 @@ def parse_args(argv=None):
         args.warmup = min(args.warmup, 3)
     args.size = args.size or ("sd15" if gpu else "tiny")
     args.classes = args.classes or (4 if gpu else 10)
-    args.steps = args.steps or (25 if gpu else 50)
+    args.steps = args.steps or (10 if gpu else 50)  # GPU: the run fits a 10-minute call (benchmarks/README.md)
     args.batch_size = args.batch_size or (8 if gpu else 10)  # a multiple of the default G = min(C, B)
     args.images_per_class = args.images_per_class or (8 if gpu else 10)
     args.interleave_steps = args.interleave_steps or (5 if gpu else 10)
-    args.dtypes = [d.strip() for d in (args.dtype or ("bf16,fp32" if gpu else "fp32")).split(",") if d.strip()]
+    args.dtypes = [d.strip() for d in (args.dtype or ("bf16" if gpu else "fp32")).split(",") if d.strip()]
     args.classes_per_batch = args.classes_per_batch or min(args.classes, args.batch_size)
     if args.batch_size % args.classes_per_batch:
         p.error(f"--batch-size {args.batch_size} must be a multiple of --classes-per-batch {args.classes_per_batch}")

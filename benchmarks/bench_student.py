@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=0, help="generation resolution (default: the model's native)")
     p.add_argument("--classes", type=int, default=10, help="classes C")
     p.add_argument("--ipc", type=int, default=0, help="images per class per round")
-    p.add_argument("--epochs", type=int, default=0, help="student epochs")
+    p.add_argument("--epochs", type=int, default=0, help="student epochs (default 100; 20 with --quick or on GPU)")
     p.add_argument("--regen-every", type=int, default=10, help="new images every N epochs (P1 fresh variations)")
     p.add_argument("--batch-size", type=int, default=64, help="student batch size")
     p.add_argument("--student", default="convnet3", help="student network")
@@ -80,7 +80,7 @@ def parse_args(argv=None):
     args.size = args.size or ("sd15" if gpu else "tiny")
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     args.ipc = args.ipc or (5 if args.quick else 10)
-    args.epochs = args.epochs or (20 if args.quick else 100)
+    args.epochs = args.epochs or (20 if args.quick or gpu else 100)  # GPU: 2 rounds of 512 px images, minutes
     if args.regen_every <= 0:
         p.error("--regen-every must be positive (this benchmark measures fresh variations)")
     return args
