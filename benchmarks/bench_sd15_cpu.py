@@ -143,6 +143,7 @@ def main(argv=None) -> dict:
         r["peak_rss_gib"] = r["peak_rss_bytes"] / 2**30
     payload = {
         "benchmark": "sd15_cpu",
+        "commit": common.git_commit(),
         "machine": info,
         "settings": {
             "model": args.model or "random-weight SD-1.5-shaped model from promptset.backends.tiny.build_sd",

@@ -59,6 +59,18 @@ def machine(device: str = "cpu") -> dict:
     return info
 
 
+def git_commit() -> str | None:
+    """The repository's HEAD commit (and '+dirty' when tracked files differ from it), or None outside git."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
 def gpu_peak_tflops(device_name: str, dtype: str) -> float | None:
     """Peak dense TFLOP/s for `dtype` on a known GPU (by name), else None (CPU or an unlisted GPU)."""
     for key, peaks in GPU_PEAK_TFLOPS.items():

@@ -240,6 +240,7 @@ def main(argv=None) -> dict:
                     "cuda": torch.version.cuda, "bf16_supported": torch.cuda.is_bf16_supported()}  # fmt: skip
     payload = {
         "benchmark": "gpu_check",
+        "commit": common.git_commit(),
         "gpu": gpu_info,  # None: no GPU was used (the CPU --quick smoke run)
         "gpu_available": gpu,
         "quick": args.quick,

@@ -222,10 +222,11 @@ def sd15_cpu_section(res: dict | None) -> list[str]:
     s, rows, d = res["settings"], res["rows"], res["derived"]
     inv, gen = rows["invert"], rows["generate"]
     lines += [
-        "Command: `python benchmarks/bench_sd15_cpu.py --threads 1 --json benchmarks/results/sd15_cpu.json`. "
-        f"Machine: {_machine(res['machine'])}. Model: {s['model']} (SD-1.5's exact configs), {s['resolution']} px, "
-        f"{s['dtype']}; every stage is `python -m promptset ...` in its own process, timed from spawn to exit, peak "
-        "RSS of that process alone. Data: 2 classes of one image (invert needs two classes).",
+        "Command: `python benchmarks/bench_sd15_cpu.py --threads 1 --json benchmarks/results/sd15_cpu.json`"
+        + (f" (commit {res['commit'][:7]})" if res.get("commit") else "")
+        + f". Machine: {_machine(res['machine'])}. Model: {s['model']} (SD-1.5's exact configs), "
+        f"{s['resolution']} px, {s['dtype']}; every stage is `python -m promptset ...` in its own process, timed "
+        "from spawn to exit, peak RSS of that process alone. Data: 2 classes of one image (invert needs two classes).",
         "",
         "| stage | command | wall s | peak RSS GiB |",
         "|---|---|---:|---:|",
@@ -283,7 +284,8 @@ def gpu_section(res: dict | None) -> list[str]:
                  "tiny model, the numbers only show that every row runs")  # fmt: skip
     done = "" if res.get("finished") else " The run did not finish (killed or out of time): later rows are missing."
     lines += [
-        f"{where}. Model: {res['settings'].get('model')}, {res['settings'].get('resolution')} px; "
+        f"{where}" + (f", commit {res['commit'][:7]}" if res.get("commit") else "")
+        + f". Model: {res['settings'].get('model')}, {res['settings'].get('resolution')} px; "
         f"{res.get('elapsed_s', 0):.0f} s of a {res.get('budget_s', 0):.0f} s budget.{done}",
         "",
     ]
