@@ -267,7 +267,6 @@ def main(argv=None) -> dict:
 def run_all(check: Check, args, work: Path, device, common) -> None:
     import torch
 
-    import promptset.backends as backends_pkg
     from promptset.backends import create_backend
 
     quick = args.quick
@@ -312,9 +311,9 @@ def run_all(check: Check, args, work: Path, device, common) -> None:
             torch.cuda.empty_cache()
         t = time.perf_counter()
         if gpu or dtype == "fp32" or not cpu_half_refused():
-            backend = real_create_backend("sd", model, device=str(device), dtype=dtype)
+            backend = create_backend("sd", model, device=str(device), dtype=dtype)
         else:  # CPU smoke run of a half-precision probe where promptset refuses half on CPU: cast its fp32 model
-            backend = real_create_backend("sd", model, device="cpu", dtype="fp32")
+            backend = create_backend("sd", model, device="cpu", dtype="fp32")
             half = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
             for part in (backend.text_encoder, backend.unet, backend.autoencoder):
                 part.to(half)
@@ -324,18 +323,6 @@ def run_all(check: Check, args, work: Path, device, common) -> None:
         check.backend, check.backend_dtype = backend, dtype
         return backend
 
-    real_create_backend = create_backend
-
-    def cached_create_backend(kind, model_arg, **kw):  # invert's own load, answered by the resident backend
-        if kind == "sd" and str(model_arg) == str(model) and kw.get("sampler", "ddim") == "ddim":
-            return load(kw.get("dtype", "fp32"))
-        return real_create_backend(kind, model_arg, **kw)
-
-    import promptset.stages.invert as invert_mod
-
-    patched = [m for m in (backends_pkg, invert_mod) if getattr(m, "create_backend", None) is real_create_backend]
-    for module in patched:  # invert looks it up in promptset.backends at call time (or in its own namespace)
-        module.create_backend = cached_create_backend
     ctx = Ctx(check, args, work, device, common, model, data, resolution, load)
     try:
         load("bf16" if gpu else "fp32")  # the first load (and fingerprint) outside the rows; its time is in settings
@@ -363,8 +350,6 @@ def run_all(check: Check, args, work: Path, device, common) -> None:
                     ctx.student_row(student, amp, channels_last)
         ctx.generate_row(8, compile=True)
     finally:
-        for module in patched:
-            module.create_backend = real_create_backend
         check.backend = check.backend_dtype = None
 
 
@@ -387,6 +372,17 @@ class Ctx:
 
     def sync(self):
         self.common.sync(self.device)
+
+    def release(self):
+        """Drop the resident backend (a row that loads its own model, as invert does, then has the memory)."""
+        import gc
+
+        import torch
+
+        self.check.backend = self.check.backend_dtype = None
+        gc.collect()
+        if self.gpu:
+            torch.cuda.empty_cache()
 
     def reset_peak(self):
         import torch
@@ -475,26 +471,24 @@ class Ctx:
             from promptset.stages.invert import invert
 
             st = self.check.payload["settings"]["invert"]
-            backend = self.load(run_dtype)  # loaded before the peak is reset: a row measures the steps
+            backend = self.load(run_dtype)  # the resident copy, for the FLOP count only
             if self.gpu:
                 self.set_tf32(bool(tf32))
             flops = None if gradient_checkpointing else self.step_flops(backend, batch)
             if gradient_checkpointing:
                 flops = self.flops.get(batch)  # model FLOPs: the recomputation is not counted (MFU convention)
+            del backend
+            self.release()  # invert loads the model itself, as a user's run does (nothing in promptset is patched)
             out = self.work / f"invert-{dtype}-{batch}-{int(gradient_checkpointing)}-{tf32}"
             self.reset_peak()
             tf32_before = self.tf32_state() if self.gpu else None
             t0 = time.perf_counter()
-            try:
-                invert(out=str(out), backend="sd", model=self.model, data=str(self.data),
-                       steps=st["warmup_steps"] + st["timed_steps"], batch_size=batch,
-                       classes_per_batch=st["classes_per_batch"], lr=st["lr"], resolution=self.resolution,
-                       device=str(self.device), dtype=run_dtype, log_every=st["warmup_steps"],
-                       checkpoint_every=10_000, progress=False, overwrite=True, seed=0,
-                       gradient_checkpointing=gradient_checkpointing)  # fmt: skip
-            finally:
-                if gradient_checkpointing:
-                    backend.unet.disable_gradient_checkpointing()
+            invert(out=str(out), backend="sd", model=self.model, data=str(self.data),
+                   steps=st["warmup_steps"] + st["timed_steps"], batch_size=batch,
+                   classes_per_batch=st["classes_per_batch"], lr=st["lr"], resolution=self.resolution,
+                   device=str(self.device), dtype=run_dtype, log_every=st["warmup_steps"],
+                   checkpoint_every=10_000, progress=False, overwrite=True, seed=0,
+                   gradient_checkpointing=gradient_checkpointing)  # fmt: skip
             self.sync()
             wall = time.perf_counter() - t0
             rows = [json.loads(x) for x in (out / "invert" / "metrics.jsonl").read_text().splitlines() if x.strip()]

@@ -645,9 +645,10 @@ def busy_machine_section() -> list[str]:
         if r is None:
             continue
         secs = f"> {r['seconds']:.0f} (stopped)" if r.get("timed_out") else f"{r['seconds']:.0f}"
-        lines.append(f"| {r['threads']} | {r['load']} | {secs} | {r['load1_before']} | "
+        lines.append(f"| {r['threads']} | {r['load']} | {secs} | {r.get('busy_cores_before', '-')} | "
                      f"{r.get('torch_threads_at_end', '-')} |")  # fmt: skip
-    ratios = [f"{mode}: busy/idle = {data[f'{mode}_busy_over_idle']:.2f}x" for mode in ("fixed", "adaptive")
+    ratios = [f"{mode}: busy/idle {'>= ' if (data['rows'].get(f'{mode}/busy') or {}).get('timed_out') else '= '}"
+              f"{data[f'{mode}_busy_over_idle']:.2f}x" for mode in ("fixed", "adaptive")
               if f"{mode}_busy_over_idle" in data]  # fmt: skip
     if ratios:
         lines += ["", "; ".join(ratios) + "."]
