@@ -39,17 +39,26 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shutil
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model  # noqa: E402
+from cifar10_common import (  # noqa: E402
+    _last_loss,
+    fidelity_table,
+    generated_teacher_accuracy,
+    generation_stats,
+    generator_record,
+    machine_info,
+    prompt_fidelity,
+    sha256_file,
+    symlink_split,
+    unpack,
+)
 
 torch.set_flush_denormal(True)
 
@@ -112,7 +121,7 @@ PRESETS = {
         guidance=5.0,
         fidelity_per_class=20,
         ipcs="1,10,50",
-        epochs="1:300,10:300,50:60",
+        epochs="1:300,10:300,50:300",
         full_epochs=10,
         full_seeds=1,
         rounds="1,10",
@@ -157,25 +166,6 @@ def log(msg: str) -> None:
     print(f"[cifar10_world {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def machine_info(device: str) -> dict:
-    gpu = "none"
-    if torch.cuda.is_available():
-        try:
-            gpu = torch.cuda.get_device_name(0)
-        except Exception:  # noqa: BLE001 - only a description
-            gpu = "cuda (name unavailable)"
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "gpu": gpu,
-        "device": device,
-        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-
-
 def rounds_list(p: dict) -> list[int]:
     return sorted({int(x) for x in str(p["rounds"]).split(",")})
 
@@ -188,150 +178,16 @@ def parse_epochs(text: str) -> dict[int, int]:
     return out
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ------------------------------------------------------------------------------------------------------------
 # 1-2. data
-
-
-def unpack(shared: Path, cache: Path) -> Path:
-    """`<cache>/cifar10-jpeg` with train/ and test/; unpacked once (marker file `.promptset-unpacked`)."""
-    root = cache / "cifar10-jpeg"
-    marker = root / ".promptset-unpacked"
-    if marker.is_file():
-        log(f"data: {root} already unpacked")
-        return root
-    complete = (root / "train").is_dir() and (root / "test").is_dir()
-    if complete:
-        classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-        complete = len(classes) == 10 and all(
-            len(list((root / "train" / c).glob("*.jpg"))) == 5000
-            and len(list((root / "test" / c).glob("*.jpg"))) == 1000
-            for c in classes
-        )
-    if not complete:
-        archive = shared / "data" / "cifar10-jpeg.tar.gz"
-        if not archive.is_file():
-            raise SystemExit(f"{archive} not found: pass --shared (the folder holding data/ and weights/)")
-        log(f"data: unpacking {archive} into {root} ...")
-        tmp = cache / ".cifar10-jpeg.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(tmp)
-        inner = tmp if (tmp / "train").is_dir() else next(p for p in tmp.iterdir() if (p / "train").is_dir())
-        shutil.rmtree(root, ignore_errors=True)
-        root.parent.mkdir(parents=True, exist_ok=True)
-        inner.rename(root)
-        shutil.rmtree(tmp, ignore_errors=True)
-    marker.write_text(json.dumps({"archive_sha256_checked": False, "at": time.time()}))
-    log(f"data: {root} ready")
-    return root
-
-
-def symlink_split(src: Path, dst: Path, start: int, stop: int) -> Path:
-    """An ImageFolder at `dst` whose class folders hold symlinks to files [start, stop) (sorted) of `src`'s."""
-    marker = dst / ".promptset-split.json"
-    want = {"src": str(src), "start": start, "stop": stop}
-    if marker.is_file() and json.loads(marker.read_text()) == want:
-        return dst
-    shutil.rmtree(dst, ignore_errors=True)
-    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
-        files = sorted(f for f in cls.iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png"))[start:stop]
-        (dst / cls.name).mkdir(parents=True, exist_ok=True)
-        for f in files:
-            os.symlink(f, dst / cls.name / f.name)
-    marker.write_text(json.dumps(want))
-    return dst
 
 
 # ------------------------------------------------------------------------------------------------------------
 # generated images: promptset's own round cache (<run>/eval/rounds/) keeps them across invocations
 
 
-def generation_stats(entries: dict) -> dict:
-    """Images evaluate denoised vs took from its round cache, summed over the entries (each as its call saw it)."""
-    out = {"generated": 0, "reused": 0}
-    for e in entries.values():
-        for k, v in ((e.get("distilled") or {}).get("round_cache") or {}).items():
-            out[k] = out.get(k, 0) + v
-    return out
-
-
 # ------------------------------------------------------------------------------------------------------------
 # the generator and how faithful prompts are to their class
-
-
-def generator_record(model: Path) -> dict:
-    """What the generator's folder says about it: training summary, recipe, caption names, learning curve."""
-    info = json.loads((model / "promptset_model.json").read_text())
-    pre = json.loads((model / "pretrain.json").read_text()) if (model / "pretrain.json").is_file() else {}
-    rows = []
-    if (model / "metrics.jsonl").is_file():
-        rows = [json.loads(x) for x in (model / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    config = info.get("training", {}).get("config", {})
-    return pre | {
-        "caption_names": info["class_names"],
-        "class_folders": info["class_folders"],
-        "recipe": {k: config.get(k) for k in ("unet_size", "steps", "batch_size", "lr", "warmup_steps", "ema_decay",
-                                              "conditioning", "prediction_type", "timestep_spacing", "cfg_dropout",
-                                              "first_image", "max_images_per_class", "flip", "templates")},
-        "curve": [{"step": r["step"], "accuracy": r["teacher_accuracy"]} for r in rows if "teacher_accuracy" in r],
-    }  # fmt: skip
-
-
-@torch.no_grad()
-def prompt_fidelity(run: Path, model: Path, teacher_spec: str, p: dict, device: str) -> dict:
-    """The teacher's accuracy on images generated from d3m's learned prompts and from "a photo of a {class name}",
-    `fidelity_per_class` images per class with the same seeds, per class, and for the classes the generator's captions
-    name (caption word == class name) and those they describe only by a coarser word."""
-    import torch.nn.functional as F
-
-    import promptset.backends.sampling as sampling
-    from promptset.artifacts import PromptSet
-    from promptset.backends import create_backend
-    from promptset.backends.sampling import PromptConditioner, TextConditioner, class_prompts, jobs_for
-    from promptset.evaluation.methods import teacher_logits, to_uint8
-    from promptset.models import load_teacher
-    from promptset.runfolder import read_classes
-
-    classes = read_classes(run)
-    names = [c.name for c in classes]
-    captions = json.loads((model / "promptset_model.json").read_text())["class_names"]
-    named = [n == w for n, w in zip(names, captions)]
-    backend = create_backend("mini", str(model), device=device)
-    teacher = load_teacher(teacher_spec, num_classes=len(names), device=device)
-    uncond = backend.encode_prompts([""])
-    conditioners = {
-        "d3m": PromptConditioner(backend, PromptSet.load(run / "prompts.safetensors")),
-        "class-prompt": TextConditioner(backend, class_prompts(names)),
-    }
-    jobs = jobs_for(list(range(len(names))), p["fidelity_per_class"], 0, stage="fidelity")
-    out = {"classes": names, "caption_names": captions, "named": named}
-    for method, cond in conditioners.items():
-        patches = sampling.generate_batch(
-            backend, cond, jobs, steps=p["gen_steps"], guidance=p["guidance"], factor=1, image_size=32, uncond=uncond
-        )  # fmt: skip  (N, 1, 3, 32, 32)
-        pred = teacher_logits(teacher, to_uint8(patches[:, 0]).to(device)).argmax(1).cpu()  # as saved to PNG
-        target = torch.tensor([j.cls for j in jobs])
-        correct = (pred == target).float().view(len(names), -1).mean(1)  # (C,)
-        mask = torch.tensor(named)
-        out[method] = {
-            "accuracy": float(correct.mean()),
-            "named": float(correct[mask].mean()) if mask.any() else None,
-            "unnamed": float(correct[~mask].mean()) if (~mask).any() else None,
-            "per_class": {n: round(float(a), 4) for n, a in zip(names, correct)},
-            "predicted_as": {
-                n: F.one_hot(pred.view(len(names), -1)[c], len(names)).sum(0).tolist() for c, n in enumerate(names)
-            },  # fmt: skip
-        }
-    return out
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -747,56 +603,6 @@ def reading(entries: dict, quality: dict, fidelity: dict, p: dict) -> list[str]:
                    "rows of the same IPC and epochs.")  # fmt: skip
     out.append("")
     return out
-
-
-def generated_teacher_accuracy(run: Path) -> dict:
-    """How often the teacher's stored soft labels of generate's d3m images name the prompted class (`promptset
-    generate --soft-labels`: one patch per image here), overall and per class."""
-    from promptset.artifacts import load_tensors
-    from promptset.labelcodec import decode_soft_labels
-
-    labels = decode_soft_labels(*load_tensors(run / "labels.safetensors"))  # (N, P, C), whatever the codec
-    rows = [json.loads(x) for x in (run / "generated" / "manifest.jsonl").read_text().splitlines() if x.strip()]
-    target = torch.tensor([r["class_index"] for r in rows])
-    if len(target) != labels.shape[0] * labels.shape[1]:
-        raise SystemExit(f"{run}: manifest and labels.safetensors disagree; rerun generate")
-    correct = (labels.flatten(0, 1).argmax(1) == target).float()
-    per = {r["class"]: [] for r in rows}
-    for r, ok in zip(rows, correct.tolist()):
-        per[r["class"]].append(ok)
-    return {"accuracy": round(float(correct.mean()), 4), "images": len(rows),
-            "per_class": {k: round(sum(v) / len(v), 4) for k, v in per.items()}}  # fmt: skip
-
-
-def _last_loss(run: Path) -> float | None:
-    path = run / "invert" / "metrics.jsonl"
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-    return rows[-1].get("loss") if rows else None
-
-
-def fidelity_table(fidelity: dict) -> list[str]:
-    names, captions, named = fidelity["classes"], fidelity["caption_names"], fidelity["named"]
-    n = fidelity["settings"]["per_class"]
-    lines = [
-        "### Prompt fidelity: does the learned prompt draw its class where the generator does not know the name?",
-        "",
-        f"ResNet-20's accuracy on {n} images per class generated from d3m's learned prompt and from the class-name "
-        f'prompt ("a photo of a {{name}}"), same seeds, {fidelity["settings"]["steps"]} DDIM steps, guidance '
-        f"{fidelity['settings']['guidance']}. The generator's captions use the class name for the named classes and "
-        "the caption word shown for the others.",
-        "",
-        "| class | caption word | named | d3m (%) | class-prompt (%) |",
-        "|---|---|---|---:|---:|",
-    ]
-    for c, name in enumerate(names):
-        lines.append(f"| {name} | {captions[c]} | {'yes' if named[c] else 'no'} "
-                     f"| {fidelity['d3m']['per_class'][name] * 100:.0f} "
-                     f"| {fidelity['class-prompt']['per_class'][name] * 100:.0f} |")  # fmt: skip
-    for key, label in (("named", "named classes"), ("unnamed", "unnamed classes"), ("accuracy", "all classes")):
-        d, c = fidelity["d3m"][key], fidelity["class-prompt"][key]
-        if d is not None:
-            lines.append(f"| **{label}** | | | **{d * 100:.1f}** | **{c * 100:.1f}** |")
-    return lines + [""]
 
 
 def write_outputs(name, args, p, tag, root, model, run, test, pre, timer, ipcs, epochs, est, t_start) -> None:

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cifar10_world as world  # noqa: E402
+import cifar10_common as common  # noqa: E402
+from cifar10_world import PRESETS as WORLD_PRESETS  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -58,44 +58,6 @@ def log(msg: str) -> None:
     print(f"[codec_trade {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def prepare_world_run(args, wp: dict, progress: bool) -> tuple[Path, Path, Path, str]:
-    """The world's run (select, invert, generate with cifar10_world's options; resumed or skipped when done), the
-    test split, the model folder and the teacher spec."""
-    from promptset.backends.mini import model_fingerprint
-    from promptset.stages.generate import generate
-    from promptset.stages.invert import invert
-    from promptset.stages.select import select
-
-    shared, cache = Path(args.shared).resolve(), Path(args.cache).expanduser().resolve()
-    model = Path(args.model).resolve()
-    teacher = f"resnet20:{shared / 'weights' / 'cifar10_resnet20.safetensors'}"
-    data = world.unpack(shared, cache)
-    splits = cache / "cifar10-jpeg-splits"
-    distill = world.symlink_split(data / "train", splits / "distill", world.SPLIT, 2 * world.SPLIT)
-    test = (world.symlink_split(data / "test", splits / f"test-first{wp['test_per_class']}", 0, wp["test_per_class"])
-            if wp["test_per_class"] else data / "test")
-    run = cache / "cifar10_world" / f"{args.world_scale}-{model_fingerprint(model)[:8]}" / "run"
-    ipcs = [int(x) for x in str(wp["ipcs"]).split(",")]
-    select(data=str(distill), out=str(run), teacher=teacher, factor=1, resolution=32,
-           max_images_per_class=wp["distill_per_class"], device=args.device, progress=progress)  # fmt: skip
-    invert(out=str(run), backend="mini", model=str(model), steps=wp["invert_steps"], batch_size=wp["invert_batch"],
-           resolution=64, flip=wp["invert_flip"], checkpoint_every=max(25, wp["invert_steps"] // 5),
-           device=args.device, progress=progress)  # fmt: skip
-    generate(run=str(run), ipc=max(ipcs), steps=wp["gen_steps"], guidance=wp["guidance"], image_size=32,
-             soft_labels=True, teacher=teacher, batch_size=16, device=args.device, progress=progress)  # fmt: skip
-    return run, test, model, teacher
-
-
-def mirror(src: Path, dst: Path) -> Path:
-    """`dst` holds `src`'s run files (everything but eval/), copied again when the prompts changed."""
-    same = (dst / "prompts.safetensors").is_file() and world.sha256_file(dst / "prompts.safetensors") == \
-        world.sha256_file(src / "prompts.safetensors")
-    if not same:
-        shutil.rmtree(dst, ignore_errors=True)
-        shutil.copytree(src, dst, ignore=lambda folder, names: ["eval"] if Path(folder) == src else [])
-    return dst
-
-
 def plan_rows(t: dict) -> list[dict]:
     """Every evaluate call of the trade, the most telling first (a stopped run keeps what matters)."""
     regen = math.ceil(t["epochs"] / t["rounds"]) if t["rounds"] > 1 else 0
@@ -111,7 +73,7 @@ def plan_rows(t: dict) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", choices=list(PRESETS), default="cpu", help="preset (trade rows and world preset)")
-    ap.add_argument("--shared", default=os.environ.get("PROMPTSET_SHARED", str(world.REPO.parent / "shared")),
+    ap.add_argument("--shared", default=os.environ.get("PROMPTSET_SHARED", str(common.REPO.parent / "shared")),
                     help="folder holding data/ and weights/")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/promptset"), help="cache folder (not the repo)")
     ap.add_argument("--model", default=str(BENCH_DIR / "models" / "cifar10-mini-v2"), help="the mini generator")
@@ -129,20 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("ipc", "epochs", "rounds", "seeds", "codecs", "candidates"):
         if getattr(args, key) is not None:
             t[key] = getattr(args, key)
-    args.world_scale = t["world"]
-    wp = dict(world.PRESETS[t["world"]])
-    cache = Path(args.cache).expanduser().resolve()
-    if cache == world.REPO or world.REPO in cache.parents:
-        raise SystemExit(f"--cache {cache} is inside the repository; pass a folder outside it")
+    wp = dict(WORLD_PRESETS[t["world"]])
+    cache, shared, model = common.outside_repo(args.cache), Path(args.shared).resolve(), Path(args.model).resolve()
     progress = not args.no_progress
     started = time.time()
-    world.install_generation_cache()  # d3m's images are the same for every codec: denoised once per process
 
     from promptset.evaluation.results import entry_key, variant_key
     from promptset.stages.evaluate import EvaluateConfig, evaluate
 
-    source, test, model, teacher = prepare_world_run(args, wp, progress)
-    run = mirror(source, cache / "codec_trade" / source.parent.name / "run")
+    teacher = f"resnet20:{shared / 'weights' / 'cifar10_resnet20.safetensors'}"
+    _, distill, test = common.data_splits(shared, cache, wp["test_per_class"])
+    root = common.world_root(cache, t["world"], model)
+    ipcs = [int(x) for x in str(wp["ipcs"]).split(",")]
+    source = common.distill_run(root / "run", distill, model, teacher, wp, max(ipcs), args.device, progress)
+    # d3m's images are the same for every codec: the world run's round cache holds them once for every mirror
+    run = common.mirror(source, cache / "codec_trade" / root.name / "run", rounds=source / "eval" / "rounds")
     log(f"run {run} (prompts of {source}); test {test}; rows: {json.dumps(t)}")
     results_path = run / "eval" / "results.json"
 
@@ -203,7 +166,7 @@ def write_results(args, t: dict, wp: dict, run: Path, model: Path, entries: dict
     name = "codec_trade_smoke" if args.scale == "smoke" else "codec_trade"
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     payload = {"scale": args.scale, "trade": t, "world_preset": wp, "student": STUDENT, "run": str(run),
-               "model": str(model), "compressor": "zlib level 9", "machine": world.machine_info(args.device),
+               "model": str(model), "compressor": "zlib level 9", "machine": common.machine_info(args.device),
                "wall_time_s": round(wall, 1), "timings_s": timings, "rows": sorted(rows, key=lambda r: r["key"])}
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
     plot(payload, RESULTS_DIR / f"{name}_accuracy_vs_bytes.png")

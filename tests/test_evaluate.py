@@ -504,3 +504,21 @@ def test_generated_rounds_are_cached_on_disk_keyed_by_what_changes_a_pixel(world
     off = build_generative(_context(_cfg(world, run=str(run), regen_every=1, epochs=3, gen_steps=2,
                                          round_cache=False), ["d3m"]), "d3m")  # fmt: skip
     assert "round_cache" not in off.info and torch.equal(off.rounds[2].images, first.rounds[2].images)
+
+
+def test_round_cache_keeps_images_another_process_stored_meanwhile(tmp_path):
+    """Two evaluate calls on one run (P1 and P2 side by side): each one's store merges the file the other wrote
+    since it was read, instead of overwriting it."""
+    from promptset.backends.sampling import Job
+    from promptset.evaluation.round_cache import RoundCache
+
+    key = {"stage": "eval-round1", "steps": 2}
+    a, b = RoundCache(tmp_path, key), RoundCache(tmp_path, key)  # both read the (absent) file first
+    img = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(1, 2, 3, 4, 4)
+    a.add([Job(0, 0, 11)], [Job(0, 0, 11)], img)
+    b.add([Job(1, 0, 12)], [Job(1, 0, 99)], img + 1)  # B never saw A's image
+    c = RoundCache(tmp_path, key)
+    assert c.missing([Job(0, 0, 11), Job(1, 0, 12)]) == []
+    patches, jobs = c.get([Job(0, 0, 11), Job(1, 0, 12)])
+    assert torch.equal(patches, torch.cat([img, img + 1])) and [j.seed for j in jobs] == [11, 99]
+    assert RoundCache(tmp_path, {**key, "steps": 3}).missing([Job(0, 0, 11)]) != []  # another key: its own file

@@ -8,6 +8,7 @@ and a 32 px CIFAR ResNet teacher labels them at 32 px.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -214,7 +215,11 @@ def test_evaluate_fresh_rounds_with_seed_selection_store_seeds_that_regenerate_t
                                  teacher=raw_run.teacher, device="cpu", progress=False, report=False)
     (key, entry), = results["entries"].items()
     assert key.endswith("/best-of-3") and entry["distilled"]["candidates"] == 3
-    assert 0 <= entry["distilled"]["teacher_top1_on_images"] <= 100
+    d = entry["distilled"]
+    assert 0 <= d["teacher_top1_on_images"] <= 100
+    assert len(d["teacher_top1_per_round"]) == len(d["teacher_entropy_per_round"]) == 2  # 2 epochs, regen_every 1
+    assert abs(sum(d["teacher_top1_per_round"]) / 2 - d["teacher_top1_on_images"]) < 0.01
+    assert all(0 <= h <= math.log(3) + 1e-6 for h in d["teacher_entropy_per_round"])  # 3 classes: at most ln 3
     packed = tmp_path / "set.safetensors"
     promptset.pack(run=str(run), out=str(packed), entry=key)
     report = promptset.materialize(file=str(packed), model=str(raw_run.sd), out=str(tmp_path / "data"),

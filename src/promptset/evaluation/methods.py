@@ -230,7 +230,7 @@ def build_generative(ctx: Context, method: str) -> Distilled:
     c, p = ctx.num_classes, ctx.factor**2
     per_class = math.ceil(ctx.ipc / p)
     labels = torch.arange(c).repeat_interleave(ctx.ipc)  # (C*K,)
-    rounds, seeds, logits, hashes, top1, reused = [], [], [], [], [], False
+    rounds, seeds, logits, hashes, top1, entropy, reused = [], [], [], [], [], [], False
     made: list = []  # (conditioner, uncond), built on first use: a fully cached evaluate never loads the model
     cache_stats = {"generated": 0, "reused": 0}
 
@@ -261,6 +261,7 @@ def build_generative(ctx: Context, method: str) -> Distilled:
         if ctx.teacher is not None and (ctx.needs_soft or ctx.teacher.image_size):  # only at the size it expects
             round_logits = shared_teacher_logits(ctx.teacher, images, c).cpu()  # (C*K, C) fp32
             top1.append(float((round_logits.argmax(1) == labels).float().mean()))
+            entropy.append(float(torch.distributions.Categorical(logits=round_logits).entropy().mean()))
             if ctx.needs_soft:
                 logits.append(round_logits)
         seeds.append(torch.tensor([j.seed for j in jobs], dtype=torch.int32))
@@ -288,6 +289,8 @@ def build_generative(ctx: Context, method: str) -> Distilled:
         info["label_codec"] = label_meta["label_codec"]
     if top1:  # how class-typical the stored images are, to the teacher (what seed selection raises)
         info["teacher_top1_on_images"] = 100 * sum(top1) / len(top1)
+        info["teacher_top1_per_round"] = [round(100 * t, 2) for t in top1]
+        info["teacher_entropy_per_round"] = [round(h, 4) for h in entropy]  # nats, mean over the round's images
     info["candidates"] = int(ctx.cfg.candidates)
     if ctx.cfg.round_cache:
         info["round_cache"] = cache_stats  # images denoised in this call vs taken from <run>/eval/rounds/

@@ -10,6 +10,9 @@ trains on, with the seed that was chosen for each job (seed selection), so a cac
 bit for bit. A file that is unreadable, torn or of another key is ignored and rewritten.
 
 Files are written by rank 0 only, atomically, followed by a barrier, so every process reads the same file next time.
+Before writing, the file is read again and merged, so two evaluate calls on one run (P1 and P2 side by side) keep
+each other's images (the window between that read and the atomic rename can still lose a batch: it is then
+denoised again, bit for bit the same).
 `evaluate --no-round-cache` turns it off; the files are not part of the distilled set (budget and pack ignore them).
 """
 
@@ -39,6 +42,7 @@ class RoundCache:
         self._read()
 
     def _read(self) -> None:
+        """Add the file's images to `entries` (those already there are kept)."""
         if not self.path.is_file():
             return
         try:
@@ -49,7 +53,7 @@ class RoundCache:
             return
         for cls, seed, chosen, patches in zip(tensors["classes"].tolist(), tensors["job_seeds"].tolist(),
                                               tensors["chosen_seeds"].tolist(), tensors["images"]):  # fmt: skip
-            self.entries[(cls, seed)] = (chosen, patches)
+            self.entries.setdefault((cls, seed), (chosen, patches))
 
     def missing(self, jobs: list[Job]) -> list[Job]:
         """The jobs whose images are not cached."""
@@ -64,6 +68,7 @@ class RoundCache:
         for job, pick, image in zip(jobs, chosen, patches.cpu()):
             self.entries[(job.cls, job.seed)] = (int(pick.seed), image)
         if ddp_world()[0] == 0 and self.entries:
+            self._read()  # another evaluate on this run (P1 and P2 side by side) may have stored images meanwhile
             keys = sorted(self.entries)
             save_tensors(self.path, {
                 "classes": torch.tensor([k[0] for k in keys], dtype=torch.int64),

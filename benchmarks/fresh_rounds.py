@@ -1,0 +1,216 @@
+"""Why do fresh rounds of d3m images score below one fixed set under P1 on the CIFAR-10 world? (issue 18, item 2)
+
+    python benchmarks/fresh_rounds.py --threads 1 [--arms fixed-b64,r10-b64] [--cache DIR]
+
+Every arm is one `promptset evaluate` of d3m at the CIFAR-10 world's run (`cifar10_world.py --scale cpu`: prepared
+there, or here with the same stages when it is missing), P1 (stored fp16 soft labels, no augmentation), ConvNet-3,
+3 seeds, the whole test split:
+
+- rounds 1, 2, 5, 10 of 10 images per class at the same 300 epochs and batch 64 (600 optimizer steps each): fresh
+  images every ceil(300 / R) epochs;
+- the same fixed set and 10 rounds at batch 16 (2,100 steps: 3.5x the steps for about the same compute);
+- "up front": the 10 rounds' worth of images (100 per class, the same number of stored images and labels as 10
+  rounds) drawn before training as one fixed set, at the same optimizer steps (38 epochs of 16 batches at batch 64,
+  33 epochs of 63 at batch 16).
+
+Each arm records the teacher's top-1 and entropy on every round's images (promptset stores them per round), the
+student's training loss at the end of each round and on the first epoch of the next (how new a fresh round is to the
+student), and the final test top-1. Arms of one batch size share a mirror of the world's run
+(`<cache>/fresh_rounds/<world>/b<B>/run`, results keyed by IPC and schedule); all mirrors use the world run's
+round cache, so no image is denoised twice. Resumable arm by arm. Writes `benchmarks/results/fresh_rounds.json` and
+`.md` (table and a reading from the numbers), which `write_benchmarks_md.py` puts into BENCHMARKS.md.
+Benchmarks report numbers, they assert nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cifar10_common as common  # noqa: E402
+from cifar10_world import PRESETS  # noqa: E402
+
+torch.set_flush_denormal(True)
+
+EPOCHS, IPC, SEEDS = 300, 10, 3
+
+
+def arms() -> list[dict]:
+    """Every arm, the most telling first (a stopped run keeps what matters)."""
+    out = []
+    for batch in (64, 16):
+        steps_per_epoch = math.ceil(IPC * 10 / batch)
+        for r in (1, 10, 2, 5) if batch == 64 else (1, 10):
+            out.append(dict(name=f"r{r}-b{batch}", batch=batch, ipc=IPC, epochs=EPOCHS, rounds=r,
+                            regen=math.ceil(EPOCHS / r) if r > 1 else 0))  # fmt: skip
+        up_steps = math.ceil(IPC * 10 * 10 / batch)  # 100 images per class, all at once
+        out.append(dict(name=f"upfront-b{batch}", batch=batch, ipc=IPC * 10, rounds=1, regen=0,
+                        epochs=round(EPOCHS * steps_per_epoch / up_steps)))  # fmt: skip
+    order = ["r1-b64", "r10-b64", "r1-b16", "r10-b16", "upfront-b64", "r2-b64", "r5-b64", "upfront-b16"]
+    return sorted(out, key=lambda a: order.index(a["name"]))
+
+
+def round_losses(metrics: Path, key: str, regen: int, epochs: int) -> dict:
+    """Mean over seeds of the training loss at the last epoch of each round and at the first epoch of the next."""
+    rows = {}
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            r = json.loads(line) if line.strip() else {}
+            if r.get("key") == key and r.get("loss") is not None:
+                rows[(r["seed"], r["epoch"])] = r["loss"]  # a rerun's rows replace earlier ones
+    seeds = sorted({s for s, _ in rows})
+
+    def mean(epoch):
+        vals = [rows[(s, epoch)] for s in seeds if (s, epoch) in rows]
+        return round(statistics.fmean(vals), 4) if vals else None
+
+    ends = [regen * k for k in range(1, math.ceil(epochs / regen))] if regen else []
+    return {"final": mean(epochs), "end_of_round": [mean(e) for e in ends],
+            "first_epoch_of_next": [mean(e + 1) for e in ends]}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shared", default=os.environ.get("PROMPTSET_SHARED", str(common.REPO.parent / "shared")))
+    ap.add_argument("--cache", default=os.path.expanduser("~/.cache/promptset"), help="cache folder (not the repo)")
+    ap.add_argument("--model", default=str(common.BENCH_DIR / "models" / "cifar10-mini-v2"))
+    ap.add_argument("--world-scale", default="cpu", choices=list(PRESETS), help="the world preset whose run is used")
+    ap.add_argument("--arms", default="", help="comma-separated arm names (default: all): " +
+                    ", ".join(a["name"] for a in arms()))  # fmt: skip
+    ap.add_argument("--seeds", type=int, default=SEEDS)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = promptset's choice)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    from promptset.evaluation.results import entry_key
+    from promptset.stages.evaluate import evaluate
+
+    cache, shared, model = common.outside_repo(args.cache), Path(args.shared).resolve(), Path(args.model).resolve()
+    wp = PRESETS[args.world_scale]
+    teacher = f"resnet20:{shared / 'weights' / 'cifar10_resnet20.safetensors'}"
+    _, distill, test = common.data_splits(shared, cache, wp["test_per_class"])
+    root = common.world_root(cache, args.world_scale, model)
+    world_run = common.distill_run(root / "run", distill, model, teacher, wp, 50, args.device, not args.no_progress)
+    chosen = [a for a in arms() if not args.arms or a["name"] in args.arms.split(",")]
+    started, out_path = time.time(), common.RESULTS_DIR / "fresh_rounds.json"
+    for arm in chosen:
+        run = common.mirror(world_run, cache / "fresh_rounds" / root.name / f"b{arm['batch']}" / "run",
+                            rounds=world_run / "eval" / "rounds")  # fmt: skip
+        results = run / "eval" / "results.json"
+        key = entry_key("d3m", "p1", common.STUDENT, arm["ipc"], arm["regen"])
+        e = json.loads(results.read_text())["entries"].get(key) if results.is_file() else None
+        if e and e["epochs"] == arm["epochs"] and len(e["seeds"]) == args.seeds:
+            common.log(f"{arm['name']}: in {results}, skipped", "fresh_rounds")
+        else:
+            common.log(f"{arm['name']}: {json.dumps(arm)}", "fresh_rounds")
+            evaluate(run=str(run), test=str(test), method="d3m", protocol="p1", student=common.STUDENT,
+                     ipc=arm["ipc"], epochs=arm["epochs"], seeds=args.seeds, regen_every=arm["regen"],
+                     batch_size=arm["batch"], teacher=teacher, gen_steps=wp["gen_steps"], guidance=wp["guidance"],
+                     eval_every=arm["epochs"], device=args.device, report=False,
+                     progress=not args.no_progress)  # fmt: skip
+        write_results(out_path, args, wp, cache, root, time.time() - started)
+    return 0
+
+
+def collect(cache: Path, root: Path, seeds: int) -> list[dict]:
+    """One row per arm that has an entry with `seeds` seeds."""
+    from promptset.evaluation.results import entry_key
+
+    rows = []
+    for arm in arms():
+        run = cache / "fresh_rounds" / root.name / f"b{arm['batch']}" / "run"
+        results = run / "eval" / "results.json"
+        key = entry_key("d3m", "p1", common.STUDENT, arm["ipc"], arm["regen"])
+        e = json.loads(results.read_text())["entries"].get(key) if results.is_file() else None
+        if not e or e["epochs"] != arm["epochs"] or len(e["seeds"]) != seeds:
+            continue
+        d = e["distilled"]
+        rows.append(arm | {
+            "key": key, "optimizer_steps": e["optimizer_steps"], "final_top1": e["final_top1"],
+            "stored_bytes": e["stored_bytes"], "teacher_top1_per_round": d.get("teacher_top1_per_round"),
+            "teacher_entropy_per_round": d.get("teacher_entropy_per_round"),
+            "loss": round_losses(run / "eval" / "metrics.jsonl", key, arm["regen"], arm["epochs"]),
+            "wall_time_s": round(e["wall_time_s"], 1),
+        })  # fmt: skip
+    return rows
+
+
+def write_results(path: Path, args, wp: dict, cache: Path, root: Path, wall: float) -> None:
+    rows = collect(cache, root, args.seeds)
+    payload = {"benchmark": "fresh_rounds", "world_scale": args.world_scale, "world_preset": wp,
+               "model": str(Path(args.model).resolve()), "world_run": str(root / "run"), "student": common.STUDENT,
+               "protocol": "p1", "label_codec": "fp16", "seeds": args.seeds,
+               "machine": common.machine_info(args.device), "wall_time_s_this_invocation": round(wall, 1),
+               "rows": rows}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    path.with_suffix(".md").write_text("\n".join(markdown(payload)) + "\n")
+    common.log(f"wrote {path} ({len(rows)} arms) and .md", "fresh_rounds")
+
+
+def _acc(t: dict) -> str:
+    return f"{t['mean']:.2f} ± {t['std']:.2f}"
+
+
+def markdown(payload: dict) -> list[str]:
+    rows = {r["name"]: r for r in payload["rows"]}
+    lines = [
+        "## CIFAR-10: why fresh rounds score below a fixed set under P1 (the ablation)",
+        "",
+        f"Command: `python benchmarks/fresh_rounds.py --threads 1` ({payload['machine'].get('cpu')}). d3m on the "
+        f"CIFAR-10 world's run (`--scale {payload['world_scale']}`), P1 (stored fp16 soft labels, no augmentation), "
+        f"{payload['student']}, {payload['seeds']} seeds, the whole test split. Teacher columns: ResNet-20's top-1 "
+        "and mean entropy (nats) on the images, per round (first / mean / last). Loss: the student's training loss "
+        "(KL to the stored labels) at the end of training, and for fresh rounds the mean over round boundaries of "
+        "the loss on the last epoch of a round and on the first epoch of the next.",
+        "",
+        "| arm | batch | distinct images / class | rounds | epochs | optimizer steps | top-1 | teacher top-1 "
+        "(first/mean/last) | teacher entropy | final loss | loss at round end -> next round |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
+    ]
+    for name, r in rows.items():
+        t1, ent = r["teacher_top1_per_round"] or [], r["teacher_entropy_per_round"] or []
+        teach = f"{t1[0]:.1f} / {statistics.fmean(t1):.1f} / {t1[-1]:.1f}" if t1 else "-"
+        loss = r["loss"]
+        jump = "-"
+        if loss["end_of_round"] and all(x is not None for x in loss["end_of_round"] + loss["first_epoch_of_next"]):
+            jump = (f"{statistics.fmean(loss['end_of_round']):.3f} -> "
+                    f"{statistics.fmean(loss['first_epoch_of_next']):.3f}")  # fmt: skip
+        entropy = f"{statistics.fmean(ent):.3f}" if ent else "-"
+        lines.append(f"| {name} | {r['batch']} | {r['ipc'] * r['rounds']} | {r['rounds']} | {r['epochs']} | "
+                     f"{r['optimizer_steps']} | {_acc(r['final_top1'])} | {teach} | {entropy} | {loss['final']} | "
+                     f"{jump} |")  # fmt: skip
+    lines += [""] + [f"- {x}" for x in reading(rows)] + [""]
+    return lines
+
+
+def reading(rows: dict) -> list[str]:
+    """What the numbers say, only comparisons they support (differences beside the larger seed spread)."""
+
+    def cmp(a: str, b: str) -> str | None:
+        if a not in rows or b not in rows:
+            return None
+        x, y = rows[a]["final_top1"], rows[b]["final_top1"]
+        d, noise = x["mean"] - y["mean"], max(x["std"], y["std"])
+        verdict = "within the seed spread" if abs(d) <= noise else ("better" if d > 0 else "worse")
+        return f"{a} {x['mean']:.1f}% vs {b} {y['mean']:.1f}%: {d:+.1f} points ({verdict})"
+
+    pairs = [("r10-b64", "r1-b64"), ("r10-b16", "r1-b16"), ("r1-b16", "r1-b64"), ("r10-b16", "r10-b64"),
+             ("upfront-b64", "r10-b64"), ("upfront-b64", "r1-b64"), ("upfront-b16", "r10-b16"),
+             ("r2-b64", "r1-b64"), ("r5-b64", "r1-b64")]  # fmt: skip
+    return [c for c in (cmp(a, b) for a, b in pairs) if c]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
