@@ -44,17 +44,17 @@ torch.set_flush_denormal(True)
 EPOCHS, IPC, SEEDS = 300, 10, 3
 
 
-def arms() -> list[dict]:
-    """Every arm, the most telling first (a stopped run keeps what matters)."""
+def arms(epochs: int = EPOCHS) -> list[dict]:
+    """Every arm, the most telling first (a stopped run keeps what matters); `epochs` is the fixed set's."""
     out = []
     for batch in (64, 16):
         steps_per_epoch = math.ceil(IPC * 10 / batch)
         for r in (1, 10, 2, 5) if batch == 64 else (1, 10):
-            out.append(dict(name=f"r{r}-b{batch}", batch=batch, ipc=IPC, epochs=EPOCHS, rounds=r,
-                            regen=math.ceil(EPOCHS / r) if r > 1 else 0))  # fmt: skip
+            out.append(dict(name=f"r{r}-b{batch}", batch=batch, ipc=IPC, epochs=epochs, rounds=r,
+                            regen=math.ceil(epochs / r) if r > 1 else 0))  # fmt: skip
         up_steps = math.ceil(IPC * 10 * 10 / batch)  # 100 images per class, all at once
         out.append(dict(name=f"upfront-b{batch}", batch=batch, ipc=IPC * 10, rounds=1, regen=0,
-                        epochs=round(EPOCHS * steps_per_epoch / up_steps)))  # fmt: skip
+                        epochs=max(1, round(epochs * steps_per_epoch / up_steps))))  # fmt: skip
     order = ["r1-b64", "r10-b64", "r1-b16", "r10-b16", "upfront-b64", "r2-b64", "r5-b64", "upfront-b16"]
     return sorted(out, key=lambda a: order.index(a["name"]))
 
@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arms", default="", help="comma-separated arm names (default: all): " +
                     ", ".join(a["name"] for a in arms()))  # fmt: skip
     ap.add_argument("--seeds", type=int, default=SEEDS)
+    ap.add_argument("--epochs", type=int, default=EPOCHS, help="the fixed set's epochs (the issue: 300; less is a "
+                    "check that every arm runs, not a measurement)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = promptset's choice)")
     ap.add_argument("--no-progress", action="store_true")
@@ -102,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     _, distill, test = common.data_splits(shared, cache, wp["test_per_class"])
     root = common.world_root(cache, args.world_scale, model)
     world_run = common.distill_run(root / "run", distill, model, teacher, wp, 50, args.device, not args.no_progress)
-    chosen = [a for a in arms() if not args.arms or a["name"] in args.arms.split(",")]
-    started, out_path = time.time(), common.RESULTS_DIR / "fresh_rounds.json"
+    chosen = [a for a in arms(args.epochs) if not args.arms or a["name"] in args.arms.split(",")]
+    name = "fresh_rounds" if args.epochs == EPOCHS and args.world_scale == "cpu" else "fresh_rounds_check"
+    started, out_path = time.time(), common.RESULTS_DIR / f"{name}.json"
     for arm in chosen:
         run = common.mirror(world_run, cache / "fresh_rounds" / root.name / f"b{arm['batch']}" / "run",
                             rounds=world_run / "eval" / "rounds")  # fmt: skip
@@ -123,12 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def collect(cache: Path, root: Path, seeds: int) -> list[dict]:
+def collect(cache: Path, root: Path, seeds: int, epochs: int) -> list[dict]:
     """One row per arm that has an entry with `seeds` seeds."""
     from promptset.evaluation.results import entry_key
 
     rows = []
-    for arm in arms():
+    for arm in arms(epochs):
         run = cache / "fresh_rounds" / root.name / f"b{arm['batch']}" / "run"
         results = run / "eval" / "results.json"
         key = entry_key("d3m", "p1", common.STUDENT, arm["ipc"], arm["regen"])
@@ -147,7 +150,7 @@ def collect(cache: Path, root: Path, seeds: int) -> list[dict]:
 
 
 def write_results(path: Path, args, wp: dict, cache: Path, root: Path, wall: float) -> None:
-    rows = collect(cache, root, args.seeds)
+    rows = collect(cache, root, args.seeds, args.epochs)
     payload = {"benchmark": "fresh_rounds", "world_scale": args.world_scale, "world_preset": wp,
                "model": str(Path(args.model).resolve()), "world_run": str(root / "run"), "student": common.STUDENT,
                "protocol": "p1", "label_codec": "fp16", "seeds": args.seeds,
@@ -170,7 +173,10 @@ def markdown(payload: dict) -> list[str]:
         "",
         f"Command: `python benchmarks/fresh_rounds.py --threads 1` ({payload['machine'].get('cpu')}). d3m on the "
         f"CIFAR-10 world's run (`--scale {payload['world_scale']}`), P1 (stored fp16 soft labels, no augmentation), "
-        f"{payload['student']}, {payload['seeds']} seeds, the whole test split. Teacher columns: ResNet-20's top-1 "
+        f"{payload['student']}, {payload['seeds']} seed(s), "
+        + (f"the first {payload['world_preset']['test_per_class']} test images per class"
+           if payload["world_preset"]["test_per_class"] else "the whole test split")
+        + ". Teacher columns: ResNet-20's top-1 "
         "and mean entropy (nats) on the images, per round (first / mean / last). Loss: the student's training loss "
         "(KL to the stored labels) at the end of training, and for fresh rounds the mean over round boundaries of "
         "the loss on the last epoch of a round and on the first epoch of the next.",
@@ -204,6 +210,8 @@ def reading(rows: dict) -> list[str]:
         x, y = rows[a]["final_top1"], rows[b]["final_top1"]
         d, noise = x["mean"] - y["mean"], max(x["std"], y["std"])
         verdict = "within the seed spread" if abs(d) <= noise else ("better" if d > 0 else "worse")
+        if min(len(x["per_seed"]), len(y["per_seed"])) < 2:
+            verdict += "; one seed, no spread to compare with"
         return f"{a} {x['mean']:.1f}% vs {b} {y['mean']:.1f}%: {d:+.1f} points ({verdict})"
 
     pairs = [("r10-b64", "r1-b64"), ("r10-b16", "r1-b16"), ("r1-b16", "r1-b64"), ("r10-b16", "r10-b64"),

@@ -678,6 +678,19 @@ def codec_trade_section() -> list[str]:
     ]
 
 
+def fresh_rounds_section() -> list[str]:
+    """The fresh-rounds ablation on the CIFAR-10 world (`fresh_rounds.py` wrote fresh_rounds.md from its numbers)."""
+    md = RESULTS / "fresh_rounds.md"
+    if md.is_file():
+        return [*md.read_text().strip().splitlines(), ""]
+    return [
+        "## CIFAR-10: why fresh rounds score below a fixed set under P1 (the ablation)",
+        "",
+        "Not run yet: `python benchmarks/fresh_rounds.py --threads 1` (about an hour per batch size on one core).",
+        "",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", default=str(ROOT / "runs" / "demo" / "demo.json"), help="demo.json of a demo run")
@@ -743,6 +756,7 @@ def main() -> None:
             "could not say anything about D3M.",
             "",
         ]
+    lines += fresh_rounds_section()
     lines += codec_trade_section()
     lines += performance_section()
     Path(args.out).write_text("\n".join(lines).rstrip() + "\n")

@@ -1,0 +1,317 @@
+"""The CIFAR-10 world's outputs: `benchmarks/results/cifar10_world{,_smoke}.{json,md}` from the run's results.json,
+with a reading that states only what the numbers show. `cifar10_world.py` calls `write_outputs` after its stages
+(and alone with `--report-only`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from cifar10_common import (
+    RESULTS_DIR,
+    SPLIT,
+    STUDENT,
+    fidelity_table,
+    generated_teacher_accuracy,
+    generation_stats,
+    log,
+    machine_info,
+)
+
+
+def rounds_list(p: dict) -> list[int]:
+    return sorted({int(x) for x in str(p["rounds"]).split(",")})
+
+
+PAPER_P1 = {"d3m": {1: 35.9, 10: 58.6}, "rded": {1: 15.5, 10: 38.6}}  # D3M Table 2, CIFAR-10, soft labels
+
+
+def reading(entries: dict, quality: dict, fidelity: dict, p: dict) -> list[str]:
+    """Data-driven remarks under the tables (only what the numbers themselves show)."""
+
+    def get(method, protocol, ipc, fresh: bool):
+        """Final top-1 of a row: generative methods with fresh rounds (or the fixed set), real methods as they are."""
+        for e in entries.values():
+            r = e["distilled"].get("rounds")
+            ok = r is None or (r > 1 if fresh else r == 1)
+            if e["method"] == method and e["protocol"] == protocol and e["ipc"] == ipc and ok:
+                return e
+        return None
+
+    out = ["### Reading the numbers", ""]
+    if quality:
+        out.append(
+            f"- The teacher recognises {quality['accuracy']:.0%} of the generator's class-prompt samples (chance "
+            f"{quality['chance']:.0%}); d3m and class-prompt can only be as good as the images it renders."
+        )
+    if fidelity:
+        d, c = fidelity["d3m"], fidelity["class-prompt"]
+        out.append(
+            f"- Prompt fidelity: on the classes the captions never name, the teacher recognises {d['unnamed']:.0%} of "
+            f"d3m's images against {c['unnamed']:.0%} of the class-name prompt's; on the named classes "
+            f"{d['named']:.0%} against {c['named']:.0%}."
+        )
+    ipcs = sorted({e["ipc"] for e in entries.values() if e["ipc"] is not None})
+    for ipc in ipcs:
+        d, r = get("d3m", "p1", ipc, True) or get("d3m", "p1", ipc, False), get("rded", "p1", ipc, True)
+        if d is None or r is None:
+            continue
+        dm, rm = d["final_top1"]["mean"], r["final_top1"]["mean"]
+        paper = PAPER_P1["d3m"].get(ipc), PAPER_P1["rded"].get(ipc)
+        verdict = "holds" if dm > rm else "does not hold"
+        n = d["distilled"].get("rounds")
+        images = f"{n} rounds of fresh images" if n and n > 1 else "one fixed generated set: no fresh-round row yet"
+        line = (f"- P1 (soft labels, {images}), IPC {ipc}, {d['epochs']} "
+                f"epochs: d3m {dm:.1f}% vs rded {rm:.1f}% ({dm - rm:+.1f} points): the paper's ordering {verdict} "
+                f"here")  # fmt: skip
+        if paper[0] is not None:
+            line += f" (paper, Table 2 on real CIFAR-10 with SD: d3m {paper[0]} vs rded {paper[1]})"
+        if d["epochs"] < 300:
+            line += f"; **cut budget** ({d['epochs']} epochs, the paper uses 300): this row says nothing about D3M"
+        out.append(line + ".")
+        rr = get("random-real", "p1", ipc, True)
+        if rr is not None:
+            out.append(f"  random-real at the same IPC: {rr['final_top1']['mean']:.1f}%.")
+        ipc_eq = max(1, round(d["stored_bytes"] / (10 * 32 * 32 * 3)))
+        eq = get("random-real", "p1", ipc_eq, True)
+        if eq is not None and eq["epochs"] == d["epochs"]:
+            out.append(f"  At equal stored bytes: d3m stores {d['stored_bytes']:,} B (IPC-equivalent "
+                       f"{d['ipc_equivalent']:.2f}); random-real at IPC {ipc_eq} ({eq['stored_bytes']:,} B) reaches "
+                       f"{eq['final_top1']['mean']:.1f}%.")  # fmt: skip
+    p2 = []
+    for ipc in ipcs:
+        d, r = get("d3m", "p2", ipc, True), get("rded", "p2", ipc, True)
+        if d is not None and r is not None:
+            dm, rm = d["final_top1"]["mean"], r["final_top1"]["mean"]
+            p2.append(f"IPC {ipc} ({d['epochs']} epochs): d3m {dm:.1f}% vs rded {rm:.1f}% ({dm - rm:+.1f} points)")
+    if p2:
+        out.append("- P2 (one-hot labels, augmentation; d3m with fresh rounds): " + "; ".join(p2) + ".")
+    for protocol in ("p1", "p2"):
+        parts = []
+        for ipc in ipcs:
+            d, c = get("d3m", protocol, ipc, True), get("class-prompt", protocol, ipc, True)
+            df, cf = get("d3m", protocol, ipc, False), get("class-prompt", protocol, ipc, False)
+            if d is not None and c is not None:
+                text = (f"IPC {ipc}: d3m {d['final_top1']['mean']:.1f}% vs class-prompt "
+                        f"{c['final_top1']['mean']:.1f}% with {d['distilled'].get('rounds')} rounds of fresh "
+                        "images")  # fmt: skip
+                if df is not None and cf is not None:
+                    text += (f", {df['final_top1']['mean']:.1f}% vs {cf['final_top1']['mean']:.1f}% on one fixed "
+                             "set")  # fmt: skip
+                parts.append(text)
+        if parts:
+            out.append(f"- {protocol.upper()}, learned prompt vs the class-name prompt (same generator, same seeds): "
+                       + "; ".join(parts) + ".")  # fmt: skip
+    for protocol in ("p1", "p2"):
+        diffs = []
+        for ipc in ipcs:
+            a, b = get("rded", protocol, ipc, True), get("random-real", protocol, ipc, True)
+            if a is not None and b is not None:
+                diffs.append(f"{a['final_top1']['mean'] - b['final_top1']['mean']:+.1f} at IPC {ipc}")
+        if diffs:
+            out.append(f"- {protocol.upper()}: rded minus random-real (points): " + ", ".join(diffs) + ".")
+    cut = sorted({e["epochs"] for e in entries.values() if e["ipc"] is not None and e["epochs"] < 300})
+    if cut:
+        out.append(f"- Rows at {', '.join(map(str, cut))} epochs are a cut budget (the paper trains students for "
+                   "300 epochs); with stored soft labels students converge slowly, so compare those rows only with "
+                   "rows of the same IPC and epochs.")  # fmt: skip
+    out.append("")
+    return out
+
+
+def write_outputs(name, args, p, tag, root, model, run, test, pre, timer, ipcs, epochs, est, t_start) -> None:
+    from promptset.accounting import fmt_bytes
+
+    results = json.loads((run / "eval" / "results.json").read_text())
+    entries = results["entries"]
+    select_info = json.loads((run / "select.json").read_text())
+    inv_rows = [json.loads(x) for x in (run / "invert" / "metrics.jsonl").read_text().splitlines() if x.strip()] \
+        if (run / "invert" / "metrics.jsonl").is_file() else []  # fmt: skip
+    device = args.device
+    mach = machine_info(device)
+    quality = pre.get("quality") or {}
+    fid_path = root / "prompt_fidelity.json"
+    fidelity = json.loads(fid_path.read_text()) if fid_path.is_file() else {}
+    recipe = pre.get("recipe", {})
+    summary = {
+        "benchmark": "cifar10_world",
+        "scale": args.scale,
+        "tag": tag,
+        "preset": p,
+        "settings": {
+            "data": "CIFAR-10 as JPEG q75 (../shared/data/cifar10-jpeg.tar.gz), official split",
+            "foundation_split": f"train files 0-{SPLIT - 1} per class (the generator's training data; first "
+            f"{recipe.get('max_images_per_class') or SPLIT} used)",
+            "distilled_split": f"train files {SPLIT}-{2 * SPLIT - 1} per class; first {p['distill_per_class']} used "
+            "(select, random-real and full all draw from these)",
+            "test": "official test split, "
+            + ("all 1000" if not p["test_per_class"] else f"first {p['test_per_class']}")
+            + " images per class",
+            "generator": f"mini {model.name}: UNet {recipe.get('unet_size')} ({pre.get('unet_params')} parameters), "
+            "TAEF2 latents at 64 px, all-MiniLM-L6-v2 text encoder",
+            "teacher": "ResNet-20 (cifar10_resnet20.safetensors), 32 px",
+            "student": STUDENT,
+            "select": "ResNet-20 teacher, 5 crops, factor 1, 32 px",
+            "invert": f"mini, {p['invert_steps']} steps, batch {p['invert_batch']}, 64 px, flip {p['invert_flip']}",
+            "generate": f"ipc {max(ipcs)}, {p['gen_steps']} DDIM steps, guidance {p['guidance']}, 32 px patches, "
+            "ResNet-20 soft labels (fp16)",
+            "epochs_per_ipc": epochs,
+            "full_epochs": p["full_epochs"],
+            "full_seeds": p["full_seeds"],
+            "rounds_of_generated_images": rounds_list(p),
+            "seeds": p["seeds"],
+            "test_every": "last epoch only (best = final)"
+            if not p["eval_every"]
+            else f"every {p['eval_every']} epochs",
+        },
+        "machine": mach,
+        "wall_time_s": {
+            "per_stage_cumulative": timer.data,
+            "this_invocation": timer.this_run,
+            "this_invocation_total": round(time.time() - t_start, 1),
+        },
+        "estimate_s": {k: round(v) for k, v in est.items()},
+        "generator": pre,
+        "prompt_fidelity": fidelity,
+        "generate_teacher_accuracy": generated_teacher_accuracy(run),
+        "invert_final_loss": inv_rows[-1]["loss"] if inv_rows else None,
+        "select": {"classes": select_info.get("classes")},
+        "generation_cache": generation_stats(entries),
+        "paths": {"root": str(root), "model": str(model), "run": str(run), "test": str(test)},
+        "entries": entries,
+    }
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+    # ---- markdown ----
+    lines = [f"## CIFAR-10 (offline JPEG world), `{tag}` scale", ""]
+    lines += [
+        f"Command: `.venv/bin/python benchmarks/cifar10_world.py --scale {args.scale}"
+        + (f" --cache {args.cache}" if args.cache != os.path.expanduser("~/.cache/promptset") else "")
+        + (f" --device {device}" if device != "cpu" else "")
+        + (f" --threads {args.threads}" if args.threads else "")
+        + "` (resumable; every stage skips finished work).",
+        "",
+        "**Caveat:** this is CIFAR-10 stored as JPEG q75 (4:2:0 chroma). Classifiers score about 10 points lower on "
+        "this test set than on the original one (the ResNet-20 teacher: 81.0% here, 91.8% on the original), so these "
+        "numbers are comparable with each other, never with published CIFAR-10 tables.",
+        "",
+        f"Machine: {mach['cpu']}, {mach['cores']} cores (shared with other jobs), torch {mach['torch']}, "
+        f"GPU: {mach['gpu']} (stages ran on `{device}`).",
+        "",
+        "### Setting",
+        "",
+        f"- Split by file index per training class: files 0-2499 = foundation (trains the generator; first "
+        f"{recipe.get('max_images_per_class') or SPLIT} per class used), files 2500-4999 = the distilled split (first "
+        f"{p['distill_per_class']} per class used: select's collages, `random-real`'s draws and `full`'s "
+        "training set).",
+        "- Test: the official test split, "
+        + (
+            "all 10,000 images."
+            if not p["test_per_class"]
+            else f"first {p['test_per_class']} images per class ({p['test_per_class'] * 10:,} of 10,000) "
+            "to fit the CPU budget."
+        ),
+        f"- Generator: the committed `benchmarks/models/{model.name}` (its COMMAND.md has the command): UNet "
+        f"`{recipe.get('unet_size')}` ({(pre.get('unet_params') or 0) / 1e6:.2f}M parameters, conditioning "
+        f"`{recipe.get('conditioning')}`, {recipe.get('prediction_type')}) on TAEF2 latents at 64 px, "
+        f"{pre.get('steps')} steps x batch {recipe.get('batch_size')} (lr {recipe.get('lr')}, EMA "
+        f"{recipe.get('ema_decay')}), final loss {pre.get('final_loss')}. Samples are resized to 32 px.",
+        f"- D3M: select (ResNet-20, 5 crops, factor 1, 32 px) -> invert (one token per class, {p['invert_steps']} "
+        f"steps, batch {p['invert_batch']}, collages upsampled to 64 px) -> generate ({p['gen_steps']} DDIM steps, "
+        f"guidance {p['guidance']}, soft labels from ResNet-20 in fp16).",
+        f"- Students: ConvNet-3, AdamW lr 1e-3, cosine, batch 64 (capped at the set size), {p['seeds']} seeds; epochs "
+        + ", ".join(f"IPC {i}: {epochs[i]}" for i in sorted(ipcs))
+        + f"; `full`: {p['full_epochs']} ({p['full_seeds']} seed(s)). "
+        + "d3m / class-prompt are trained on one fixed generated set (`fixed`)"
+        + "".join(
+            f" and on {r} rounds of fresh images (new seeds, regen_every = ceil(epochs / {r}), the same number "
+            "of optimizer steps; the soft labels of every round are stored and counted under P1)"
+            for r in rounds_list(p)
+            if r > 1
+        )
+        + ", under both protocols. "
+        + (
+            "Tested after the last epoch only, so best = final."
+            if not p["eval_every"]
+            else f"Tested every {p['eval_every']} epoch(s)."
+        ),
+        "- P1: stored ResNet-20 soft labels (fp16, counted in the bytes), no augmentation. P2: one-hot labels, "
+        "random resized crop (scale 0.5-1) + flip.",
+        "",
+        "### Generator quality",
+        "",
+    ]
+    if quality:
+        lines.append(
+            f'ResNet-20 accuracy on the generator\'s class-prompt samples ("a photo of a {{name}}", '
+            f"{quality['samples']} samples, {quality['sample_steps']} DDIM steps, guidance {quality['guidance']}): "
+            f"**{quality['accuracy'] * 100:.1f}%** (chance {quality['chance'] * 100:.1f}%; mean confidence in the "
+            f"prompted class {quality['mean_class_confidence'] * 100:.1f}%)."
+        )
+        lines.append("")
+        lines.append("Per class: " + ", ".join(f"{k} {v * 100:.0f}%" for k, v in quality["per_class"].items()) + ".")
+    else:
+        lines.append("(not measured)")
+    lines += [""]
+    if fidelity:
+        lines += fidelity_table(fidelity)
+    order = {"d3m": 0, "class-prompt": 1, "rded": 2, "random-real": 3, "full": 4}
+    for protocol, title in (
+        ("p1", "P1: stored soft labels, no augmentation"),
+        ("p2", "P2: one-hot labels + augmentation"),
+    ):
+        rows = [e for e in entries.values() if e["protocol"] == protocol and e["student"] == STUDENT]
+        rows.sort(key=lambda e: (order.get(e["method"], 9), e["ipc"] or 10**9, e["distilled"].get("rounds") or 0))
+        lines += [
+            f"### {title}",
+            "",
+            "| method | IPC | images | epochs (steps) | final top-1 (%) | best top-1 (%) | stored | IPC-equiv. |",
+            "|---|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        for e in rows:
+            f, b = e["final_top1"], e["best_top1"]
+            ipc = "all" if e["ipc"] is None else e["ipc"]
+            rounds = e["distilled"].get("rounds")
+            images = "real" if rounds is None else ("fixed" if rounds == 1 else f"{rounds} rounds")
+            lines.append(
+                f"| {e['method']} | {ipc} | {images} | {e['epochs']} ({e['optimizer_steps']}) "
+                f"| {f['mean']:.2f} ± {f['std']:.2f} "
+                f"| {b['mean']:.2f} ± {b['std']:.2f} | {fmt_bytes(e['stored_bytes'])} | {e['ipc_equivalent']:.3f} |"
+            )
+        lines.append("")
+    lines += [
+        "Stored bytes: d3m = prompts (fp32) + class list + seeds (+ P1 soft labels of every round); class-prompt = "
+        "the prompt strings + seeds (+ soft labels); rded / random-real / full = raw uint8 images (+ P1 soft labels). "
+        "Generator and teacher weights are not counted. IPC-equivalent = stored bytes / (10 x 32 x 32 x 3).",
+        "",
+        f"![accuracy vs bytes]({name}_accuracy_vs_bytes.png)",
+        "",
+        *reading(entries, quality, fidelity, p),
+        "### Wall time (seconds, cumulative over resumed invocations)",
+        "",
+        "| stage | wall (s) |",
+        "|---|---:|",
+    ]
+    for k, v in timer.data.items():
+        lines.append(f"| {k} | {v:,.0f} |")
+    lines.append(f"| **total** | **{sum(timer.data.values()):,.0f}** |")
+    lines += [
+        "",
+        "Stages killed part-way are not in this table (they resume from their checkpoints). The generator's "
+        f"training (not part of this script) took {pre.get('train_seconds')} s "
+        f"({pre.get('seconds_per_step')} s/step). "
+        + (
+            "Images evaluate denoised for the entries above: {generated}; taken from promptset's round cache "
+            "(`<run>/eval/rounds/`) instead of being denoised again: {reused}.".format(**generation_stats(entries))
+        ),
+        "",
+        f"Preset `{args.scale}`" + (" (with overrides)" if tag != args.scale else "") + ": `" + json.dumps(p) + "`.",
+        "",
+    ]
+    (RESULTS_DIR / f"{name}.md").write_text("\n".join(lines))
+    log(
+        f"wrote {RESULTS_DIR / (name + '.json')}, {RESULTS_DIR / (name + '.md')}, "
+        f"{RESULTS_DIR / (name + '_accuracy_vs_bytes.png')}"
+    )
