@@ -198,3 +198,26 @@ def test_generate_redoes_only_missing_or_broken_images(tiny_sd, collages, tmp_pa
     assert redone == [] and sorted(p.name for p in (gen / "cat").glob("*.png")) == ["00000.png", "00001.png"]
     generate(**options | {"seed": 1, "ipc": 1})  # other settings: those images are made again
     assert sorted(redone) == [(c, 0) for c in CLASSES]
+
+
+_COUNTER = """
+import json, sys, time
+from pathlib import Path
+from promptset.atomic import locked, write_json
+path = Path(sys.argv[1])
+for i in range(25):
+    with locked(path):  # a read-modify-write, as evaluate updates results.json
+        data = json.loads(path.read_text())
+        time.sleep(0.002)  # widen the window a lost update needs
+        data[sys.argv[2] + str(i)] = i
+        write_json(path, data)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+def test_locked_read_modify_writes_of_two_processes_lose_nothing(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text("{}")
+    procs = [subprocess.Popen([sys.executable, "-c", _COUNTER, str(path), tag]) for tag in ("a", "b")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert len(json.loads(path.read_text())) == 50

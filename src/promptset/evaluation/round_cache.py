@@ -10,9 +10,8 @@ trains on, with the seed that was chosen for each job (seed selection), so a cac
 bit for bit. A file that is unreadable, torn or of another key is ignored and rewritten.
 
 Files are written by rank 0 only, atomically, followed by a barrier, so every process reads the same file next time.
-Before writing, the file is read again and merged, so two evaluate calls on one run (P1 and P2 side by side) keep
-each other's images (the window between that read and the atomic rename can still lose a batch: it is then
-denoised again, bit for bit the same).
+Before writing, the file is read again and merged under a lock (`atomic.locked`), so two evaluate calls on one run
+(P1 and P2 side by side) keep each other's images.
 `evaluate --no-round-cache` turns it off; the files are not part of the distilled set (budget and pack ignore them).
 """
 
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..artifacts import load_tensors, save_tensors, sha256_bytes
+from ..atomic import locked
 from ..backends.sampling import Job
 from ..dist import barrier, ddp_world
 from ..errors import UserError
@@ -68,14 +68,15 @@ class RoundCache:
         for job, pick, image in zip(jobs, chosen, patches.cpu()):
             self.entries[(job.cls, job.seed)] = (int(pick.seed), image)
         if ddp_world()[0] == 0 and self.entries:
-            self._read()  # another evaluate on this run (P1 and P2 side by side) may have stored images meanwhile
-            keys = sorted(self.entries)
-            save_tensors(self.path, {
-                "classes": torch.tensor([k[0] for k in keys], dtype=torch.int64),
-                "job_seeds": torch.tensor([k[1] for k in keys], dtype=torch.int64),
-                "chosen_seeds": torch.tensor([self.entries[k][0] for k in keys], dtype=torch.int64),
-                "images": torch.stack([self.entries[k][1] for k in keys]),
-            }, {"key": self.key, "format": "promptset.round_cache/1"})  # fmt: skip
+            with locked(self.path):
+                self._read()  # another evaluate on this run (P1 and P2 side by side) may have stored images meanwhile
+                keys = sorted(self.entries)
+                save_tensors(self.path, {
+                    "classes": torch.tensor([k[0] for k in keys], dtype=torch.int64),
+                    "job_seeds": torch.tensor([k[1] for k in keys], dtype=torch.int64),
+                    "chosen_seeds": torch.tensor([self.entries[k][0] for k in keys], dtype=torch.int64),
+                    "images": torch.stack([self.entries[k][1] for k in keys]),
+                }, {"key": self.key, "format": "promptset.round_cache/1"})  # fmt: skip
         barrier()
 
     def get(self, jobs: list[Job]) -> tuple[torch.Tensor, list[Job]]:

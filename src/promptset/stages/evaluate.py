@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from ..accounting import fmt_bytes, png_bytes, real_bytes
-from ..atomic import append_jsonl, write_json
+from ..atomic import append_jsonl, locked, write_json
 from ..backends.base import PREDICTION_TYPES
 from ..backends.sampling import SAMPLER_BATCH, SAMPLERS
 from ..config import make_config, opt
@@ -193,11 +193,12 @@ def evaluate(cfg: EvaluateConfig | None = None, **overrides) -> dict:
 
     results_path = eval_dir / "results.json"
     if main:
-        results = load_results(results_path)
-        results["run"] = str(ctx.run)
-        results["entries"].update(new_entries)
-        results["updated_at"] = now()
-        write_json(results_path, results)
+        with locked(results_path):  # another evaluate on this run may be adding its entries right now
+            results = load_results(results_path)
+            results["run"] = str(ctx.run)
+            results["entries"].update(new_entries)
+            results["updated_at"] = now()
+            write_json(results_path, results)
         print_table(list(new_entries.values()))
     barrier()  # the other ranks return what rank 0 wrote
     if not main:
