@@ -55,7 +55,15 @@ def arms(epochs: int = EPOCHS) -> list[dict]:
         up_steps = math.ceil(IPC * 10 * 10 / batch)  # 100 images per class, all at once
         out.append(dict(name=f"upfront-b{batch}", batch=batch, ipc=IPC * 10, rounds=1, regen=0,
                         epochs=max(1, round(epochs * steps_per_epoch / up_steps))))  # fmt: skip
-    order = ["r1-b64", "r10-b64", "r1-b16", "r10-b16", "upfront-b64", "r2-b64", "r5-b64", "upfront-b16"]
+    for r in (1, 10):  # the schedule: a constant learning rate instead of the cosine, tested every 30 epochs
+        out.append(dict(name=f"r{r}-b64-constant", batch=64, ipc=IPC, epochs=epochs, rounds=r,
+                        regen=math.ceil(epochs / r) if r > 1 else 0, schedule="constant",
+                        eval_every=max(1, epochs // 10)))  # fmt: skip
+    order = ["r1-b64", "r10-b64", "r1-b16", "r10-b16", "upfront-b64", "r2-b64", "r5-b64", "upfront-b16",
+             "r1-b64-constant", "r10-b64-constant"]
+    for a in out:
+        a.setdefault("schedule", "cosine")
+        a["folder"] = f"b{a['batch']}" + ("" if a["schedule"] == "cosine" else f"-{a['schedule']}")
     return sorted(out, key=lambda a: order.index(a["name"]))
 
 
@@ -76,6 +84,18 @@ def round_losses(metrics: Path, key: str, regen: int, epochs: int) -> dict:
     ends = [regen * k for k in range(1, math.ceil(epochs / regen))] if regen else []
     return {"final": mean(epochs), "end_of_round": [mean(e) for e in ends],
             "first_epoch_of_next": [mean(e + 1) for e in ends]}  # fmt: skip
+
+
+def test_curve(metrics: Path, key: str) -> list[list]:
+    """[epoch, mean test top-1 over seeds] at every tested epoch (arms tested more than once)."""
+    rows = {}
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            r = json.loads(line) if line.strip() else {}
+            if r.get("key") == key and r.get("test_top1") is not None:
+                rows[(r["seed"], r["epoch"])] = r["test_top1"]
+    epochs = sorted({e for _, e in rows})
+    return [[e, round(statistics.fmean(v for (s, ep), v in rows.items() if ep == e), 2)] for e in epochs]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     name = "fresh_rounds" if args.epochs == EPOCHS and args.world_scale == "cpu" else "fresh_rounds_check"
     started, out_path = time.time(), common.RESULTS_DIR / f"{name}.json"
     for arm in chosen:
-        run = common.mirror(world_run, cache / "fresh_rounds" / root.name / f"b{arm['batch']}" / "run",
+        run = common.mirror(world_run, cache / "fresh_rounds" / root.name / arm["folder"] / "run",
                             rounds=world_run / "eval" / "rounds")  # fmt: skip
         results = run / "eval" / "results.json"
         key = entry_key("d3m", "p1", common.STUDENT, arm["ipc"], arm["regen"])
@@ -119,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
             common.log(f"{arm['name']}: {json.dumps(arm)}", "fresh_rounds")
             evaluate(run=str(run), test=str(test), method="d3m", protocol="p1", student=common.STUDENT,
                      ipc=arm["ipc"], epochs=arm["epochs"], seeds=args.seeds, regen_every=arm["regen"],
-                     batch_size=arm["batch"], teacher=teacher, gen_steps=wp["gen_steps"], guidance=wp["guidance"],
-                     eval_every=arm["epochs"], device=args.device, report=False,
+                     batch_size=arm["batch"], schedule=arm["schedule"], teacher=teacher, gen_steps=wp["gen_steps"],
+                     guidance=wp["guidance"], eval_every=arm.get("eval_every", arm["epochs"]), device=args.device,
+                     report=False,
                      progress=not args.no_progress)  # fmt: skip
         write_results(out_path, args, wp, cache, root, time.time() - started)
     return 0
@@ -132,7 +153,7 @@ def collect(cache: Path, root: Path, seeds: int, epochs: int) -> list[dict]:
 
     rows = []
     for arm in arms(epochs):
-        run = cache / "fresh_rounds" / root.name / f"b{arm['batch']}" / "run"
+        run = cache / "fresh_rounds" / root.name / arm["folder"] / "run"
         results = run / "eval" / "results.json"
         key = entry_key("d3m", "p1", common.STUDENT, arm["ipc"], arm["regen"])
         e = json.loads(results.read_text())["entries"].get(key) if results.is_file() else None
@@ -144,6 +165,7 @@ def collect(cache: Path, root: Path, seeds: int, epochs: int) -> list[dict]:
             "stored_bytes": e["stored_bytes"], "teacher_top1_per_round": d.get("teacher_top1_per_round"),
             "teacher_entropy_per_round": d.get("teacher_entropy_per_round"),
             "loss": round_losses(run / "eval" / "metrics.jsonl", key, arm["regen"], arm["epochs"]),
+            "test_curve": test_curve(run / "eval" / "metrics.jsonl", key),
             "wall_time_s": round(e["wall_time_s"], 1),
         })  # fmt: skip
     return rows
@@ -181,9 +203,9 @@ def markdown(payload: dict) -> list[str]:
         "(KL to the stored labels) at the end of training, and for fresh rounds the mean over round boundaries of "
         "the loss on the last epoch of a round and on the first epoch of the next.",
         "",
-        "| arm | batch | distinct images / class | rounds | epochs | optimizer steps | top-1 | teacher top-1 "
-        "(first/mean/last) | teacher entropy | final loss | loss at round end -> next round |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
+        "| arm | batch | lr schedule | distinct images / class | rounds | epochs | optimizer steps | top-1 | "
+        "teacher top-1 (first/mean/last) | teacher entropy | final loss | loss at round end -> next round |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for name, r in rows.items():
         t1, ent = r["teacher_top1_per_round"] or [], r["teacher_entropy_per_round"] or []
@@ -194,9 +216,16 @@ def markdown(payload: dict) -> list[str]:
             jump = (f"{statistics.fmean(loss['end_of_round']):.3f} -> "
                     f"{statistics.fmean(loss['first_epoch_of_next']):.3f}")  # fmt: skip
         entropy = f"{statistics.fmean(ent):.3f}" if ent else "-"
-        lines.append(f"| {name} | {r['batch']} | {r['ipc'] * r['rounds']} | {r['rounds']} | {r['epochs']} | "
+        lines.append(f"| {name} | {r['batch']} | {r['schedule']} | {r['ipc'] * r['rounds']} | {r['rounds']} | "
+                     f"{r['epochs']} | "
                      f"{r['optimizer_steps']} | {_acc(r['final_top1'])} | {teach} | {entropy} | {loss['final']} | "
                      f"{jump} |")  # fmt: skip
+    curves = {n: r["test_curve"] for n, r in rows.items() if len(r["test_curve"]) > 1}
+    if curves:
+        lines += ["", "Test top-1 (mean over seeds) during training, for the arms tested more than once:", "",
+                  "| arm | " + " | ".join(f"ep {e}" for e, _ in next(iter(curves.values()))) + " |",
+                  "|---|" + "---:|" * len(next(iter(curves.values())))]  # fmt: skip
+        lines += [f"| {n} | " + " | ".join(f"{a:.1f}" for _, a in c) + " |" for n, c in curves.items()]
     lines += [""] + [f"- {x}" for x in reading(rows)] + [""]
     return lines
 
@@ -216,7 +245,8 @@ def reading(rows: dict) -> list[str]:
 
     pairs = [("r10-b64", "r1-b64"), ("r10-b16", "r1-b16"), ("r1-b16", "r1-b64"), ("r10-b16", "r10-b64"),
              ("upfront-b64", "r10-b64"), ("upfront-b64", "r1-b64"), ("upfront-b16", "r10-b16"),
-             ("r2-b64", "r1-b64"), ("r5-b64", "r1-b64")]  # fmt: skip
+             ("r2-b64", "r1-b64"), ("r5-b64", "r1-b64"), ("r10-b64-constant", "r1-b64-constant"),
+             ("r1-b64-constant", "r1-b64"), ("r10-b64-constant", "r10-b64")]  # fmt: skip
     return [c for c in (cmp(a, b) for a, b in pairs) if c]
 
 
