@@ -324,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     timer = Timer(root / "walltimes.json")
     t_start = time.time()
 
-    from promptset.evaluation.results import entry_key
-    from promptset.stages.evaluate import evaluate
+    from promptset.evaluation.results import entry_key, variant_key
+    from promptset.stages.evaluate import EvaluateConfig, evaluate
     from promptset.stages.report import report
 
     pre = generator_record(model)
@@ -392,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         return json.loads(results_path.read_text())["entries"] if results_path.is_file() else {}
 
     def have(method, protocol, ipc, regen, n_epochs, seeds) -> bool:
-        e = existing().get(entry_key(method, protocol, STUDENT, ipc, regen))
+        cfg = EvaluateConfig(protocol=protocol, regen_every=regen)  # promptset's defaults: the key evaluate writes
+        e = existing().get(entry_key(method, protocol, STUDENT, ipc, regen) + variant_key(cfg, method))
         return bool(e) and e.get("epochs") == n_epochs and len(e.get("seeds") or []) == seeds
 
     # Most telling first (a long CPU run that is stopped keeps the rows that matter): P1 then P2 at the IPCs with

@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
     timings = {}
     for row in plan_rows(t):
-        cfg = EvaluateConfig(protocol=row["protocol"], label_codec=row["codec"], candidates=row["candidates"])
+        cfg = EvaluateConfig(protocol=row["protocol"], label_codec=row["codec"], candidates=row["candidates"],
+                             regen_every=row["regen"])
         todo = []
         for m in row["methods"]:
             regen = row["regen"] if m == "d3m" else 0

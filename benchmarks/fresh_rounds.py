@@ -11,7 +11,13 @@ there, or here with the same stages when it is missing), P1 (stored fp16 soft la
 - the same fixed set and 10 rounds at batch 16 (2,100 steps: 3.5x the steps for about the same compute);
 - "up front": the 10 rounds' worth of images (100 per class, the same number of stored images and labels as 10
   rounds) drawn before training as one fixed set, at the same optimizer steps (38 epochs of 16 batches at batch 64,
-  33 epochs of 63 at batch 16).
+  33 epochs of 63 at batch 16);
+- the schedule: the fixed set and 10 rounds with a constant learning rate instead of the cosine (tested every 30
+  epochs, so the table shows the test curve);
+- the round order: the 10 rounds mixed (every epoch draws from all of them, `--round-order mixed`, promptset's
+  default since this ablation) instead of sequential (round r alone for 30 epochs: the order of every other arm);
+- other fixed draws: the fixed set made from generation seeds 1 and 2 instead of generate's seed 0 (is the fixed
+  set of seed 0 a typical draw?).
 
 Each arm records the teacher's top-1 and entropy on every round's images (promptset stores them per round), the
 student's training loss at the end of each round and on the first epoch of the next (how new a fresh round is to the
@@ -59,12 +65,28 @@ def arms(epochs: int = EPOCHS) -> list[dict]:
         out.append(dict(name=f"r{r}-b64-constant", batch=64, ipc=IPC, epochs=epochs, rounds=r,
                         regen=math.ceil(epochs / r) if r > 1 else 0, schedule="constant",
                         eval_every=max(1, epochs // 10)))  # fmt: skip
+    out.append(dict(name="r10-b64-mixed", batch=64, ipc=IPC, epochs=epochs, rounds=10, regen=math.ceil(epochs / 10),
+                    round_order="mixed"))  # the 10 rounds, every epoch drawn from all of them
+    for g in (1, 2):  # other fixed draws: the fixed set with the images of generation seeds 1 and 2
+        out.append(dict(name=f"r1-b64-gen{g}", batch=64, ipc=IPC, epochs=epochs, rounds=1, regen=0, gen_seed=g))
     order = ["r1-b64", "r10-b64", "r1-b16", "r10-b16", "upfront-b64", "r2-b64", "r5-b64", "upfront-b16",
-             "r1-b64-constant", "r10-b64-constant"]
+             "r1-b64-constant", "r10-b64-constant", "r10-b64-mixed", "r1-b64-gen1", "r1-b64-gen2"]
     for a in out:
         a.setdefault("schedule", "cosine")
-        a["folder"] = f"b{a['batch']}" + ("" if a["schedule"] == "cosine" else f"-{a['schedule']}")
+        a.setdefault("gen_seed", 0)
+        a.setdefault("round_order", "sequential")  # the order the puzzle was measured in (promptset's before 0.1)
+        a["folder"] = (f"b{a['batch']}" + ("" if a["schedule"] == "cosine" else f"-{a['schedule']}")
+                       + (f"-gen{a['gen_seed']}" if a["gen_seed"] else ""))  # fmt: skip
     return sorted(out, key=lambda a: order.index(a["name"]))
+
+
+def arm_key(arm: dict) -> str:
+    """The arm's key in its run's results.json, as evaluate writes it."""
+    from promptset.evaluation.results import entry_key, variant_key
+    from promptset.stages.evaluate import EvaluateConfig
+
+    cfg = EvaluateConfig(protocol="p1", regen_every=arm["regen"], round_order=arm["round_order"])
+    return entry_key("d3m", "p1", common.STUDENT, arm["ipc"], arm["regen"]) + variant_key(cfg, "d3m")
 
 
 def round_losses(metrics: Path, key: str, regen: int, epochs: int) -> dict:
@@ -115,7 +137,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    from promptset.evaluation.results import entry_key
     from promptset.stages.evaluate import evaluate
 
     cache, shared, model = common.outside_repo(args.cache), Path(args.shared).resolve(), Path(args.model).resolve()
@@ -131,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         run = common.mirror(world_run, cache / "fresh_rounds" / root.name / arm["folder"] / "run",
                             rounds=world_run / "eval" / "rounds")  # fmt: skip
         results = run / "eval" / "results.json"
-        key = entry_key("d3m", "p1", common.STUDENT, arm["ipc"], arm["regen"])
+        key = arm_key(arm)
         e = json.loads(results.read_text())["entries"].get(key) if results.is_file() else None
         if e and e["epochs"] == arm["epochs"] and len(e["seeds"]) == args.seeds:
             common.log(f"{arm['name']}: in {results}, skipped", "fresh_rounds")
@@ -139,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             common.log(f"{arm['name']}: {json.dumps(arm)}", "fresh_rounds")
             evaluate(run=str(run), test=str(test), method="d3m", protocol="p1", student=common.STUDENT,
                      ipc=arm["ipc"], epochs=arm["epochs"], seeds=args.seeds, regen_every=arm["regen"],
-                     batch_size=arm["batch"], schedule=arm["schedule"], teacher=teacher, gen_steps=wp["gen_steps"],
+                     batch_size=arm["batch"], schedule=arm["schedule"], gen_seed=arm["gen_seed"],
+                     round_order=arm["round_order"], teacher=teacher,
+                     gen_steps=wp["gen_steps"],
                      guidance=wp["guidance"], eval_every=arm.get("eval_every", arm["epochs"]), device=args.device,
                      report=False,
                      progress=not args.no_progress)  # fmt: skip
@@ -149,13 +172,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def collect(cache: Path, root: Path, seeds: int, epochs: int) -> list[dict]:
     """One row per arm that has an entry with `seeds` seeds."""
-    from promptset.evaluation.results import entry_key
 
     rows = []
     for arm in arms(epochs):
         run = cache / "fresh_rounds" / root.name / arm["folder"] / "run"
         results = run / "eval" / "results.json"
-        key = entry_key("d3m", "p1", common.STUDENT, arm["ipc"], arm["regen"])
+        key = arm_key(arm)
         e = json.loads(results.read_text())["entries"].get(key) if results.is_file() else None
         if not e or e["epochs"] != arm["epochs"] or len(e["seeds"]) != seeds:
             continue
@@ -203,7 +225,8 @@ def markdown(payload: dict) -> list[str]:
         "(KL to the stored labels) at the end of training, and for fresh rounds the mean over round boundaries of "
         "the loss on the last epoch of a round and on the first epoch of the next.",
         "",
-        "| arm | batch | lr schedule | distinct images / class | rounds | epochs | optimizer steps | top-1 | "
+        "| arm | batch | lr schedule (round order) | distinct images / class | rounds | epochs | optimizer steps | "
+        "top-1 | "
         "teacher top-1 (first/mean/last) | teacher entropy | final loss | loss at round end -> next round |",
         "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
@@ -216,7 +239,8 @@ def markdown(payload: dict) -> list[str]:
             jump = (f"{statistics.fmean(loss['end_of_round']):.3f} -> "
                     f"{statistics.fmean(loss['first_epoch_of_next']):.3f}")  # fmt: skip
         entropy = f"{statistics.fmean(ent):.3f}" if ent else "-"
-        lines.append(f"| {name} | {r['batch']} | {r['schedule']} | {r['ipc'] * r['rounds']} | {r['rounds']} | "
+        order = ", rounds mixed" if r.get("round_order") == "mixed" else ""
+        lines.append(f"| {name} | {r['batch']} | {r['schedule']}{order} | {r['ipc'] * r['rounds']} | {r['rounds']} | "
                      f"{r['epochs']} | "
                      f"{r['optimizer_steps']} | {_acc(r['final_top1'])} | {teach} | {entropy} | {loss['final']} | "
                      f"{jump} |")  # fmt: skip

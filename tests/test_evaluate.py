@@ -133,7 +133,7 @@ def test_results_have_every_field_per_protocol(world, protocol):
     saved = json.loads((world.run / "eval" / "results.json").read_text())
     assert saved["entries"].keys() == results["entries"].keys()
     for method in ("d3m", "rded"):
-        key = f"{method}/{protocol}/convnet_tiny/ipc{IPC}" + ("/regen1" if method == "d3m" else "")
+        key = f"{method}/{protocol}/convnet_tiny/ipc{IPC}" + ("/regen1/mixed" if method == "d3m" else "")
         e = saved["entries"][key]
         assert ENTRY_FIELDS <= e.keys(), ENTRY_FIELDS - e.keys()
         assert (e["method"], e["protocol"], e["ipc"], e["seeds"]) == (method, protocol, IPC, [0, 1])
@@ -167,7 +167,7 @@ def variations(world) -> dict:
         "onehot": dict(protocol="p2", regen_every=0),
     }.items():
         results = _eval(world, **common, **kw)
-        key = f"d3m/{kw['protocol']}/convnet_tiny/ipc{IPC}/" + ("fixed" if kw["regen_every"] == 0 else "regen1")
+        key = f"d3m/{kw['protocol']}/convnet_tiny/ipc{IPC}/" + ("fixed" if kw["regen_every"] == 0 else "regen1/mixed")
         out[name] = results["entries"][key]
     return out
 
@@ -522,3 +522,55 @@ def test_round_cache_keeps_images_another_process_stored_meanwhile(tmp_path):
     patches, jobs = c.get([Job(0, 0, 11), Job(1, 0, 12)])
     assert torch.equal(patches, torch.cat([img, img + 1])) and [j.seed for j in jobs] == [11, 99]
     assert RoundCache(tmp_path, {**key, "steps": 3}).missing([Job(0, 0, 11)]) != []  # another key: its own file
+
+
+def test_mixed_round_order_walks_through_every_image_of_every_round():
+    from promptset.evaluation.student import epoch_samples
+
+    n, rounds = 6, 3
+    three = torch.cat([epoch_samples(e, n, rounds, seed=5) for e in range(rounds)])
+    assert sorted(three.tolist()) == list(range(n * rounds))  # every `rounds` epochs: each sample once
+    assert torch.equal(epoch_samples(4, n, rounds, seed=5), epoch_samples(4, n, rounds, seed=5))  # resumable
+    assert not torch.equal(epoch_samples(0, n, rounds, seed=5), epoch_samples(0, n, rounds, seed=6))
+    odd = torch.cat([epoch_samples(e, 4, 3, seed=0) for e in range(6)])  # 4 does not divide 12: still balanced
+    assert torch.bincount(odd, minlength=12).tolist() == [2] * 12
+
+
+class _Spy(torch.nn.Module):
+    """A linear classifier that records the mean pixel of every training sample it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * SIZE * SIZE, 3)
+        self.seen: list[float] = []
+
+    def forward(self, x):
+        if self.training:
+            self.seen += x.mean(dim=(1, 2, 3)).tolist()
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("order", ["sequential", "mixed"])
+def test_round_order_decides_which_round_an_epoch_trains_on(order):
+    """Round r's images are all r / 2 (in [0, 1]): sequential trains epoch 0 on round 0 alone; mixed draws epoch 0
+    from every round; both take the same optimizer steps."""
+    rounds = [TrainSet(torch.full((6, 3, SIZE, SIZE), 255 * r // 2, dtype=torch.uint8), torch.arange(3).repeat(2),
+                       torch.zeros(6, 3)) for r in range(3)]  # fmt: skip
+    spy = _Spy()
+    out = train_student(spy, rounds, None, _recipe(targets="stored-soft", temperature=1.0, regen_every=1, epochs=3,
+                                                   batch_size=4, round_order=order), seed=0, progress=False)
+    assert out["optimizer_steps"] == 3 * 2
+    first = {round(v * 2) for v in spy.seen[:6]}
+    assert first == {0} if order == "sequential" else len(first) > 1
+    assert sorted(round(v * 2) for v in spy.seen) == [0] * 6 + [1] * 6 + [2] * 6  # each image once in 3 epochs
+
+
+def test_fresh_round_entries_record_their_round_order_in_the_key(world):
+    mixed = _eval(world, method="d3m", protocol="p1", regen_every=1, epochs=2, seeds=1)
+    seq = _eval(world, method="d3m", protocol="p1", regen_every=1, epochs=2, seeds=1, round_order="sequential")
+    key = f"d3m/p1/convnet_tiny/ipc{IPC}/regen1"
+    assert {key, key + "/mixed"} <= set(seq["entries"])  # the old order keeps the old key: both entries are kept
+    assert mixed["entries"][key + "/mixed"]["recipe"]["round_order"] == "mixed"
+    assert seq["entries"][key]["recipe"]["round_order"] == "sequential"
+    fixed = _eval(world, method="d3m", protocol="p1", regen_every=0, epochs=1, seeds=1)
+    assert f"d3m/p1/convnet_tiny/ipc{IPC}/fixed" in fixed["entries"]  # no rounds, nothing to order

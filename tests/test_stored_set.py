@@ -214,7 +214,7 @@ def test_evaluate_fresh_rounds_with_seed_selection_store_seeds_that_regenerate_t
                                  regen_every=1, ipc=2, gen_steps=2, protocol="p2", candidates=3,
                                  teacher=raw_run.teacher, device="cpu", progress=False, report=False)
     (key, entry), = results["entries"].items()
-    assert key.endswith("/best-of-3") and entry["distilled"]["candidates"] == 3
+    assert key.endswith("/best-of-3/mixed") and entry["distilled"]["candidates"] == 3
     d = entry["distilled"]
     assert 0 <= d["teacher_top1_on_images"] <= 100
     assert len(d["teacher_top1_per_round"]) == len(d["teacher_entropy_per_round"]) == 2  # 2 epochs, regen_every 1

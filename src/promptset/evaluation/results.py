@@ -44,7 +44,16 @@ def variant_key(cfg, method: str) -> str:
     candidates = int(getattr(cfg, "candidates", 1) or 1)
     if candidates > 1 and method.partition("@")[0] in GENERATIVE:
         parts.append(f"best-of-{candidates}")
+    if _mixed_rounds(cfg, method):
+        parts.append("mixed")
     return "".join(f"/{p}" for p in parts)
+
+
+def _mixed_rounds(cfg, method: str) -> bool:
+    """Fresh rounds trained in the mixed order (`--round-order mixed`). Keyed although it is the default: entries of
+    the sequential order (the only one before) keep their keys."""
+    return (method.partition("@")[0] in GENERATIVE and int(getattr(cfg, "regen_every", 0) or 0) > 0
+            and getattr(cfg, "round_order", "sequential") == "mixed")  # fmt: skip
 
 
 def variant_label(cfg, method: str) -> str:
@@ -56,6 +65,8 @@ def variant_label(cfg, method: str) -> str:
     candidates = int(getattr(cfg, "candidates", 1) or 1)
     if candidates > 1 and method.partition("@")[0] in GENERATIVE:
         parts.append(f"best of {candidates}")
+    if _mixed_rounds(cfg, method):
+        parts.append("rounds mixed")
     return ", ".join(parts)
 
 

@@ -58,6 +58,29 @@ class Recipe:
     channels_last: bool
     compile: bool
     amp: bool
+    round_order: str = "sequential"  # fresh rounds: "sequential" (round r alone serves its epochs) or "mixed"
+
+
+def epoch_samples(epoch: int, n: int, rounds: int, seed: int) -> torch.Tensor:
+    """The mixed round order: the `n` sample positions of `epoch` in the pool of all rounds (`rounds * n` samples,
+    round r at positions [r*n, (r+1)*n)). The epochs walk through one seeded permutation of the pool after another,
+    so every `rounds` epochs see every sample of every round exactly once and a resumed run draws the same ones."""
+    pool = rounds * n
+    start = epoch * n
+    out, done = [], 0
+    while done < n:
+        j, at = divmod(start + done, pool)
+        perm = torch.randperm(pool, generator=torch.Generator().manual_seed(derive_seed(seed, "round-pool", j)))
+        take = min(n - done, pool - at)
+        out.append(perm[at : at + take])
+        done += take
+    return torch.cat(out)
+
+
+def pool_of(rounds: list[TrainSet]) -> TrainSet:
+    """All rounds as one set (images, labels and stored logits concatenated in round order)."""
+    logits = None if rounds[0].logits is None else torch.cat([r.logits for r in rounds])
+    return TrainSet(torch.cat([r.images for r in rounds]), torch.cat([r.labels for r in rounds]), logits)
 
 
 def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -187,11 +210,13 @@ def train_student(
     on_checkpoint=None,
     checkpoint_every: int = 0,
 ) -> dict:
-    """Train `model` on `rounds` (round r serves epochs [r*k, (r+1)*k), k = regen_every) and test every epoch.
+    """Train `model` on `rounds` and test every `eval_every` epochs.
 
-    Every round has the same N samples, so each epoch is ceil(N / B) optimizer steps whatever the schedule of
-    rounds. Random state (batch order, augmentation, CutMix) comes from generators seeded with `seed`, on the CPU,
-    so a CPU run is bit-for-bit reproducible. Returns the per-epoch history and the optimizer step count.
+    Sequential order: round r serves epochs [r*k, (r+1)*k), k = regen_every. Mixed order (`recipe.round_order`):
+    every epoch takes N samples from the pool of all rounds (`epoch_samples`), so each image of each round is seen
+    equally often over the whole run. Every round has the same N samples, so each epoch is ceil(N / B) optimizer
+    steps whatever the order. Random state (batch order, augmentation, CutMix) comes from generators seeded with
+    `seed`, on the CPU, so a CPU run is bit-for-bit reproducible. Returns the per-epoch history and the optimizer step count.
 
     In a joined process group (torchrun) it trains data-parallel: every rank must call it with the same arguments
     (same data, same initial weights). Every rank draws the same batch order and augmentation for the global batch
@@ -238,10 +263,16 @@ def train_student(
     history, steps, start = [], 0, 0
     if resume is not None:
         start, steps, history = _restore(resume, model, optimizer, scheduler, generator, rng)
+    mixed = recipe.round_order == "mixed" and len(rounds) > 1
+    pool = pool_of(rounds) if mixed else None
     bar = progress_bar(total=recipe.epochs, initial=start, desc=desc, unit="epoch", disable=not progress, leave=False)
     for epoch in range(start, recipe.epochs):
-        data = rounds[min(epoch // recipe.regen_every, len(rounds) - 1) if recipe.regen_every else 0]
-        perm = to_device(torch.randperm(n, generator=generator), device)
+        if mixed:
+            data = pool
+            perm = to_device(epoch_samples(epoch, n, len(rounds), seed), device)
+        else:
+            data = rounds[min(epoch // recipe.regen_every, len(rounds) - 1) if recipe.regen_every else 0]
+            perm = to_device(torch.randperm(n, generator=generator), device)
         step_model.train()
         loss_sum = torch.zeros((), device=device)
         for s in range(steps_per_epoch):

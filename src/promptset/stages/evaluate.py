@@ -3,9 +3,12 @@
 Protocols (DESIGN.md section 6; PAPER_NOTES.md section 2-3):
 - P1 (D3M's): stored soft labels, no augmentation. Each training sample x carries the teacher's logits t(x), stored
   once (fp16 by default) and counted in the budget; the loss is KL(softmax(t/T) || softmax(s(x)/T)). "Fresh
-  variations": every `regen_every` epochs a new round of images is drawn from the prompts with new seeds and
-  relabelled by the teacher; N (= C x ipc) and the batch size stay fixed, so the total number of optimizer steps
-  (epochs x ceil(N / B)) is the same as on a fixed set (`regen_every 0`).
+  variations": ceil(epochs / regen_every) rounds of images are drawn from the prompts with new seeds and labelled by
+  the teacher; N (= C x ipc) and the batch size stay fixed, so the total number of optimizer steps
+  (epochs x ceil(N / B)) is the same as on a fixed set (`regen_every 0`). `--round-order mixed` (the default) draws
+  every epoch's N samples from all rounds, so each image is seen equally often; `sequential` trains on round r alone
+  for epochs [r*k, (r+1)*k): on the CIFAR-10 world the student memorises each round within a few epochs, forgets it
+  on the next, and ends below the fixed set (BENCHMARKS.md, the fresh-rounds ablation).
 - P2: one-hot labels, cross-entropy, random resized crop + horizontal flip on every batch.
 - P3 (RDED / SRe2L, Sun et al. 2024): the teacher relabels every augmented batch online (CutMix, then
   KL with temperature 20; RDED's `validation/main.py`), for comparison with published peers.
@@ -110,6 +113,12 @@ class EvaluateConfig:
     cutmix: float = opt(1.0, "P3 only: CutMix Beta parameter (RDED: 1.0); 0 = off")
     regen_every: int = opt(
         10, "d3m/class-prompt: new images (new seeds) every N epochs at a fixed step count; 0 = a fixed set"
+    )
+    round_order: str = opt(
+        "mixed", "fresh rounds (regen_every > 0): mixed = every epoch draws its batches from the images of all rounds,"
+        " "
+        "each seen equally often; sequential = round r alone serves epochs [r*k, (r+1)*k) (the order before 0.1; "
+        "the CIFAR-10 ablation in BENCHMARKS.md measures both)", choices=["mixed", "sequential"],
     )
     label_codec: str = opt("fp16", "P1: " + CODEC_HELP + "; every stored byte is counted in the budget",
                            aliases=("--label-dtype",))
@@ -466,6 +475,7 @@ def _recipe(cfg: EvaluateConfig) -> Recipe:
         # testing every epoch cost more than training on small sets (issue 12): about 10 tests per student by default
         augment=augment, regen_every=cfg.regen_every, eval_every=cfg.eval_every or max(1, cfg.epochs // 10),
         eval_batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last, compile=cfg.compile, amp=cfg.amp,
+        round_order=cfg.round_order,
     )
 
 
