@@ -143,7 +143,7 @@ def test_topk_labels_are_counted_part_by_part_and_p1_trains_on_exactly_the_decod
                                  regen_every=1, ipc=2, gen_steps=2, label_codec="topk:2", device="cpu",
                                  progress=False, report=False)
     (entry,) = results["entries"].values()
-    assert entry["key"].endswith("/topk2") and entry["distilled"]["label_codec"] == "topk:2"
+    assert entry["key"].endswith("/topk2/mixed") and entry["distilled"]["label_codec"] == "topk:2"
     labels, labels_meta = load_tensors(run / entry["distilled"]["labels_file"])
     decoded = decode_soft_labels(labels, labels_meta)  # (rounds, C*ipc, C): what a receiver decodes
     assert decoded.shape == (2, n, len(CLASSES))
