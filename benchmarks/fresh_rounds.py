@@ -255,7 +255,16 @@ def markdown(payload: dict) -> list[str]:
 
 
 def reading(rows: dict) -> list[str]:
-    """What the numbers say, only comparisons they support (differences beside the larger seed spread)."""
+    """What the numbers say: the pairwise comparisons (differences beside the larger seed spread), then each
+    candidate explanation of the issue tested against them, then the cause they leave."""
+
+    def acc(name: str) -> float | None:
+        return rows[name]["final_top1"]["mean"] if name in rows else None
+
+    def beyond(a: str, b: str) -> bool:
+        """a above b by more than the larger seed spread."""
+        x, y = rows[a]["final_top1"], rows[b]["final_top1"]
+        return x["mean"] - y["mean"] > max(x["std"], y["std"])
 
     def cmp(a: str, b: str) -> str | None:
         if a not in rows or b not in rows:
@@ -268,10 +277,65 @@ def reading(rows: dict) -> list[str]:
         return f"{a} {x['mean']:.1f}% vs {b} {y['mean']:.1f}%: {d:+.1f} points ({verdict})"
 
     pairs = [("r10-b64", "r1-b64"), ("r10-b16", "r1-b16"), ("r1-b16", "r1-b64"), ("r10-b16", "r10-b64"),
-             ("upfront-b64", "r10-b64"), ("upfront-b64", "r1-b64"), ("upfront-b16", "r10-b16"),
-             ("r2-b64", "r1-b64"), ("r5-b64", "r1-b64"), ("r10-b64-constant", "r1-b64-constant"),
-             ("r1-b64-constant", "r1-b64"), ("r10-b64-constant", "r10-b64")]  # fmt: skip
-    return [c for c in (cmp(a, b) for a, b in pairs) if c]
+             ("r2-b64", "r1-b64"), ("r5-b64", "r1-b64"), ("upfront-b64", "r1-b64"), ("upfront-b64", "r10-b64"),
+             ("upfront-b16", "r10-b16"), ("r10-b64-mixed", "r10-b64"), ("r10-b64-mixed", "r1-b64"),
+             ("r10-b64-constant", "r1-b64-constant"), ("r1-b64-constant", "r1-b64"),
+             ("r10-b64-constant", "r10-b64"), ("r1-b64-gen1", "r1-b64"), ("r1-b64-gen2", "r1-b64")]  # fmt: skip
+    out = [c for c in (cmp(a, b) for a, b in pairs) if c]
+    causes = []
+    if all(k in rows for k in ("r1-b64", "r10-b64", "r1-b16", "r10-b16")):
+        g64, g16 = acc("r10-b64") - acc("r1-b64"), acc("r10-b16") - acc("r1-b16")
+        steps = rows["r1-b16"]["optimizer_steps"] / rows["r1-b64"]["optimizer_steps"]
+        sd = {k: rows[k]["final_top1"]["std"] for k in ("r1-b64", "r10-b64", "r1-b16", "r10-b16")}
+        spread = math.sqrt(sum(v**2 for v in sd.values()))  # of the difference of the two gaps
+        short = g16 - g64 > spread
+        out.append(f"Under-training: {steps:.1f}x the optimizer steps (batch 16) leave fresh rounds {g16:+.1f} points "
+                   f"from the fixed set (batch 64: {g64:+.1f}); "
+                   + ("more steps narrow the gap beyond the seed spread, so the fresh-round students were short of "
+                      "steps." if short else f"the change ({g16 - g64:+.1f}) is within the seed spread of the two "
+                      f"gaps ({spread:.1f}): the students are not short of steps."))
+        if short:
+            causes.append("too few optimizer steps")
+    r10 = rows.get("r10-b64")
+    if r10 and r10["loss"]["end_of_round"]:
+        lo = r10["loss"]
+        fixed_loss = rows["r1-b64"]["loss"]["final"] if "r1-b64" in rows else "-"
+        out.append(f"Memorise, then forget: in the 10-round arm each round is fit to a training loss (KL to the "
+                   f"stored labels) of {statistics.fmean(lo['end_of_round']):.3f} on average by its last epoch, and "
+                   f"the next round starts at {statistics.fmean(lo['first_epoch_of_next']):.3f}, the loss on "
+                   "generated images the student has not seen: what it learns in 30 epochs on 100 images is mostly "
+                   f"specific to them. The last round, met at a cosine learning rate near zero, ends at "
+                   f"{lo['final']:.3f} (the fixed set: {fixed_loss}).")
+    if r10 and r10.get("teacher_top1_per_round"):
+        t1, ent = r10["teacher_top1_per_round"], r10["teacher_entropy_per_round"]
+        out.append(f"Labels: the teacher's top-1 on round 0 (the fixed set's images) is {t1[0]:.0f}%, on rounds "
+                   f"1-{len(t1) - 1} {statistics.fmean(t1[1:]):.1f}% on average (range {min(t1[1:]):.0f}-"
+                   f"{max(t1[1:]):.0f}%, 100 images each; mean entropy {ent[0]:.3f} vs "
+                   f"{statistics.fmean(ent[1:]):.3f} nats).")
+        up = rows.get("upfront-b64")
+        if up and up.get("teacher_top1_per_round"):
+            out[-1] = out[-1][:-1] + (f"; on the 100 images per class of the up-front set "
+                                      f"{up['teacher_top1_per_round'][0]:.1f}%.")  # fmt: skip
+    mixed_wins = [a for a in ("upfront-b64", "r10-b64-mixed") if a in rows and "r1-b64" in rows
+                  and beyond(a, "r1-b64") and "r10-b64" in rows and beyond(a, "r10-b64")]  # fmt: skip
+    if mixed_wins:
+        parts = ", ".join(f"{a} {acc(a):.1f}%" for a in mixed_wins)
+        out.append(f"Order: the same number of distinct generated images, at the same optimizer steps and the same "
+                   f"stored bytes, but mixed through the whole run ({parts}) beat both the fixed set "
+                   f"({acc('r1-b64'):.1f}%) and the sequential rounds ({acc('r10-b64'):.1f}%). Variation helps when "
+                   "the student sees it together; trained one round at a time it is overwritten.")
+        causes.append("the sequential round order")
+    if "r10-b64-constant" in rows and "r1-b64-constant" in rows:
+        g = acc("r10-b64-constant") - acc("r1-b64-constant")
+        out.append(f"Schedule: with a constant learning rate (every round trained at the same rate) fresh rounds are "
+                   f"{g:+.1f} points from the fixed set (cosine: "
+                   f"{acc('r10-b64') - acc('r1-b64'):+.1f})." if "r10-b64" in rows and "r1-b64" in rows else
+                   f"Schedule: with a constant learning rate fresh rounds are {g:+.1f} points from the fixed set.")
+    if causes:
+        out.append("So the cause measured here: " + " and ".join(causes) + ". promptset's P1 default is now "
+                   "`--round-order mixed` (every epoch draws from all rounds); `--round-order sequential` keeps the "
+                   "old order.")
+    return out
 
 
 if __name__ == "__main__":
