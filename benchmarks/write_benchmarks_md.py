@@ -580,6 +580,12 @@ def demo_section(demo_path: Path) -> list[str]:
             f"{e['ipc_equivalent']:.2f} | {e['final_top1']['mean']:.2f} ± {e['final_top1']['std']:.2f} | "
             f"{e['best_top1']['mean']:.2f} ± {e['best_top1']['std']:.2f} |"
         )
+    fresh = [e for e in results["entries"].values() if (e.get("distilled") or {}).get("rounds", 1) > 1]
+    orders = sorted({e["recipe"].get("round_order", "sequential") for e in fresh})
+    if orders and orders != ["mixed"]:
+        lines += ["", f"d3m's fresh rounds in this table were trained in the **{', '.join(orders)}** round order "
+                      "(measured before `evaluate --round-order mixed` became the default; see the fresh-rounds "
+                      "ablation below): rerun `benchmarks/demo_from_clone.py` for the current default."]
     if demo.get("reading"):
         lines += ["", demo["reading"].replace("reading: ", "Reading (printed by the demo): ", 1)]
     q = demo.get("generator_quality", {}).get("quality", {})
@@ -742,8 +748,21 @@ def main() -> None:
             ]
     cifar = RESULTS / "cifar10_world.md"
     if cifar.is_file():
-        text = cifar.read_text().strip()
-        lines += [text.replace("](cifar10_world_", "](benchmarks/results/cifar10_world_"), ""]
+        text = cifar.read_text().strip().replace("](cifar10_world_", "](benchmarks/results/cifar10_world_")
+        world = _load("cifar10_world.json") or {}
+        stale = []
+        model = Path((world.get("paths") or {}).get("model", "")).name
+        if model and model != "cifar10-mini-v2":
+            stale.append(f"with the older generator `{model}` (not `cifar10-mini-v2`)")
+        orders = sorted({e["recipe"].get("round_order", "sequential") for e in (world.get("entries") or {}).values()
+                         if (e.get("distilled") or {}).get("rounds", 1) > 1})  # fmt: skip
+        if orders and orders != ["mixed"]:
+            stale.append(f"with fresh rounds in the {', '.join(orders)} order (now `--round-order mixed`)")
+        head, _, rest = text.partition("\n")
+        if stale:
+            head += ("\n\n**Measured " + " and ".join(stale) + "**: a rerun of `benchmarks/cifar10_world.py --scale "
+                     "cpu --threads 1` (about seven hours on one core of this CPU) replaces it.")
+        lines += [head + "\n" + rest, ""]
     else:
         lines += [
             "## CIFAR-10 table at the paper's student budget",
