@@ -240,7 +240,8 @@ def markdown(payload: dict) -> list[str]:
         teach = f"{t1[0]:.1f} / {statistics.fmean(t1):.1f} / {t1[-1]:.1f}" if t1 else "-"
         loss = r["loss"]
         jump = "-"
-        if r.get("round_order") != "mixed" and loss["end_of_round"] and all(x is not None for x in loss["end_of_round"] + loss["first_epoch_of_next"]):
+        bounds = loss["end_of_round"] + loss["first_epoch_of_next"]
+        if r.get("round_order") != "mixed" and loss["end_of_round"] and all(x is not None for x in bounds):
             jump = (f"{statistics.fmean(loss['end_of_round']):.3f} -> "
                     f"{statistics.fmean(loss['first_epoch_of_next']):.3f}")  # fmt: skip
         entropy = f"{statistics.fmean(ent):.3f}" if ent else "-"
