@@ -34,7 +34,7 @@ class PackConfig:
                    positional=True)
     out: str = opt("", "the packed file to write, NAME.safetensors")
     entry: str = opt("", "pack the rounds an evaluate entry trained on, by its key in <run>/eval/results.json "
-                     "(e.g. d3m/p1/convnet3/ipc10/regen30); default: generate's images and labels")
+                     "(e.g. d3m/p1/convnet3/ipc10/regen30/mixed); default: generate's images and labels")
     overwrite: bool = opt(False, "replace an existing --out")
 
 
