@@ -33,8 +33,8 @@ class PackConfig:
     run: str = opt("", "run folder to pack (prompts.safetensors, and labels.safetensors from generate)",
                    positional=True)
     out: str = opt("", "the packed file to write, NAME.safetensors")
-    entry: str = opt("", "pack the rounds an evaluate entry trained on, by its key in <run>/eval/results.json "
-                     "(e.g. d3m/p1/convnet3/ipc10/regen30/mixed); default: generate's images and labels")
+    entry: str = opt("", "pack the rounds an evaluate entry trained on, by its key in <run>/eval/results.json (e.g. "
+                     "d3m/p1/convnet3/ipc10/regen30/mixed); default: generate's images and labels")
     overwrite: bool = opt(False, "replace an existing --out")
 
 
