@@ -216,7 +216,8 @@ def train_student(
     every epoch takes N samples from the pool of all rounds (`epoch_samples`), so each image of each round is seen
     equally often over the whole run. Every round has the same N samples, so each epoch is ceil(N / B) optimizer
     steps whatever the order. Random state (batch order, augmentation, CutMix) comes from generators seeded with
-    `seed`, on the CPU, so a CPU run is bit-for-bit reproducible. Returns the per-epoch history and the optimizer step count.
+    `seed`, on the CPU, so a CPU run is bit-for-bit reproducible. Returns the per-epoch history and the optimizer
+    step count.
 
     In a joined process group (torchrun) it trains data-parallel: every rank must call it with the same arguments
     (same data, same initial weights). Every rank draws the same batch order and augmentation for the global batch
