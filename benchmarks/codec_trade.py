@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument(f"--{key}", type=int, default=None, help=f"override the preset ({PRESETS['cpu'][key]})")
     ap.add_argument("--codecs", default=None, help=f"override the preset ({PRESETS['cpu']['codecs']})")
     ap.add_argument("--candidates", default=None, help=f"override the preset ({PRESETS['cpu']['candidates']})")
+    ap.add_argument("--report-only", action="store_true", help="evaluate nothing: write the results of the rows done")
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -112,21 +113,27 @@ def main(argv: list[str] | None = None) -> int:
     def existing() -> dict:
         return json.loads(results_path.read_text())["entries"] if results_path.is_file() else {}
 
-    timings = {}
-    for row in plan_rows(t):
+    def keys_of(row: dict) -> dict[str, str]:
+        """{method: its key in results.json} for one row ('' for a random-real@d3m row not yet evaluated)."""
         cfg = EvaluateConfig(protocol=row["protocol"], label_codec=row["codec"], candidates=row["candidates"],
                              regen_every=row["regen"])
-        todo = []
+        out = {}
         for m in row["methods"]:
             regen = row["regen"] if m == "d3m" else 0
-            key = entry_key(m, row["protocol"], STUDENT, t["ipc"], regen) + variant_key(cfg, m)
+            out[m] = entry_key(m, row["protocol"], STUDENT, t["ipc"], regen) + variant_key(cfg, m)
             if m.startswith("random-real@"):  # its IPC is the one of d3m's bytes: found by the rest of its key
                 shape = re.compile(rf"{re.escape(m)}/{row['protocol']}/{STUDENT}/ipc\d+"
                                    rf"{re.escape(variant_key(cfg, m))}/matches-d3m-ipc{t['ipc']}")
-                key = next((k for k in existing() if shape.fullmatch(k)), "")
-            e = existing().get(key)
-            if not (e and e.get("epochs") == t["epochs"] and len(e.get("seeds") or []) == t["seeds"]):
-                todo.append(m)
+                out[m] = next((k for k in existing() if shape.fullmatch(k)), "")
+        return out
+
+    def done(key: str) -> bool:
+        e = existing().get(key)
+        return bool(e and e.get("epochs") == t["epochs"] and len(e.get("seeds") or []) == t["seeds"])
+
+    timings = {}
+    for row in [] if args.report_only else plan_rows(t):
+        todo = [m for m, key in keys_of(row).items() if not done(key)]
         what = f"{row['protocol']} codec {row['codec']} G {row['candidates']}: {', '.join(row['methods'])}"
         if not todo:
             log(f"{what}: already in results.json, skipped")
@@ -139,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
                  gen_steps=wp["gen_steps"], guidance=wp["guidance"], eval_every=wp["eval_every"] or t["epochs"],
                  device=args.device, report=False, progress=progress)  # fmt: skip
         timings[what] = round(time.time() - t0, 1)
-    write_results(args, t, wp, run, model, existing(), timings, time.time() - started)
+    # only the rows of this plan (a results.json may hold others: fresh rounds in the sequential order, say)
+    planned = {k for row in plan_rows(t) for k in keys_of(row).values() if k and done(k)}
+    write_results(args, t, wp, run, model, {k: e for k, e in existing().items() if k in planned}, timings,
+                  time.time() - started)
     return 0
 
 
@@ -162,7 +172,7 @@ def write_results(args, t: dict, wp: dict, run: Path, model: Path, entries: dict
             "label_bytes_compressed": sum(v for k, v in (e.get("stored_compressed") or {}).items()
                                           if k.startswith("soft_labels")),
             "teacher_top1_on_images": d.get("teacher_top1_on_images"),
-            "equal_bytes": d.get("equal_bytes"),
+            "equal_bytes": d.get("equal_bytes"), "wall_time_s": round(e.get("wall_time_s") or 0.0, 1),
         })  # fmt: skip
     name = "codec_trade_smoke" if args.scale == "smoke" else "codec_trade"
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -311,7 +321,8 @@ def markdown_section(payload: dict, plot_name: str) -> list[str]:
         "## CIFAR-10: label codecs and seed selection (accuracy against stored bytes)" + smoke,
         "",
         f"Command: `python benchmarks/codec_trade.py --scale {payload['scale']}` "
-        f"({payload['wall_time_s'] / 3600:.1f} h on {payload['machine'].get('cpu')}, device "
+        f"(the rows took {sum(r.get('wall_time_s') or 0 for r in payload['rows']) / 3600:.1f} h of wall time in all, "
+        f"one thread each, on {payload['machine'].get('cpu')}, device "
         f"{payload['machine'].get('device')}). The CIFAR-10 world's run "
         f"(`cifar10_world.py --scale {t['world']}`: {wp['distill_per_class']} distilled images per class, "
         f"{wp['invert_steps']} inversion steps), IPC {t['ipc']}, P1 with {t['rounds']} rounds of fresh d3m images, "
