@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument(f"--{key}", type=int, default=None, help=f"override the preset ({PRESETS['cpu'][key]})")
     ap.add_argument("--codecs", default=None, help=f"override the preset ({PRESETS['cpu']['codecs']})")
     ap.add_argument("--candidates", default=None, help=f"override the preset ({PRESETS['cpu']['candidates']})")
+    ap.add_argument("--methods", default="", help="evaluate only these of each row's methods (comma-separated; "
+                    "default all: d3m, rded, random-real, random-real@d3m); another process can take the rest")
     ap.add_argument("--report-only", action="store_true", help="evaluate nothing: write the results of the rows done")
     args = ap.parse_args(argv)
     if args.threads > 0:
@@ -133,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 
     timings = {}
     for row in [] if args.report_only else plan_rows(t):
-        todo = [m for m, key in keys_of(row).items() if not done(key)]
+        todo = [m for m, key in keys_of(row).items() if not done(key)
+                and (not args.methods or m in args.methods.split(","))]
         what = f"{row['protocol']} codec {row['codec']} G {row['candidates']}: {', '.join(row['methods'])}"
         if not todo:
             log(f"{what}: already in results.json, skipped")
