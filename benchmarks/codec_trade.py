@@ -343,6 +343,10 @@ def markdown_section(payload: dict, plot_name: str) -> list[str]:
             f"| {codec} | {_acc(d)} | {_kb(d and d['stored_bytes'])} ({_kb(d and d['stored_bytes_compressed'])}) | "
             f"{_kb(d and d['label_bytes'])} | {_acc(rd)} | {_acc(rr)} ({_kb(rr and rr['stored_bytes'])}) | "
             f"{'-' if eq is None else str(eq['ipc']) + ', ' + _acc(eq)} |")
+    missing = [f"{m} with {c}" for c, rows in codec_rows(payload).items()
+               for m in ("d3m", "rded", "random-real", "random-real@d3m") if m not in rows]  # fmt: skip
+    if missing:
+        lines += ["", f"**Not measured yet** (shown as -; the same command resumes them): {', '.join(missing)}."]
     lines += ["", f"![accuracy vs stored bytes per codec](benchmarks/results/{plot_name})", ""]
     sel = selection_rows(payload)
     if sel:
