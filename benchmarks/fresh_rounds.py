@@ -89,14 +89,20 @@ def arm_key(arm: dict) -> str:
     return entry_key("d3m", "p1", common.STUDENT, arm["ipc"], arm["regen"]) + variant_key(cfg, "d3m")
 
 
-def round_losses(metrics: Path, key: str, regen: int, epochs: int) -> dict:
-    """Mean over seeds of the training loss at the last epoch of each round and at the first epoch of the next."""
+def _metric(metrics: Path, key: str, field: str) -> dict[tuple[int, int], float]:
+    """{(seed, epoch): field} of one entry's rows in metrics.jsonl (a rerun's rows replace earlier ones)."""
     rows = {}
     if metrics.is_file():
         for line in metrics.read_text().splitlines():
             r = json.loads(line) if line.strip() else {}
-            if r.get("key") == key and r.get("loss") is not None:
-                rows[(r["seed"], r["epoch"])] = r["loss"]  # a rerun's rows replace earlier ones
+            if r.get("key") == key and r.get(field) is not None:
+                rows[(r["seed"], r["epoch"])] = r[field]
+    return rows
+
+
+def round_losses(metrics: Path, key: str, regen: int, epochs: int) -> dict:
+    """Mean over seeds of the training loss at the last epoch of each round and at the first epoch of the next."""
+    rows = _metric(metrics, key, "loss")
     seeds = sorted({s for s, _ in rows})
 
     def mean(epoch):
@@ -110,12 +116,7 @@ def round_losses(metrics: Path, key: str, regen: int, epochs: int) -> dict:
 
 def test_curve(metrics: Path, key: str) -> list[list]:
     """[epoch, mean test top-1 over seeds] at every tested epoch (arms tested more than once)."""
-    rows = {}
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            r = json.loads(line) if line.strip() else {}
-            if r.get("key") == key and r.get("test_top1") is not None:
-                rows[(r["seed"], r["epoch"])] = r["test_top1"]
+    rows = _metric(metrics, key, "test_top1")
     epochs = sorted({e for _, e in rows})
     return [[e, round(statistics.fmean(v for (s, ep), v in rows.items() if ep == e), 2)] for e in epochs]
 

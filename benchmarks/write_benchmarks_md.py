@@ -665,36 +665,33 @@ DEMO_ROWS = [("p1", "d3m"), ("p1", "rded"), ("p1", "random-real"), ("p1", "rando
              ("p2", "random-real")]  # fmt: skip
 
 
-def codec_trade_section() -> list[str]:
-    """Label codecs and seed selection on the CIFAR-10 world: the table, plot and reading `codec_trade.py` wrote
-    from its numbers (codec_trade.md next to codec_trade.json), or how to make them."""
-    md = RESULTS / "codec_trade.md"
+def _script_section(name: str, title: str, not_run: str) -> list[str]:
+    """The section a benchmark script wrote from its numbers (results/<name>.md), or how to make it."""
+    md = RESULTS / f"{name}.md"
     if md.is_file():
         return [*md.read_text().strip().splitlines(), ""]
-    return [
-        "## CIFAR-10: label codecs and seed selection (accuracy against stored bytes)",
-        "",
+    return [f"## {title}", "", not_run, ""]
+
+
+def codec_trade_section() -> list[str]:
+    """Label codecs and seed selection on the CIFAR-10 world (`codec_trade.py`), or how to make them."""
+    return _script_section(
+        "codec_trade", "CIFAR-10: label codecs and seed selection (accuracy against stored bytes)",
         "Not run yet. `python benchmarks/codec_trade.py --scale cpu --threads 1` evaluates the CIFAR-10 world at "
         "IPC 10 under P1 (10 rounds of fresh d3m images, ConvNet-3, 300 epochs, 3 seeds) once per label codec "
         "(fp16, int8, topk:3, topk:1, vq:64) for d3m, rded, random-real and random-real at d3m's stored bytes, and "
         "d3m with seed selection (G = 1, 4, 8) under P1 and P2; every finished row is kept, so it resumes across "
         "sessions. It writes benchmarks/results/codec_trade.json, .md (table and a reading from the numbers) and "
         "_accuracy_vs_bytes.png, which this section then shows.",
-        "",
-    ]
+    )
 
 
 def fresh_rounds_section() -> list[str]:
-    """The fresh-rounds ablation on the CIFAR-10 world (`fresh_rounds.py` wrote fresh_rounds.md from its numbers)."""
-    md = RESULTS / "fresh_rounds.md"
-    if md.is_file():
-        return [*md.read_text().strip().splitlines(), ""]
-    return [
-        "## CIFAR-10: why fresh rounds score below a fixed set under P1 (the ablation)",
-        "",
+    """The fresh-rounds ablation on the CIFAR-10 world (`fresh_rounds.py`), or how to make it."""
+    return _script_section(
+        "fresh_rounds", "CIFAR-10: why fresh rounds score below a fixed set under P1 (the ablation)",
         "Not run yet: `python benchmarks/fresh_rounds.py --threads 1` (about an hour per batch size on one core).",
-        "",
-    ]
+    )
 
 
 def main() -> None:
