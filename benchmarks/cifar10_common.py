@@ -258,8 +258,9 @@ def data_splits(shared: Path, cache: Path, test_per_class: int) -> tuple[Path, P
     return data, distill, test
 
 
-def distill_run(run: Path, distill: Path, model: Path, teacher: str, p: dict, ipc: int, device: str,
-                progress: bool, timer=None) -> Path:
+def distill_run(
+    run: Path, distill: Path, model: Path, teacher: str, p: dict, ipc: int, device: str, progress: bool, timer=None
+) -> Path:
     """select (ResNet-20, factor 1, 32 px), invert (mini, 64 px) and generate (`ipc`, soft labels, 32 px) with the
     world's preset `p`; each stage resumes or skips when its outputs are already there."""
     from promptset.stages.generate import generate
@@ -296,8 +297,9 @@ def mirror(src: Path, dst: Path, rounds: Path | None = None) -> Path:
     """`dst` holds `src`'s run files (everything but eval/), copied again when the prompts changed. With `rounds`,
     `dst/eval/rounds` is a link to that folder, so mirrors share promptset's round cache (its files are keyed by
     everything that changes a pixel and merged on write)."""
-    same = (dst / "prompts.safetensors").is_file() and sha256_file(dst / "prompts.safetensors") == \
-        sha256_file(src / "prompts.safetensors")
+    same = (dst / "prompts.safetensors").is_file() and sha256_file(dst / "prompts.safetensors") == sha256_file(
+        src / "prompts.safetensors"
+    )
     if not same:
         shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(src, dst, ignore=lambda folder, names: ["eval"] if Path(folder) == src else [])
@@ -309,3 +311,75 @@ def mirror(src: Path, dst: Path, rounds: Path | None = None) -> Path:
             shutil.rmtree(link, ignore_errors=True)
             link.symlink_to(rounds.resolve(), target_is_directory=True)
     return dst
+
+
+def run_inputs(run: Path) -> dict:
+    """sha256 of what every evaluate entry of a world run depends on besides the generator and the test split: the
+    selected collages (rded's images and inversion's data), the learned prompts and generate's labels. Two machines
+    with equal inputs train students on the same data, so entries measured on one are valid on the other."""
+    h = hashlib.sha256()
+    for f in sorted((run / "collages").rglob("*")):
+        if f.is_file():
+            h.update(f.relative_to(run).as_posix().encode() + b"\0" + bytes.fromhex(sha256_file(f)))
+    return {"collages": h.hexdigest()} | {
+        k: tensors_sha256(run / f"{k}.safetensors") if (run / f"{k}.safetensors").is_file() else None
+        for k in ("prompts", "labels")
+    }
+
+
+def tensors_sha256(path: Path) -> str:
+    """sha256 of a safetensors file's tensors (name, dtype, shape, bytes) and metadata, in sorted order: equal for
+    equal content whatever order the writer put the header's keys in (it varies between writes)."""
+    from safetensors.torch import load_file
+
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        meta = json.loads(f.read(n)).get("__metadata__") or {}
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for name, t in sorted(load_file(str(path)).items()):
+        h.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# What each method's entries depend on among `run_inputs` (besides the generator, the teacher, the data and the seeds):
+# d3m trains on images of the learned prompts (and generate's labels for its fixed set), rded on the collages;
+# class-prompt, random-real and full on nothing the run's distillation made.
+DEPENDS = {"d3m": ("prompts", "labels"), "rded": ("collages",)}
+
+
+def import_committed(committed: Path, results_path: Path, tag: str, model_hash: str, inputs: dict) -> int:
+    """Entries of the committed results file (`benchmarks/results/<name>.json`) that `results_path` lacks, copied into
+    it when they were measured on the same preset and generator and on the same run inputs their method depends on
+    (`DEPENDS`; inversion on another CPU model learns slightly different prompts, so d3m's rows of another machine
+    are trained again): a long table resumes on a fresh machine from what an earlier session committed. Returns how
+    many entries were imported."""
+    from promptset.atomic import locked, write_json
+    from promptset.evaluation.results import load_results
+
+    if not committed.is_file():
+        return 0
+    old = json.loads(committed.read_text())
+    if old.get("tag") != tag or old.get("model_hash") != model_hash:
+        return 0
+    was = old.get("inputs") or {}
+
+    def valid(e: dict) -> bool:
+        deps = DEPENDS.get(e["method"].split("@")[0], ())
+        return all(was.get(k) is not None and was.get(k) == inputs.get(k) for k in deps)
+
+    with locked(results_path):
+        cur = load_results(results_path)
+        new = {k: e for k, e in (old.get("entries") or {}).items() if k not in cur["entries"] and valid(e)}
+        stale = sorted(k for k, e in (old.get("entries") or {}).items() if k not in cur["entries"] and not valid(e))
+        for e in new.values():
+            e["imported_from"] = f"benchmarks/results/{committed.name}"
+        cur["entries"].update(new)
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(results_path, cur)
+    if stale:
+        log(f"{committed.name}: {len(stale)} entries were measured on other run inputs ({', '.join(stale)}); "
+            "not imported, they are trained again")  # fmt: skip
+    return len(new)
+
+

@@ -17,6 +17,7 @@ from cifar10_common import (
     generation_stats,
     log,
     machine_info,
+    run_inputs,
 )
 
 
@@ -120,8 +121,30 @@ def reading(entries: dict, quality: dict, fidelity: dict, p: dict) -> list[str]:
     return out
 
 
-def write_outputs(name, args, p, tag, root, model, run, test, pre, timer, ipcs, epochs, est, t_start) -> None:
+def missing_rows(plan: list, entries: dict, p: dict) -> list[str]:
+    """The planned (method, protocol, IPC, images) rows that `entries` does not hold at their epochs and seeds."""
+    from promptset.evaluation.results import entry_key, variant_key
+    from promptset.stages.evaluate import EvaluateConfig
+
+    out = []
+    for item in plan:
+        if item == "equal-bytes":
+            continue
+        protocol, ipc, n_epochs, regen, methods = item
+        seeds = p["full_seeds"] if methods == ["full"] else p["seeds"]
+        for m in methods:
+            cfg = EvaluateConfig(protocol=protocol, regen_every=regen)
+            e = entries.get(entry_key(m, protocol, STUDENT, ipc, regen) + variant_key(cfg, m))
+            if not (e and e.get("epochs") == n_epochs and len(e.get("seeds") or []) == seeds):
+                images = "" if m in ("rded", "random-real", "full") else (f", regen every {regen}" if regen else
+                                                                          ", fixed")  # fmt: skip
+                out.append(f"{m} {protocol.upper()} IPC {ipc or 'all'} ({n_epochs} epochs{images})")
+    return out
+
+
+def write_outputs(name, args, p, tag, root, model, run, test, pre, timer, ipcs, epochs, est, t_start, plan) -> None:
     from promptset.accounting import fmt_bytes
+    from promptset.backends.mini import model_fingerprint
 
     results = json.loads((run / "eval" / "results.json").read_text())
     entries = results["entries"]
@@ -138,6 +161,8 @@ def write_outputs(name, args, p, tag, root, model, run, test, pre, timer, ipcs, 
         "benchmark": "cifar10_world",
         "scale": args.scale,
         "tag": tag,
+        "model_hash": model_fingerprint(model),
+        "inputs": run_inputs(run),
         "preset": p,
         "settings": {
             "data": "CIFAR-10 as JPEG q75 (../shared/data/cifar10-jpeg.tar.gz), official split",
@@ -179,6 +204,7 @@ def write_outputs(name, args, p, tag, root, model, run, test, pre, timer, ipcs, 
         "select": {"classes": select_info.get("classes")},
         "generation_cache": generation_stats(entries),
         "paths": {"root": str(root), "model": str(model), "run": str(run), "test": str(test)},
+        "not_measured": missing_rows(plan, entries, p),
         "entries": entries,
     }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -281,6 +307,16 @@ def write_outputs(name, args, p, tag, root, model, run, test, pre, timer, ipcs, 
                 f"| {b['mean']:.2f} ± {b['std']:.2f} | {fmt_bytes(e['stored_bytes'])} | {e['ipc_equivalent']:.3f} |"
             )
         lines.append("")
+    if summary["not_measured"]:
+        lines += ["**Not measured yet** (the script resumes them, row by row): " + "; ".join(summary["not_measured"])
+                  + ".", ""]  # fmt: skip
+    imported = sorted(k for k, e in entries.items() if e.get("imported_from"))
+    if imported:
+        lines += [
+            f"{len(imported)} entries were measured in an earlier session on the same generator and run inputs "
+            "(equal sha256 of collages, prompts and labels) and imported from the committed results file.",
+            "",
+        ]
     lines += [
         "Stored bytes: d3m = prompts (fp32) + class list + seeds (+ P1 soft labels of every round); class-prompt = "
         "the prompt strings + seeds (+ soft labels); rded / random-real / full = raw uint8 images (+ P1 soft labels). "

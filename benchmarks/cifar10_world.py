@@ -214,6 +214,33 @@ def estimate(p: dict, ipcs: list[int], epochs: dict[int, int]) -> dict[str, floa
     return est
 
 
+def make_plan(p: dict, ipcs: list[int], epochs: dict[int, int]) -> list:
+    """The table's rows in the order they are trained: (protocol, ipc, epochs, regen_every, methods) or
+    "equal-bytes". Most telling first (a long CPU run that is stopped keeps the rows that matter): P1 then P2 at the
+    IPCs with the paper's budget, fresh images first; then fixed sets, the equal-bytes random-real rows, IPCs at a
+    cut budget, `full`."""
+    paper_ipcs = sorted(i for i in ipcs if epochs[i] >= 300) or sorted(ipcs)
+    other_ipcs = sorted(i for i in ipcs if i not in paper_ipcs)
+    rounds = rounds_list(p)
+    fresh, fixed = [r for r in rounds if r > 1], [r for r in rounds if r == 1]
+
+    def items(protocol, ipc, rounds_of):
+        e = epochs[ipc]
+        return [(protocol, ipc, e, math.ceil(e / r) if r > 1 else 0, ["d3m", "class-prompt"]) for r in rounds_of]
+
+    def real(protocol, ipc):
+        return [(protocol, ipc, epochs[ipc], 0, ["rded", "random-real"])]
+
+    plan = [it for protocol in ("p1", "p2") for ipc in paper_ipcs
+            for it in items(protocol, ipc, fresh) + real(protocol, ipc) + items(protocol, ipc, fixed)]  # fmt: skip
+    plan.append("equal-bytes")
+    plan += [it for protocol in ("p1", "p2") for ipc in other_ipcs
+             for it in real(protocol, ipc) + items(protocol, ipc, fixed)]  # fmt: skip
+    plan += [it for protocol in ("p1", "p2") for ipc in other_ipcs for it in items(protocol, ipc, fresh)]
+    plan += [(protocol, None, p["full_epochs"], 0, ["full"]) for protocol in ("p1", "p2")]
+    return plan
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--scale", choices=list(PRESETS), default="reduced", help="preset (every value overridable)")
@@ -251,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         "--redo",
         default="",
         help="comma-separated methods whose entries in results.json are dropped first (trained again)",
+    )
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma-separated table rows to evaluate, as PROTOCOL:IPC (p1:50), PROTOCOL:IPC:METHOD (p1:50:rded), "
+        "`equal-bytes` or PROTOCOL:full; the others are skipped (two such invocations with disjoint rows share "
+        "one machine's cores and its results.json)",
     )
     ap.add_argument(
         "--until",
@@ -339,7 +373,23 @@ def main(argv: list[str] | None = None) -> int:
         report(runs=str(run), out=str(run / "eval"), title=f"CIFAR-10 JPEG world ({tag}): accuracy vs stored bytes")
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(run / "eval" / "accuracy_vs_bytes.png", RESULTS_DIR / f"{name}_accuracy_vs_bytes.png")
-        write_outputs(name, args, p, tag, root, model, run, data_test, pre, timer, ipcs, epochs, est, t_start)
+        write_outputs(
+            name,
+            args,
+            p,
+            tag,
+            root,
+            model,
+            run,
+            data_test,
+            pre,
+            timer,
+            ipcs,
+            epochs,
+            est,
+            t_start,
+            make_plan(p, ipcs, epochs),
+        )
         return 0
 
     # ---- 1-2. data; 4. select, invert, generate (cifar10_common: each stage resumes or skips) ---------------
@@ -379,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- 4. evaluate -----------------------------------------------------------------------------------------
     results_path = run / "eval" / "results.json"
+    # rows an earlier session committed (same preset, generator and run inputs) are not trained again
+    n = common.import_committed(RESULTS_DIR / f"{name}.json", results_path, tag, model_hash, common.run_inputs(run))
+    if n:
+        log(f"imported {n} entries measured on the same generator and run inputs from {RESULTS_DIR / name}.json")
     if args.redo and results_path.is_file():
         redo = {m.strip() for m in args.redo.split(",")}
         data_ = json.loads(results_path.read_text())
@@ -396,29 +450,32 @@ def main(argv: list[str] | None = None) -> int:
         e = existing().get(entry_key(method, protocol, STUDENT, ipc, regen) + variant_key(cfg, method))
         return bool(e) and e.get("epochs") == n_epochs and len(e.get("seeds") or []) == seeds
 
-    # Most telling first (a long CPU run that is stopped keeps the rows that matter): P1 then P2 at the IPCs with
-    # the paper's budget, fresh images first; then fixed sets, the equal-bytes random-real rows, other IPCs, `full`.
+    plan = make_plan(p, ipcs, epochs)
     paper_ipcs = sorted(i for i in ipcs if epochs[i] >= 300) or sorted(ipcs)
-    other_ipcs = sorted(i for i in ipcs if i not in paper_ipcs)
-    rounds = rounds_list(p)
-    fresh, fixed = [r for r in rounds if r > 1], [r for r in rounds if r == 1]
-
-    def items(protocol, ipc, rounds_of):
-        e = epochs[ipc]
-        return [(protocol, ipc, e, math.ceil(e / r) if r > 1 else 0, ["d3m", "class-prompt"]) for r in rounds_of]
-
-    def real(protocol, ipc):
-        return [(protocol, ipc, epochs[ipc], 0, ["rded", "random-real"])]
-
-    plan = [it for protocol in ("p1", "p2") for ipc in paper_ipcs
-            for it in items(protocol, ipc, fresh) + real(protocol, ipc) + items(protocol, ipc, fixed)]  # fmt: skip
-    plan.append("equal-bytes")
-    # IPCs at a cut budget: the cheap rows (real images, one fixed generated set) first, fresh rounds (many images
-    # to generate) last
-    plan += [it for protocol in ("p1", "p2") for ipc in other_ipcs
-             for it in real(protocol, ipc) + items(protocol, ipc, fixed)]  # fmt: skip
-    plan += [it for protocol in ("p1", "p2") for ipc in other_ipcs for it in items(protocol, ipc, fresh)]
-    plan += [(protocol, None, p["full_epochs"], 0, ["full"]) for protocol in ("p1", "p2")]
+    if args.only:  # PROTOCOL:IPC or PROTOCOL:IPC:METHOD; `equal-bytes`
+        only: dict[str, set | None] = {}
+        for part in (x.strip() for x in args.only.split(",") if x.strip()):
+            row, method = part.rsplit(":", 1) if part.count(":") == 2 else (part, "")
+            if method and method not in (*METHODS, "full"):
+                raise SystemExit(f"--only {part}: unknown method {method!r}; methods are {', '.join(METHODS)}")
+            if not method or (row in only and only[row] is None):
+                only[row] = None  # every method of the row
+            else:
+                only[row] = (only.get(row) or set()) | {method}
+        known = {"equal-bytes"} | {f"{pr}:{i}" for pr in ("p1", "p2") for i in [*ipcs, "full"]}
+        if set(only) - known:
+            raise SystemExit(f"--only: unknown rows {sorted(set(only) - known)}; rows are {sorted(known)}")
+        kept = []
+        for it in plan:
+            row = it if it == "equal-bytes" else f"{it[0]}:{it[1] or 'full'}"
+            if row not in only:
+                continue
+            if it != "equal-bytes" and only[row] is not None:
+                it = (*it[:4], [m for m in it[4] if m in only[row]])
+                if not it[4]:
+                    continue
+            kept.append(it)
+        plan = kept
 
     def run_eval(protocol, ipc, n_epochs, regen, methods) -> None:
         seeds = p["full_seeds"] if methods == ["full"] else p["seeds"]
@@ -456,7 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(eval_dir / "accuracy_vs_bytes.png", RESULTS_DIR / f"{name}_accuracy_vs_bytes.png")
     timer.add("report", time.time() - t)
-    write_outputs(name, args, p, tag, root, model, run, test, pre, timer, ipcs, epochs, est, t_start)
+    write_outputs(
+        name, args, p, tag, root, model, run, test, pre, timer, ipcs, epochs, est, t_start, make_plan(p, ipcs, epochs)
+    )
     return 0
 
 

@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     def existing() -> dict:
         return json.loads(results_path.read_text())["entries"] if results_path.is_file() else {}
 
+    committed = committed_rows(args, t, wp)  # rows an earlier session measured (maybe on another machine)
+
     def keys_of(row: dict) -> dict[str, str]:
         """{method: its key in results.json} for one row ('' for a random-real@d3m row not yet evaluated)."""
         cfg = EvaluateConfig(protocol=row["protocol"], label_codec=row["codec"], candidates=row["candidates"],
@@ -126,12 +128,13 @@ def main(argv: list[str] | None = None) -> int:
             if m.startswith("random-real@"):  # its IPC is the one of d3m's bytes: found by the rest of its key
                 shape = re.compile(rf"{re.escape(m)}/{row['protocol']}/{STUDENT}/ipc\d+"
                                    rf"{re.escape(variant_key(cfg, m))}/matches-d3m-ipc{t['ipc']}")
-                out[m] = next((k for k in existing() if shape.fullmatch(k)), "")
+                out[m] = next((k for k in [*existing(), *committed] if shape.fullmatch(k)), "")
         return out
 
     def done(key: str) -> bool:
-        e = existing().get(key)
-        return bool(e and e.get("epochs") == t["epochs"] and len(e.get("seeds") or []) == t["seeds"])
+        e, r = existing().get(key), committed.get(key)
+        return bool(e and e.get("epochs") == t["epochs"] and len(e.get("seeds") or []) == t["seeds"]) or bool(
+            r and r["epochs"] == t["epochs"] and r["seeds"] == t["seeds"])
 
     timings = {}
     for row in [] if args.report_only else plan_rows(t):
@@ -152,14 +155,28 @@ def main(argv: list[str] | None = None) -> int:
     # only the rows of this plan (a results.json may hold others: fresh rounds in the sequential order, say)
     planned = {k for row in plan_rows(t) for k in keys_of(row).values() if k and done(k)}
     write_results(args, t, wp, run, model, {k: e for k, e in existing().items() if k in planned}, timings,
-                  time.time() - started)
+                  time.time() - started, {k: r for k, r in committed.items() if k in planned})
     return 0
 
 
+def committed_rows(args, t: dict, wp: dict) -> dict[str, dict]:
+    """{key: row} of the committed results file when it was measured with the same trade and world presets: rows
+    a fresh machine need not train again. Each keeps the CPU it was measured on (`machine`)."""
+    path = RESULTS_DIR / ("codec_trade_smoke.json" if args.scale == "smoke" else "codec_trade.json")
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    if old.get("trade") != t or old.get("world_preset") != wp:
+        return {}
+    return {r["key"]: {"machine": old["machine"]["cpu"]} | r for r in old["rows"]}
+
+
 def write_results(args, t: dict, wp: dict, run: Path, model: Path, entries: dict, timings: dict,
-                  wall: float) -> None:
-    """benchmarks/results/codec_trade{,_smoke}.json: one row per entry, with bytes raw and compressed."""
-    rows = []
+                  wall: float, committed: dict | None = None) -> None:
+    """benchmarks/results/codec_trade{,_smoke}.json: one row per entry, with bytes raw and compressed, and the
+    `committed` rows (measured earlier) this run's results.json does not hold."""
+    cpu = common.machine_info(args.device)["cpu"]
+    rows = [r for k, r in (committed or {}).items() if k not in entries]
     for key, e in entries.items():
         if e.get("ipc") != t["ipc"] and not e["method"].startswith("random-real@"):
             continue
@@ -176,6 +193,7 @@ def write_results(args, t: dict, wp: dict, run: Path, model: Path, entries: dict
                                           if k.startswith("soft_labels")),
             "teacher_top1_on_images": d.get("teacher_top1_on_images"),
             "equal_bytes": d.get("equal_bytes"), "wall_time_s": round(e.get("wall_time_s") or 0.0, 1),
+            "machine": cpu,
         })  # fmt: skip
     name = "codec_trade_smoke" if args.scale == "smoke" else "codec_trade"
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
