@@ -258,9 +258,8 @@ def data_splits(shared: Path, cache: Path, test_per_class: int) -> tuple[Path, P
     return data, distill, test
 
 
-def distill_run(
-    run: Path, distill: Path, model: Path, teacher: str, p: dict, ipc: int, device: str, progress: bool, timer=None
-) -> Path:
+def distill_run(run: Path, distill: Path, model: Path, teacher: str, p: dict, ipc: int, device: str,
+                progress: bool, timer=None) -> Path:
     """select (ResNet-20, factor 1, 32 px), invert (mini, 64 px) and generate (`ipc`, soft labels, 32 px) with the
     world's preset `p`; each stage resumes or skips when its outputs are already there."""
     from promptset.stages.generate import generate
@@ -297,9 +296,8 @@ def mirror(src: Path, dst: Path, rounds: Path | None = None) -> Path:
     """`dst` holds `src`'s run files (everything but eval/), copied again when the prompts changed. With `rounds`,
     `dst/eval/rounds` is a link to that folder, so mirrors share promptset's round cache (its files are keyed by
     everything that changes a pixel and merged on write)."""
-    same = (dst / "prompts.safetensors").is_file() and sha256_file(dst / "prompts.safetensors") == sha256_file(
-        src / "prompts.safetensors"
-    )
+    same = (dst / "prompts.safetensors").is_file() and sha256_file(dst / "prompts.safetensors") == \
+        sha256_file(src / "prompts.safetensors")
     if not same:
         shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(src, dst, ignore=lambda folder, names: ["eval"] if Path(folder) == src else [])
@@ -328,18 +326,12 @@ def run_inputs(run: Path) -> dict:
 
 
 def tensors_sha256(path: Path) -> str:
-    """sha256 of a safetensors file's tensors (name, dtype, shape, bytes) and metadata, in sorted order: equal for
-    equal content whatever order the writer put the header's keys in (it varies between writes)."""
-    from safetensors.torch import load_file
+    """The content and metadata hashes promptset's `save_tensors` stores in every artifact (checked on load): equal
+    for equal tensors and settings, whatever order the writer put the header's keys in (it varies between writes)."""
+    from promptset.artifacts import load_tensors
 
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        meta = json.loads(f.read(n)).get("__metadata__") or {}
-    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
-    for name, t in sorted(load_file(str(path)).items()):
-        h.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
-        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    meta = load_tensors(path)[1]
+    return f"{meta['content_sha256']}:{meta['metadata_sha256']}"
 
 
 # What each method's entries depend on among `run_inputs` (besides the generator, the teacher, the data and the seeds):

@@ -121,11 +121,20 @@ def reading(entries: dict, quality: dict, fidelity: dict, p: dict) -> list[str]:
     return out
 
 
-def missing_rows(plan: list, entries: dict, p: dict) -> list[str]:
-    """The planned (method, protocol, IPC, images) rows that `entries` does not hold at their epochs and seeds."""
+def has_entry(entries: dict, method: str, protocol: str, ipc: int | None, regen: int, n_epochs: int,
+              seeds: int) -> bool:
+    """Whether `entries` holds the row under the key evaluate writes for it (promptset's defaults), at these epochs
+    and seeds."""
     from promptset.evaluation.results import entry_key, variant_key
     from promptset.stages.evaluate import EvaluateConfig
 
+    cfg = EvaluateConfig(protocol=protocol, regen_every=regen)
+    e = entries.get(entry_key(method, protocol, STUDENT, ipc, regen) + variant_key(cfg, method))
+    return bool(e) and e.get("epochs") == n_epochs and len(e.get("seeds") or []) == seeds
+
+
+def missing_rows(plan: list, entries: dict, p: dict) -> list[str]:
+    """The planned (method, protocol, IPC, images) rows that `entries` does not hold at their epochs and seeds."""
     out = []
     for item in plan:
         if item == "equal-bytes":
@@ -133,9 +142,7 @@ def missing_rows(plan: list, entries: dict, p: dict) -> list[str]:
         protocol, ipc, n_epochs, regen, methods = item
         seeds = p["full_seeds"] if methods == ["full"] else p["seeds"]
         for m in methods:
-            cfg = EvaluateConfig(protocol=protocol, regen_every=regen)
-            e = entries.get(entry_key(m, protocol, STUDENT, ipc, regen) + variant_key(cfg, m))
-            if not (e and e.get("epochs") == n_epochs and len(e.get("seeds") or []) == seeds):
+            if not has_entry(entries, m, protocol, ipc, regen, n_epochs, seeds):
                 images = "" if m in ("rded", "random-real", "full") else (f", regen every {regen}" if regen else
                                                                           ", fixed")  # fmt: skip
                 out.append(f"{m} {protocol.upper()} IPC {ipc or 'all'} ({n_epochs} epochs{images})")

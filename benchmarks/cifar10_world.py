@@ -58,7 +58,7 @@ from cifar10_common import (  # noqa: E402
     prompt_fidelity,
     sha256_file,
 )
-from cifar10_report import rounds_list, write_outputs  # noqa: E402
+from cifar10_report import has_entry, rounds_list, write_outputs  # noqa: E402
 
 torch.set_flush_denormal(True)
 
@@ -358,8 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     timer = Timer(root / "walltimes.json")
     t_start = time.time()
 
-    from promptset.evaluation.results import entry_key, variant_key
-    from promptset.stages.evaluate import EvaluateConfig, evaluate
+    from promptset.stages.evaluate import evaluate
     from promptset.stages.report import report
 
     pre = generator_record(model)
@@ -373,23 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         report(runs=str(run), out=str(run / "eval"), title=f"CIFAR-10 JPEG world ({tag}): accuracy vs stored bytes")
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(run / "eval" / "accuracy_vs_bytes.png", RESULTS_DIR / f"{name}_accuracy_vs_bytes.png")
-        write_outputs(
-            name,
-            args,
-            p,
-            tag,
-            root,
-            model,
-            run,
-            data_test,
-            pre,
-            timer,
-            ipcs,
-            epochs,
-            est,
-            t_start,
-            make_plan(p, ipcs, epochs),
-        )
+        write_outputs(name, args, p, tag, root, model, run, data_test, pre, timer, ipcs, epochs, est, t_start,
+                      make_plan(p, ipcs, epochs))
         return 0
 
     # ---- 1-2. data; 4. select, invert, generate (cifar10_common: each stage resumes or skips) ---------------
@@ -446,9 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         return json.loads(results_path.read_text())["entries"] if results_path.is_file() else {}
 
     def have(method, protocol, ipc, regen, n_epochs, seeds) -> bool:
-        cfg = EvaluateConfig(protocol=protocol, regen_every=regen)  # promptset's defaults: the key evaluate writes
-        e = existing().get(entry_key(method, protocol, STUDENT, ipc, regen) + variant_key(cfg, method))
-        return bool(e) and e.get("epochs") == n_epochs and len(e.get("seeds") or []) == seeds
+        return has_entry(existing(), method, protocol, ipc, regen, n_epochs, seeds)
 
     plan = make_plan(p, ipcs, epochs)
     paper_ipcs = sorted(i for i in ipcs if epochs[i] >= 300) or sorted(ipcs)
