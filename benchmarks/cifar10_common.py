@@ -275,7 +275,7 @@ def distill_run(run: Path, distill: Path, model: Path, teacher: str, p: dict, ip
                                   progress=progress)),
         ("generate", lambda: generate(run=str(run), ipc=ipc, steps=p["gen_steps"], guidance=p["guidance"],
                                       image_size=32, soft_labels=True, teacher=teacher, batch_size=16, device=device,
-                                      progress=progress)),
+                                      candidates=1, progress=progress)),  # the paper's D3M: no seed selection
     ]  # fmt: skip
     for name, stage in stages:
         t = time.time()

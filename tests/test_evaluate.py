@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -105,7 +106,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     promptset.invert(
         out=str(run), backend="sd", model=str(sd), steps=2, batch_size=6, resolution=SIZE, device="cpu", progress=False
     )
-    promptset.generate(run=str(run), ipc=IPC, steps=2, device="cpu", soft_labels=True, teacher=teacher, progress=False)
+    promptset.generate(run=str(run), ipc=IPC, steps=2, device="cpu", soft_labels=True, teacher=teacher,
+                       candidates=1, progress=False)  # seed selection is tested in test_stored_set
     return SimpleNamespace(root=root, train=train, test=test, teacher=teacher, run=run)
 
 
@@ -265,6 +267,9 @@ def test_teacher_with_other_classes_is_refused(world):
 def test_p1_without_teacher_is_refused(world, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(world.run, run, ignore=shutil.ignore_patterns("eval", "labels.safetensors"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["generate"]["teacher"] = ""  # no teacher recorded anywhere in the run
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(UserError, match="needs a teacher"):
         _eval(world, run=str(run), teacher="", protocol="p1", method="rded")
 

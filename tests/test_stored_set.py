@@ -143,7 +143,10 @@ def test_topk_labels_are_counted_part_by_part_and_p1_trains_on_exactly_the_decod
                                  regen_every=1, ipc=2, gen_steps=2, label_codec="topk:2", device="cpu",
                                  progress=False, report=False)
     (entry,) = results["entries"].values()
-    assert entry["key"].endswith("/topk2/mixed") and entry["distilled"]["label_codec"] == "topk:2"
+    from promptset.backends.selection import AUTO_CANDIDATES  # generate's default: seed selection with a teacher
+
+    assert entry["key"].endswith(f"/topk2/best-of-{AUTO_CANDIDATES}/mixed")
+    assert entry["distilled"]["label_codec"] == "topk:2"
     labels, labels_meta = load_tensors(run / entry["distilled"]["labels_file"])
     decoded = decode_soft_labels(labels, labels_meta)  # (rounds, C*ipc, C): what a receiver decodes
     assert decoded.shape == (2, n, len(CLASSES))
@@ -202,9 +205,42 @@ def test_seed_selection_keeps_the_lowest_cross_entropy_candidate_and_its_seed_re
     promptset.generate(candidates=4, **kw)  # a rerun recognises the chosen candidates: nothing is made again
     assert "6 of 6 images already made with these settings; making 0" in capsys.readouterr().out
     plain = tmp_path / "plain"
-    promptset.generate(**{**kw, "out": str(plain)})  # G = 1: the seeds of a run without selection
+    promptset.generate(**{**kw, "out": str(plain), "candidates": 1})  # G = 1: the seeds of a run without selection
     plain_seeds = load_tensors(plain / "labels.safetensors")[0]["seeds"].tolist()
     assert plain_seeds == [j.seed for j in jobs_for([0, 1, 2], 2, 0)]
+
+
+def test_seed_selection_is_on_by_default_wherever_a_teacher_scores_and_evaluate_follows_generate(raw_run, tmp_path):
+    from promptset.backends.selection import AUTO_CANDIDATES
+    from promptset.runfolder import stage_config
+
+    assert AUTO_CANDIDATES > 1
+    kw = dict(ipc=1, steps=2, device="cpu", progress=False)
+    auto = tmp_path / "auto"
+    shutil.copytree(raw_run.run, auto)
+    promptset.generate(run=str(auto), teacher=raw_run.teacher, **kw)  # a teacher: G = AUTO_CANDIDATES
+    assert stage_config(auto, "generate")["candidates"] == AUTO_CANDIDATES
+    assert any(json.loads(line).get("candidate", 0) > 0 for line in (auto / "generated" / "manifest.jsonl").open())
+    bare = tmp_path / "bare"
+    shutil.copytree(raw_run.run, bare)
+    promptset.generate(run=str(bare), **kw)  # no teacher: nothing can score, G = 1
+    assert stage_config(bare, "generate")["candidates"] == 1
+    pinned = tmp_path / "pinned"
+    shutil.copytree(raw_run.run, pinned)
+    promptset.generate(run=str(pinned), teacher=raw_run.teacher, candidates=1, **kw)
+    ev = dict(test=str(raw_run.data), student="convnet_tiny", epochs=1, seeds=1, ipc=1, gen_steps=2, device="cpu",
+              progress=False, report=False)
+    # evaluate's default is the stored set's own recipe: generate's G, in fresh rounds too
+    (key, entry), = promptset.evaluate(run=str(auto), method="d3m", protocol="p2", regen_every=1, **ev)[
+        "entries"].items()
+    assert key.endswith(f"/best-of-{AUTO_CANDIDATES}/mixed") and entry["distilled"]["candidates"] == AUTO_CANDIDATES
+    (key, entry), = promptset.evaluate(run=str(pinned), method="d3m", protocol="p2", **ev)["entries"].items()
+    assert "best-of" not in key and entry["distilled"]["candidates"] == 1
+    (key, entry), = promptset.evaluate(run=str(bare), method="d3m", protocol="p2", **ev)["entries"].items()
+    assert "best-of" not in key and entry["distilled"]["candidates"] == 1  # P2 without a teacher: nothing scores
+    code = main(["generate", "--run", str(bare), "--out", str(tmp_path / "neg"), "--candidates", "-1",
+                 "--device", "cpu", "--no-progress"])
+    assert code == 2 and not (tmp_path / "neg").exists()
 
 
 def test_evaluate_fresh_rounds_with_seed_selection_store_seeds_that_regenerate_them(raw_run, tmp_path):

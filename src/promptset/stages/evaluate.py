@@ -43,12 +43,14 @@ from ..accounting import fmt_bytes, png_bytes, real_bytes
 from ..atomic import append_jsonl, locked, write_json
 from ..backends.base import PREDICTION_TYPES
 from ..backends.sampling import SAMPLER_BATCH, SAMPLERS
+from ..backends.selection import AUTO_CANDIDATES
 from ..config import make_config, opt
 from ..devices import DTYPE_CHOICES, DTYPES, auto_dtype, resolve_device, resolve_dtype_name
 from ..dist import barrier, prepared_everywhere, rank_world
 from ..errors import UserError
 from ..evaluation.methods import METHODS, NEEDS_TRAIN, Context, RealFolder, load_real_folder
 from ..evaluation.results import (
+    GENERATIVE,
     entry_key,
     load_results,
     make_entry,
@@ -137,9 +139,10 @@ class EvaluateConfig:
     )
     resolution: int = opt(0, "generation resolution in pixels (default: invert's)")
     factor: int = opt(0, "cut each generated image into factor x factor patches (default: select's)")
-    candidates: int = opt(1, "d3m/class-prompt seed selection: G candidate images per stored image, the teacher "
+    candidates: int = opt(0, "d3m/class-prompt seed selection: G candidate images per stored image, the teacher "
                           "keeps the most typical of its class (lowest cross-entropy), only its seed is stored "
-                          "(1 = off; round 0 reuses generate's images when generate used the same G)")
+                          "(1 = off; round 0 reuses generate's images when generate used the same G; default 0 = "
+                          f"auto: generate's G, else {AUTO_CANDIDATES} when a teacher is needed or given, else 1)")
     gen_batch_size: int = opt(32, "images per progress step while regenerating (does not change the images)")
     round_cache: bool = opt(True, "keep generated rounds in <run>/eval/rounds/ (uint8 patches with their seeds), so a "
                             "rerun or resumed evaluate takes them from there instead of denoising them again")
@@ -304,9 +307,11 @@ def _validate(cfg: EvaluateConfig) -> tuple[list[str], list[int]]:
                         "random-real@M for random-real at the stored bytes of method M")
     if cfg.protocol not in PROTOCOLS:
         raise UserError(f"--protocol {cfg.protocol!r} is not one of {list(PROTOCOLS)}")
-    for name in ("epochs", "seeds", "batch_size", "eval_batch_size", "gen_batch_size", "candidates"):
+    for name in ("epochs", "seeds", "batch_size", "eval_batch_size", "gen_batch_size"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
+    if cfg.candidates < 0:
+        raise UserError(f"--candidates must be 0 (auto), 1 (no seed selection) or more, got {cfg.candidates}")
     ipcs = parse_ipcs(cfg.ipc)
     parse_codec(cfg.label_codec)  # K against the class count once classes.json is read (_context)
     for name in ("image_size", "eval_every", "regen_every", "gen_steps", "resolution", "factor", "sampler_batch"):
@@ -384,12 +389,22 @@ def _context(cfg: EvaluateConfig, methods: list[str]) -> Context:
         "seed": cfg.gen_seed if cfg.gen_seed >= 0 else int(meta.get("seed") or 0),
         "sampler_batch": cfg.sampler_batch or int(meta.get("sampler_batch") or SAMPLER_BATCH),  # generate's default
     }
-    needs_teacher = cfg.protocol in ("p1", "p3") or cfg.candidates > 1
+    generate_cfg = stage_config(run, "generate")
     spec = (
         cfg.teacher
         or meta.get("teacher")
+        or (generate_cfg.get("teacher") if generate_cfg.get("teacher") != "none" else "")
         or (selected.get("teacher") if selected.get("teacher") != "none" else "")
     )
+    if cfg.candidates == 0:  # auto: the stored set's own recipe (generate's G), else selection when a teacher scores
+        if not any(m.partition("@")[0] in GENERATIVE for m in methods):
+            cfg.candidates = 1  # nothing is generated
+        elif meta.get("generation") or generate_cfg.get("candidates"):  # the stored seeds' G (1 when absent)
+            stored = json.loads(meta.get("generation") or "{}")
+            cfg.candidates = int(stored.get("candidates", 1) if stored else generate_cfg["candidates"])
+        else:
+            cfg.candidates = AUTO_CANDIDATES if cfg.protocol in ("p1", "p3") or cfg.teacher else 1
+    needs_teacher = cfg.protocol in ("p1", "p3") or cfg.candidates > 1
     if needs_teacher and (not spec or spec == "none"):
         why = f"--protocol {cfg.protocol} needs a teacher for its soft labels" if cfg.protocol != "p2" else \
             "--candidates needs a teacher to score the candidate images"

@@ -28,7 +28,7 @@ from ..atomic import BackgroundWriter, append_jsonl, read_jsonl, save_image, wri
 from ..backends import sampling
 from ..backends.base import PREDICTION_TYPES
 from ..backends.sampling import SAMPLERS, Job, PromptConditioner, generation_key, generation_settings, jobs_for
-from ..backends.selection import best_of_candidates, candidate_seeds
+from ..backends.selection import AUTO_CANDIDATES, best_of_candidates, candidate_seeds
 from ..config import make_config, opt, to_dict
 from ..data import load_image, quantize_pixels, to_pil, to_tensor
 from ..devices import DTYPE_CHOICES, dtype_name
@@ -74,9 +74,10 @@ class GenerateConfig:
     teacher: str = opt("", "teacher for --soft-labels and --candidates, as NAME:PATH.safetensors or a promptset "
                        "teacher's PATH")
     label_codec: str = opt("fp16", CODEC_HELP + "; every stored byte is counted", aliases=("--label-dtype",))
-    candidates: int = opt(1, "seed selection: draw G candidate images per stored image and keep the one the teacher "
+    candidates: int = opt(0, "seed selection: draw G candidate images per stored image and keep the one the teacher "
                           "finds most typical of its class (lowest cross-entropy); only the chosen seed is stored, so "
-                          "it costs G-1 extra generations and no byte (1 = off)")
+                          "it costs G-1 extra generations and no byte (1 = off; default 0 = auto: "
+                          f"{AUTO_CANDIDATES} with --teacher, else 1; BENCHMARKS.md measures the gain)")
     device: str = opt("auto", "torch device")
     dtype: str = opt("auto", "model dtype: auto = bf16 on GPUs of compute capability 8.0+, fp16 on older GPUs, fp32 "
                      "on CPU (recorded resolved, so evaluate can reuse these images)", choices=DTYPE_CHOICES)
@@ -253,8 +254,10 @@ def _prepare(cfg: GenerateConfig) -> _Plan:
     model = cfg.model or invert_cfg.get("model") or prompts.model_id
     factor = cfg.factor or int(selected.get("factor", 1))
     parse_codec(cfg.label_codec, len(classes))  # a bad codec string is refused before the model loads
-    if cfg.candidates < 1:
-        raise UserError(f"--candidates must be at least 1 (1 = no seed selection), got {cfg.candidates}")
+    if cfg.candidates < 0:
+        raise UserError(f"--candidates must be 0 (auto), 1 (no seed selection) or more, got {cfg.candidates}")
+    if cfg.candidates == 0:  # auto: seed selection whenever a teacher can score the candidates
+        cfg.candidates = AUTO_CANDIDATES if cfg.teacher else 1
     if cfg.candidates > 1 and not cfg.teacher:
         raise UserError("--candidates needs --teacher: the teacher scores the candidate images")
     if cfg.soft_labels and not cfg.teacher:
