@@ -10,13 +10,10 @@ in the same process in alternating timed rounds (median), so drifting load on a 
 Peak memory of one batch: GPU `max_memory_allocated`; CPU peak RSS from `getrusage`, reset in between through
 /proc/self/clear_refs. The images are compared for the same seeds (max abs diff; identical expected in fp32).
 
-`--experiments` re-times promptset with monkeypatched variants of `DiffusionBackend.sample` and of the conditioner
-(inference_mode, precomputed DDIM coefficients, channels-last UNet, cached cross-attention K/V, text encoder once
-per class, optionally torch.compile), each in rounds alternating with the unpatched code and checked against its
-images: what a change in src/ would buy, measured.
+A thin driver: it times promptset's own `generate_batch` and `--compile` path and patches nothing in promptset.
 
     python benchmarks/bench_generate.py --quick --json bench_generate.json
-    python benchmarks/bench_generate.py --quick --experiments --profile          # + what would make it faster
+    python benchmarks/bench_generate.py --quick --profile          # + a torch.profiler table of one batch
     python benchmarks/bench_generate.py --device cuda --json bench_generate_gpu.json   # SD-1.5 shapes, 512 px
 """
 
@@ -27,7 +24,6 @@ import time
 T_START = time.perf_counter()
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -156,22 +152,6 @@ def ours_fn(spec, backend, conditioner, uncond, micro_batch=DEFAULT):
     return fn
 
 
-def padded_fn(spec, backend, conditioner, uncond, micro: int):
-    """Experiment: fixed-shape micro-batches. Every chunk of `micro` jobs is padded (repeating its last job) to
-    exactly `micro` images, so the kernels always see the same shapes: an image is then the same whatever batch
-    it comes in (as with micro_batch=1), but the UNet runs on `micro` images per call instead of one."""
-    inner = ours_fn(spec, backend, conditioner, uncond, micro_batch=None)
-
-    def fn(batch):
-        outs = []
-        for s in range(0, len(batch), micro):
-            part = batch[s : s + micro]
-            outs.append(inner(part + [part[-1]] * (micro - len(part)))[: len(part)])
-        return torch.cat(outs)
-
-    return fn
-
-
 def diffusers_fn(spec, backend, conditioner, uncond, per_image: bool = False):
     """`StableDiffusionPipeline.__call__` on one batch (or image by image) -> (B, 3, H, W) on CPU."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -230,200 +210,6 @@ def profile_ours(fn, batch, device) -> list[dict]:
     return rows
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# monkeypatched experiments: what would make DiffusionBackend.sample / generate_batch faster, measured
-class CachedCrossKV(torch.nn.Module):
-    """Wraps a cross-attention to_k/to_v: the conditioning is the same tensor at every denoising step, so its
-    projection is computed once per batch instead of once per step (same op on the same input: identical output)."""
-
-    def __init__(self, linear: torch.nn.Module):
-        super().__init__()
-        self.linear = linear
-        self._key: torch.Tensor | None = None
-        self._out: torch.Tensor | None = None
-
-    def forward(self, x):
-        if x is not self._key:
-            self._key, self._out = x, self.linear(x)
-        return self._out
-
-
-@contextlib.contextmanager
-def cached_cross_kv(unet):
-    from diffusers.models.attention_processor import Attention
-
-    wrapped = []
-    for module in unet.modules():
-        if isinstance(module, Attention) and module.is_cross_attention:
-            wrapped.append((module, module.to_k, module.to_v))
-            module.to_k, module.to_v = CachedCrossKV(module.to_k), CachedCrossKV(module.to_v)
-    try:
-        yield
-    finally:
-        for module, k, v in wrapped:
-            module.to_k, module.to_v = k, v
-
-
-@contextlib.contextmanager
-def channels_last(unet):
-    unet.to(memory_format=torch.channels_last)
-    try:
-        yield
-    finally:
-        unet.to(memory_format=torch.contiguous_format)
-
-
-def fast_sample_factory(backend, *, inference_mode: bool, fused_ddim: bool):
-    """`DiffusionBackend.sample` with the scheduler work hoisted out of the loop (same arithmetic, same order)."""
-    cache: dict = {}
-
-    def sample(cond, uncond, noise, *, steps, guidance, generators=None):  # DDIM (eta 0) draws no noise
-        key = (steps, str(backend.device))
-        if key not in cache:
-            scheduler = type(backend.sample_scheduler).from_config(backend.sample_scheduler.config)
-            scheduler.set_timesteps(steps, device=backend.device)
-            coefs = []
-            for t in scheduler.timesteps:
-                prev = int(t) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-                a_t = scheduler.alphas_cumprod[t]
-                a_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod
-                # exactly DDIMScheduler.step's tensors (eta = 0, epsilon prediction, no clipping)
-                coefs.append(((1 - a_t) ** 0.5, a_t**0.5, a_prev**0.5, (1 - a_prev - 0.0) ** 0.5))
-            cache[key] = (scheduler, coefs)
-        scheduler, coefs = cache[key]
-        ctx = torch.inference_mode() if inference_mode else torch.no_grad()
-        with ctx:
-            latents = noise.to(backend.device, torch.float32) * scheduler.init_noise_sigma
-            use_cfg = uncond is not None and guidance != 1.0
-            states = (torch.cat([uncond, cond]) if use_cfg else cond).to(backend.dtype)
-            for i, t in enumerate(scheduler.timesteps):
-                model_in = torch.cat([latents] * 2) if use_cfg else latents
-                pred = backend.unet(model_in.to(backend.dtype), t, encoder_hidden_states=states).sample.float()
-                if use_cfg:
-                    pred_uncond, pred_cond = pred.chunk(2)
-                    pred = pred_uncond + guidance * (pred_cond - pred_uncond)
-                if fused_ddim:
-                    sqrt_beta, sqrt_a, sqrt_a_prev, dir_coef = coefs[i]
-                    x0 = (latents - sqrt_beta * pred) / sqrt_a
-                    latents = sqrt_a_prev * x0 + dir_coef * pred
-                else:
-                    latents = scheduler.step(pred, t, latents).prev_sample
-            return backend.decode_latents(latents)
-
-    return sample
-
-
-class PerClassStates:
-    """Conditioner wrapper: the text encoder runs once per class (C prompts) instead of once per batch (B prompts)."""
-
-    def __init__(self, conditioner, num_classes: int):
-        with torch.no_grad():
-            self.states = conditioner(torch.arange(num_classes))  # (C, L, D_text)
-
-    def __call__(self, classes):
-        return self.states[classes.to(self.states.device)]
-
-
-# Each variant is a set of monkeypatches. "padded" (fixed-shape micro-batches) is the one that keeps promptset's
-# batch-size invariance while batching; the others are measured on top of it.
-VARIANTS = {
-    "fixed_shape_micro_batch": {"padded"},
-    "+ inference_mode": {"padded", "fast_sample"},
-    "+ ddim_coefficients_precomputed": {"padded", "fast_sample", "fused_ddim"},
-    "+ channels_last_unet": {"padded", "channels_last"},
-    "+ cached_cross_attn_kv": {"padded", "cached_kv"},
-    "+ text_encoder_once_per_class": {"padded", "per_class"},
-    "all_of_the_above": {"padded", "fast_sample", "fused_ddim", "channels_last", "cached_kv", "per_class"},
-}
-
-
-@contextlib.contextmanager
-def patched(backend, parts: set[str], spec, conditioner, uncond, compiled=None):
-    """Apply the monkeypatches named in `parts` for the duration of the block; yields the batch function."""
-    with contextlib.ExitStack() as stack:
-        cond = conditioner
-        if "channels_last" in parts:
-            stack.enter_context(channels_last(backend.unet))
-        if "cached_kv" in parts:
-            stack.enter_context(cached_cross_kv(backend.unet))
-        if "per_class" in parts:
-            cond = PerClassStates(conditioner, len(spec["names"]))
-        if "fast_sample" in parts:
-            # an instance attribute shadows DiffusionBackend.sample; popped on exit
-            backend.sample = fast_sample_factory(backend, inference_mode=True, fused_ddim="fused_ddim" in parts)
-            stack.callback(backend.__dict__.pop, "sample", None)
-        if compiled is not None:
-            original = backend.unet
-            backend.unet = compiled
-            stack.callback(setattr, backend, "unet", original)
-        if "padded" in parts:
-            yield padded_fn(spec, backend, cond, uncond, micro=spec["batch_size"])
-        else:
-            yield ours_fn(spec, backend, cond, uncond)
-
-
-def regrouped(batches, first: int = 3) -> list[list]:
-    """The same jobs in other batches: a short first batch, then full ones (batch-size invariance check)."""
-    jobs = [j for b in batches for j in b]
-    size = len(batches[0])
-    return [jobs[:first]] + [jobs[s : s + size] for s in range(first, len(jobs), size)]
-
-
-def run_experiments(spec, backend, conditioner, uncond, batches, reference, rounds) -> list[dict]:
-    """Each variant in rounds alternating with unpatched promptset and the diffusers pipeline (same batches);
-    speedups are medians of the per-round ratios."""
-    device = backend.device
-    variants = dict(VARIANTS)
-    if spec.get("compile"):
-        variants["+ torch_compile_unet"] = {"padded", "compile"}
-    unpatched = ours_fn(spec, backend, conditioner, uncond)
-    pipeline = diffusers_fn(spec, backend, conditioner, uncond)
-    compiled = None
-    rows = []
-    for name, parts in variants.items():
-        compile_s = None
-        if "compile" in parts:
-            t0 = time.perf_counter()
-            compiled = torch.compile(backend.unet)
-            with patched(backend, parts, spec, conditioner, uncond, compiled) as fn:
-                fn(batches[0])  # compilation happens here, outside the timed rounds
-            compile_s = time.perf_counter() - t0
-        t = {"unpatched": [], "variant": [], "diffusers": []}
-        for r in range(rounds):
-            for who in ("unpatched", "variant", "diffusers") if r % 2 == 0 else ("diffusers", "variant", "unpatched"):
-                if who != "variant":
-                    t[who].append(timed(unpatched if who == "unpatched" else pipeline, batches, device)[0])
-                    continue
-                with patched(
-                    backend, parts, spec, conditioner, uncond, compiled if "compile" in parts else None
-                ) as fn:
-                    fn(batches[0])  # warm-up inside the patch (layout conversions, caches)
-                    seconds, outs = timed(fn, batches, device)
-                t["variant"].append(seconds)
-        images = torch.cat(outs).float().cpu()
-        n = images.shape[0]
-        invariant = None
-        if "padded" in parts:  # the same images when the jobs come in other batches?
-            with patched(backend, parts, spec, conditioner, uncond, compiled if "compile" in parts else None) as fn:
-                other = torch.cat(run_all(fn, regrouped(batches)))
-            invariant = bool((other - images).abs().max() == 0)
-        rows.append(
-            {
-                "variant": name,
-                "patches": sorted(parts),
-                "images_per_s": n / median(t["variant"]),
-                "unpatched_images_per_s": n / median(t["unpatched"]),
-                "diffusers_images_per_s": n / median(t["diffusers"]),
-                "speedup_vs_unpatched": median([u / v for u, v in zip(t["unpatched"], t["variant"])]),
-                "speedup_vs_diffusers": median([d / v for d, v in zip(t["diffusers"], t["variant"])]),
-                "max_abs_diff_vs_unpatched": float((images - reference).abs().max()),
-                "batch_invariant": invariant,
-                "compile_s": compile_s,
-            }
-        )
-    return rows
-
-
 METHODS = {
     "promptset": "generate_batch as `promptset generate` calls it (src default micro_batch)",
     "promptset_batched": "generate_batch(micro_batch=None): the whole batch in each UNet call",
@@ -433,7 +219,7 @@ METHODS = {
 }
 
 
-def measure(args, model: str, dtype: str, names: list[str], do_experiments: bool) -> dict:
+def measure(args, model: str, dtype: str, names: list[str]) -> dict:
     """promptset vs diffusers for one dtype, in this process: warm-up, peak memory, interleaved timed rounds."""
     spec = {
         "model": model,
@@ -508,9 +294,6 @@ def measure(args, model: str, dtype: str, names: list[str], do_experiments: bool
         "max_abs_diff": by["promptset"]["max_abs_diff_vs_diffusers"],
         "rss_peak_reset_between": memory["promptset"].get("rss_peak_reset"),
         "profile": profile_ours(fns["promptset"], batches[0], device) if args.profile else None,
-        "experiments": run_experiments(spec, backend, conditioner, uncond, batches, images["promptset"], args.rounds)
-        if do_experiments
-        else None,
     }
     row["resolution"] = backend.resolution
     del backend, conditioner, fns
@@ -549,15 +332,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up batches per method")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per method, alternating order (median)")
     p.add_argument(
-        "--experiments",
-        action="store_true",
-        help="also time monkeypatched promptset variants (what would make src/ faster)",
-    )
-    p.add_argument(
         "--compile",
         action="store_true",
-        help="also time `promptset generate --compile` (compile time reported apart); with --experiments, also "
-        "the monkeypatched variants on a compiled UNet",
+        help="also time `promptset generate --compile` (compile time reported apart)",
     )
     p.add_argument("--profile", action="store_true", help="torch.profiler table of one promptset batch")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -595,7 +372,7 @@ def main(argv=None) -> dict:
         )
         if args.compile:  # a cold compile, as on a first run: inductor's on-disk cache starts empty in `work`
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor-cache")
-        rows = [measure(args, model, dtype, names, args.experiments and i == 0) for i, dtype in enumerate(args.dtypes)]
+        rows = [measure(args, model, dtype, names) for dtype in args.dtypes]
     settings = {
         "model": "random-weight SD-shaped model from promptset.backends.tiny.build_sd" if not args.model else model,
         "size": args.size,
@@ -636,24 +413,6 @@ def main(argv=None) -> dict:
             )
         )
     for r in rows:
-        if r["experiments"]:
-            print(
-                f"\nmonkeypatched promptset variants ({r['dtype']}), rounds alternating with unpatched and diffusers:"
-            )
-            print(
-                common.table(
-                    r["experiments"],
-                    [
-                        ("variant", "variant", ""),
-                        ("img/s", "images_per_s", ".2f"),
-                        ("x unpatched", "speedup_vs_unpatched", ".3f"),
-                        ("x diffusers", "speedup_vs_diffusers", ".3f"),
-                        ("max |diff|", "max_abs_diff_vs_unpatched", ".3g"),
-                        ("batch-invariant", "batch_invariant", ""),
-                        ("compile s", "compile_s", ".1f"),
-                    ],
-                )
-            )
         if r["profile"]:
             print(f"\ntop ops of one promptset batch ({r['dtype']}):")
             print(

@@ -153,24 +153,12 @@ STUDENT_MS_PER_IMAGE = 6.0  # ConvNet-3 forward + backward per image
 TEST_MS_PER_IMAGE = 1.2
 
 
-# ------------------------------------------------------------------------------------------------------------
-# helpers
-
-
 def log(msg: str) -> None:
     common.log(msg, "cifar10_world")
 
 
 def parse_epochs(text: str) -> dict[int, int]:
-    out = {}
-    for part in text.split(","):
-        k, v = part.split(":")
-        out[int(k)] = int(v)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------------------
-# the pipeline
+    return {int(k): int(v) for k, v in (part.split(":") for part in text.split(","))}
 
 
 class Timer:
@@ -279,13 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="comma-separated methods whose entries in results.json are dropped first (trained again)",
     )
-    ap.add_argument(
-        "--only",
-        default="",
-        help="comma-separated table rows to evaluate, as PROTOCOL:IPC (p1:50), PROTOCOL:IPC:METHOD (p1:50:rded), "
-        "`equal-bytes` or PROTOCOL:full; the others are skipped (two such invocations with disjoint rows share "
-        "one machine's cores and its results.json)",
-    )
+    ap.add_argument("--only", default="", help="comma-separated table rows to evaluate, as PROTOCOL:IPC (p1:50), "
+                    "PROTOCOL:IPC:METHOD (p1:50:rded), PROTOCOL:IPC:METHOD:fresh|fixed (p1:50:d3m:fresh), "
+                    "`equal-bytes` or PROTOCOL:full; the others are skipped (two such invocations with disjoint "
+                    "rows share one machine's cores and its results.json)")
     ap.add_argument(
         "--until",
         choices=["fidelity", "evaluate"],
@@ -434,16 +419,18 @@ def main(argv: list[str] | None = None) -> int:
 
     plan = make_plan(p, ipcs, epochs)
     paper_ipcs = sorted(i for i in ipcs if epochs[i] >= 300) or sorted(ipcs)
-    if args.only:  # PROTOCOL:IPC or PROTOCOL:IPC:METHOD; `equal-bytes`
+    if args.only:  # PROTOCOL:IPC, PROTOCOL:IPC:METHOD or PROTOCOL:IPC:METHOD:fresh|fixed; `equal-bytes`
         only: dict[str, set | None] = {}
         for part in (x.strip() for x in args.only.split(",") if x.strip()):
-            row, method = part.rsplit(":", 1) if part.count(":") == 2 else (part, "")
-            if method and method not in (*METHODS, "full"):
-                raise SystemExit(f"--only {part}: unknown method {method!r}; methods are {', '.join(METHODS)}")
+            bits = part.split(":")
+            row, method, kind = ":".join(bits[:2]), *(bits[2:4] + ["", ""])[:2]
+            if (method and method not in (*METHODS, "full")) or kind not in ("", "fresh", "fixed"):
+                raise SystemExit(f"--only {part}: unknown method {method!r} or kind {kind!r} (fresh, fixed); "
+                                 f"methods are {', '.join(METHODS)}")
             if not method or (row in only and only[row] is None):
                 only[row] = None  # every method of the row
             else:
-                only[row] = (only.get(row) or set()) | {method}
+                only[row] = (only.get(row) or set()) | {(method, kind)}
         known = {"equal-bytes"} | {f"{pr}:{i}" for pr in ("p1", "p2") for i in [*ipcs, "full"]}
         if set(only) - known:
             raise SystemExit(f"--only: unknown rows {sorted(set(only) - known)}; rows are {sorted(known)}")
@@ -453,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
             if row not in only:
                 continue
             if it != "equal-bytes" and only[row] is not None:
-                it = (*it[:4], [m for m in it[4] if m in only[row]])
+                kind = "fresh" if it[3] else "fixed"
+                it = (*it[:4], [m for m in it[4] if {(m, ""), (m, kind)} & only[row]])
                 if not it[4]:
                     continue
             kept.append(it)

@@ -600,15 +600,16 @@ def demo_section(demo_path: Path) -> list[str]:
     if others:
         lines += [
             "",
-            "The same command again on the same machine, with another number of torch threads (floating-point sums "
+            "The same command at other commits or with another number of torch threads (floating-point sums "
             "then run in another order, so the generator, the prompts and every student differ): the ± above is "
             "over student seeds only, for one generator and one inversion; these rows show how much that one draw "
-            "moves the d3m rows.",
+            "moves the d3m rows. `demo_fresh_clone_before_seed_selection.json` is the demo before seed selection "
+            "became the default (G = 1, fresh rounds then trained in sequence).",
             "",
-            "| run | torch threads | demo s | generator accuracy | "
+            "| run | commit | torch threads | demo s | generator accuracy | "
             + " | ".join(f"{p.upper()} {m}" for p, m in DEMO_ROWS)
             + " |",
-            "|---|---|---|---|" + "---|" * len(DEMO_ROWS),
+            "|---|---|---|---|---|" + "---|" * len(DEMO_ROWS),
         ]
         for path in [None, *others]:
             run = clone if path is None else json.loads(path.read_text())
@@ -618,7 +619,8 @@ def demo_section(demo_path: Path) -> list[str]:
             acc = {(e["protocol"], e["method"]): e["final_top1"]["mean"] for e in run["results"]["entries"].values()}
             qa = d.get("generator_quality", {}).get("quality", {}).get("accuracy")
             lines.append(
-                f"| {'above' if path is None else path.name} | {d.get('torch_threads')} "
+                f"| {'above' if path is None else path.name} | {str(run.get('commit', ''))[:7]} "
+                f"| {d.get('torch_threads')} "
                 f"| {run['wall_s']['demo']:.0f} | "
                 + ("-" if qa is None else f"{100 * qa:.1f}%")
                 + " | "

@@ -190,9 +190,7 @@ def _patches_of_promptset(path: Path) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("script", ["cifar10_world.py", "cifar10_common.py", "codec_trade.py", "fresh_rounds.py",
-                                    "busy_machine.py", "cifar10_generator.py", "gpu_check.py", "bench_sd15_cpu.py",
-                                    "bench_classes.py"])
+@pytest.mark.parametrize("script", sorted(p.name for p in (SRC.parents[1] / "benchmarks").glob("*.py")))
 def test_benchmark_drivers_patch_nothing_inside_promptset(script):
     path = SRC.parents[1] / "benchmarks" / script
     assert _patches_of_promptset(path) == []

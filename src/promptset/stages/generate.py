@@ -143,8 +143,10 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> Path:
     if rank == 0:
         _finish(plan, cfg, gen_dir, per_class, logits)
         what = "seeds and the teacher's soft labels" if cfg.soft_labels else "seeds"
+        best = (f", each the teacher's pick of {cfg.candidates} candidates (--candidates 1: no seed selection)"
+                if cfg.candidates > 1 else "")
         print(f"generate: {len(classes) * cfg.ipc} images ({len(classes)} classes x {cfg.ipc}, "
-              f"{len(todo)} made now) in {gen_dir}; grid {plan.out / 'grid.png'}; {what} in "
+              f"{len(todo)} made now{best}) in {gen_dir}; grid {plan.out / 'grid.png'}; {what} in "
               f"{plan.out / 'labels.safetensors'}", flush=True)
     barrier()
     return gen_dir
