@@ -29,6 +29,7 @@ import os
 import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -328,11 +329,19 @@ def reading(payload: dict) -> list[str]:
                        f"{b['final_top1']:.1f}% ({verdict}){teach}, at the same stored bytes.")
             gains.append(verdict.startswith("more") and b["final_top1"] > a["final_top1"])
     if gains:
-        out.append("So seed selection " + ("pays in every protocol measured: a default of G > 1 is worth its "
-                                           "generation time" if all(gains) else
-                                           "does not pay beyond the seed spread everywhere: it stays off by default")
-                   + ".")
+        from promptset.backends.selection import AUTO_CANDIDATES as G
+
+        at = {r["protocol"]: r for r in sel if r["candidates"] == G}
+        at_g = ", ".join(f"{p.upper()} {at[p]['final_top1']:.1f}%" for p in ("p1", "p2") if p in at)
+        out.append(("So seed selection pays in every protocol measured, for G times the generation time: "
+                    if all(gains) else "So seed selection does not pay beyond the seed spread everywhere, yet ")
+                   + f"promptset's default is G = {G} wherever a teacher scores" + (f" ({at_g} here)" if at_g else "")
+                   + "; `--candidates 1` gives the paper's D3M, as the CIFAR-10 table uses.")
     return out
+
+
+def _cpu(payload: dict, row: dict) -> str:
+    return row.get("machine") or payload["machine"].get("cpu")
 
 
 def markdown_section(payload: dict, plot_name: str) -> list[str]:
@@ -343,8 +352,10 @@ def markdown_section(payload: dict, plot_name: str) -> list[str]:
         "",
         f"Command: `python benchmarks/codec_trade.py --scale {payload['scale']}` "
         f"(the rows took {sum(r.get('wall_time_s') or 0 for r in payload['rows']) / 3600:.1f} h of wall time in all, "
-        f"one thread each, on {payload['machine'].get('cpu')}, device "
-        f"{payload['machine'].get('device')}). The CIFAR-10 world's run "
+        f"one thread each, device {payload['machine'].get('device')}; rows per CPU: "
+        + ", ".join(f"{cpu} {n}" for cpu, n in sorted(Counter(_cpu(payload, r) for r in payload["rows"]).items()))
+        + "; d3m's on " + " and ".join(sorted({_cpu(payload, r) for r in payload["rows"] if r["method"] == "d3m"}))
+        + "). The CIFAR-10 world's run "
         f"(`cifar10_world.py --scale {t['world']}`: {wp['distill_per_class']} distilled images per class, "
         f"{wp['invert_steps']} inversion steps), IPC {t['ipc']}, P1 with {t['rounds']} rounds of fresh d3m images, "
         f"{payload['student']}, {t['epochs']} epochs, {t['seeds']} seed(s). Stored bytes count every tensor a "
