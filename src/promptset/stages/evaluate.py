@@ -390,20 +390,15 @@ def _context(cfg: EvaluateConfig, methods: list[str]) -> Context:
         "sampler_batch": cfg.sampler_batch or int(meta.get("sampler_batch") or SAMPLER_BATCH),  # generate's default
     }
     generate_cfg = stage_config(run, "generate")
-    spec = (
-        cfg.teacher
-        or meta.get("teacher")
-        or (generate_cfg.get("teacher") if generate_cfg.get("teacher") != "none" else "")
-        or (selected.get("teacher") if selected.get("teacher") != "none" else "")
-    )
+    generation = json.loads(meta.get("generation") or "{}")  # the stored seeds' settings (candidates only when > 1)
+    spec = cfg.teacher or meta.get("teacher") or next(
+        (t for t in (generate_cfg.get("teacher"), selected.get("teacher")) if t and t != "none"), "")
     if cfg.candidates == 0:  # auto: the stored set's own recipe (generate's G), else selection when a teacher scores
+        recorded = generation.get("candidates", 1) if generation else generate_cfg.get("candidates")
         if not any(m.partition("@")[0] in GENERATIVE for m in methods):
             cfg.candidates = 1  # nothing is generated
-        elif meta.get("generation") or generate_cfg.get("candidates"):  # the stored seeds' G (1 when absent)
-            stored = json.loads(meta.get("generation") or "{}")
-            cfg.candidates = int(stored.get("candidates", 1) if stored else generate_cfg["candidates"])
         else:
-            cfg.candidates = AUTO_CANDIDATES if cfg.protocol in ("p1", "p3") or cfg.teacher else 1
+            cfg.candidates = int(recorded or (AUTO_CANDIDATES if cfg.protocol in ("p1", "p3") or cfg.teacher else 1))
     needs_teacher = cfg.protocol in ("p1", "p3") or cfg.candidates > 1
     if needs_teacher and (not spec or spec == "none"):
         why = f"--protocol {cfg.protocol} needs a teacher for its soft labels" if cfg.protocol != "p2" else \
@@ -411,7 +406,7 @@ def _context(cfg: EvaluateConfig, methods: list[str]) -> Context:
         raise UserError(f"{why}: pass --teacher NAME:PATH.safetensors (a classifier trained on the classes in "
                         "classes.json)")
     device = resolve_device(cfg.device)
-    gen["dtype"] = _generator_dtype(cfg.dtype, json.loads(meta.get("generation") or "{}").get("dtype"), device)
+    gen["dtype"] = _generator_dtype(cfg.dtype, generation.get("dtype"), device)
     if absolute_paths({"model": gen["model"]})["model"] == invert_cfg.get("model"):  # load it as invert did
         gen["model_config"] = cfg.model_config or invert_cfg.get("model_config") or ""
         gen["prediction_type"] = cfg.prediction_type or invert_cfg.get("prediction_type") or ""
