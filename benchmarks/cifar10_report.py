@@ -18,6 +18,7 @@ from cifar10_common import (
     log,
     machine_info,
     run_inputs,
+    save_inputs,
 )
 
 
@@ -216,6 +217,7 @@ def write_outputs(name, args, p, tag, root, model, run, test, pre, timer, ipcs, 
     }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    save_inputs(run, RESULTS_DIR / f"{name}.json")  # the prompts and labels of `inputs`, for the next CPU model
 
     # ---- markdown ----
     lines = [f"## CIFAR-10 (offline JPEG world), `{tag}` scale", ""]

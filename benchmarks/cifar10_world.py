@@ -399,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     # ---- 4. evaluate -----------------------------------------------------------------------------------------
     results_path = run / "eval" / "results.json"
     # rows an earlier session committed (same preset, generator and run inputs) are not trained again
-    n = common.import_committed(RESULTS_DIR / f"{name}.json", results_path, tag, model_hash, common.run_inputs(run))
+    n = common.import_committed(RESULTS_DIR / f"{name}.json", results_path, tag, model_hash, common.run_inputs(run),
+                                run)
     if n:
         log(f"imported {n} entries measured on the same generator and run inputs from {RESULTS_DIR / name}.json")
     if args.redo and results_path.is_file():
