@@ -146,6 +146,7 @@ def test_results_have_every_field_per_protocol(world, protocol):
         assert e["stored_bytes"] == sum(e["stored_components"].values())
         assert len(e["split_hash"]["train"]) == 64 and len(e["split_hash"]["test"]) == 64
         assert {"torch", "diffusers", "transformers", "promptset"} <= e["versions"].keys()
+        assert e["device"].startswith("cpu (") and len(e["device"]) > len("cpu ()")  # the processor's model
         assert e["recipe"]["config"]["protocol"] == protocol and e["recipe"]["epochs"] == 2
         assert e["recipe"]["targets"] == {"p1": "stored-soft", "p2": "one-hot", "p3": "online-teacher"}[protocol]
         assert (e["recipe"]["augment"] is None) == (protocol == "p1")

@@ -94,6 +94,22 @@ def versions() -> dict:
     return out
 
 
+def device_name(device: torch.device) -> str:
+    """The device with its model, e.g. `cuda:0 (NVIDIA H200)` or `cpu (AMD EPYC 7B13)`: students trained on other
+    processors differ in the last bits, so every entry says which one it ran on."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    model = ""
+    if device.type == "cpu":
+        try:
+            model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                          if line.lower().startswith("model name")), "")  # fmt: skip
+        except OSError:
+            pass
+        model = model or platform.processor() or platform.machine()
+    return f"{device} ({model})" if model else str(device)
+
+
 def mean_std(values: list[float]) -> dict:
     arr = np.asarray(values, dtype=np.float64)
     return {"mean": float(arr.mean()), "std": float(arr.std()), "per_seed": [float(v) for v in values]}
@@ -156,8 +172,7 @@ def make_entry(ctx, method: str, key: str, data, runs: list[dict], *, png: int |
         "recipe": recipe_dict,
         "split_hash": split_hash,
         "versions": versions(),
-        "device": str(ctx.device)
-        + (f" ({torch.cuda.get_device_name(ctx.device)})" if ctx.device.type == "cuda" else ""),
+        "device": device_name(ctx.device),
         "wall_time_s": wall,
         "finished_at": now(),
     }
