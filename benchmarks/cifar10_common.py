@@ -439,6 +439,18 @@ def import_committed(
         cur["entries"].update(new)
         results_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(results_path, cur)
+        # what the rows trained again measured before, on the other inputs (and the CPU of that session)
+        replaced_path = results_path.with_name("replaced.json")
+        replaced = (old.get("replaced") or {}) | (json.loads(replaced_path.read_text()) if replaced_path.is_file()
+                                                  else {})  # fmt: skip
+        cpu = (old.get("machine") or {}).get("cpu")
+        for k in sorted(k for k, e in (old.get("entries") or {}).items() if not valid(e)):  # trained again or to be
+            e = old["entries"][k]
+            replaced.setdefault(k, {"final_top1": e["final_top1"], "finished_at": e.get("finished_at"),
+                                    "device": e.get("device") if e.get("device") != "cpu" else f"cpu ({cpu})",
+                                    "inputs": {d: was.get(d) for d in DEPENDS.get(e["method"].split("@")[0], ())}})
+        if replaced:
+            write_json(replaced_path, replaced)
     if stale:
         log(f"{committed.name}: {len(stale)} entries were measured on other run inputs ({', '.join(stale)}); "
             "not imported, they are trained again")  # fmt: skip

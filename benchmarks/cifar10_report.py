@@ -156,11 +156,16 @@ def write_outputs(name, args, p, tag, root, model, run, test, pre, timer, ipcs, 
 
     results = json.loads((run / "eval" / "results.json").read_text())
     entries = results["entries"]
+    mach = machine_info(args.device)
+    for e in entries.values():  # rows of this run folder ran on this machine; before entries named their CPU
+        if not e.get("imported_from") and e.get("device") == "cpu":
+            e["device"] = f"cpu ({mach['cpu']})"
+    replaced_path = run / "eval" / "replaced.json"
+    replaced = json.loads(replaced_path.read_text()) if replaced_path.is_file() else {}
     select_info = json.loads((run / "select.json").read_text())
     inv_rows = [json.loads(x) for x in (run / "invert" / "metrics.jsonl").read_text().splitlines() if x.strip()] \
         if (run / "invert" / "metrics.jsonl").is_file() else []  # fmt: skip
     device = args.device
-    mach = machine_info(device)
     quality = pre.get("quality") or {}
     fid_path = root / "prompt_fidelity.json"
     fidelity = json.loads(fid_path.read_text()) if fid_path.is_file() else {}
@@ -214,6 +219,7 @@ def write_outputs(name, args, p, tag, root, model, run, test, pre, timer, ipcs, 
         "paths": {"root": str(root), "model": str(model), "run": str(run), "test": str(test)},
         "not_measured": missing_rows(plan, entries, p),
         "entries": entries,
+        "replaced": replaced,
     }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -321,11 +327,31 @@ def write_outputs(name, args, p, tag, root, model, run, test, pre, timer, ipcs, 
                   + ".", ""]  # fmt: skip
     imported = sorted(k for k, e in entries.items() if e.get("imported_from"))
     if imported:
+        near = sum(1 for k in imported if entries[k].get("imported_inputs_within_tolerance"))
         lines += [
             f"{len(imported)} entries were measured in an earlier session on the same generator and run inputs "
-            "(equal sha256 of collages, prompts and labels) and imported from the committed results file.",
+            "(equal sha256 of collages, prompts and labels"
+            + (f"; for {near}, prompts and labels equal to within rounding between CPU models" if near else "")
+            + ") and imported from the committed results file.",
             "",
         ]
+    cpus: dict[str, int] = {}
+    for e in entries.values():
+        d = e.get("device") if e.get("device") != "cpu" else "cpu (not recorded)"
+        cpus[d] = cpus.get(d, 0) + 1
+    lines += ["Rows per processor: " + ", ".join(f"{n} on {d}" for d, n in sorted(cpus.items())) + ".", ""]
+    again = [(k, r) for k, r in sorted(replaced.items()) if k in entries]
+    if again:
+        lines += [
+            "Rows trained again because this session's prompts or labels were not those of the committed rows "
+            "(inversion on another CPU model): the earlier measurement next to this one.",
+            "",
+            "| row | earlier (device) | final top-1 earlier (%) | final top-1 now (%) |",
+            "|---|---|---:|---:|",
+            *(f"| {k} | {r['device']} | {r['final_top1']['mean']:.2f} ± {r['final_top1']['std']:.2f} "
+              f"| {entries[k]['final_top1']['mean']:.2f} ± {entries[k]['final_top1']['std']:.2f} |" for k, r in again),
+            "",
+        ]  # fmt: skip
     lines += [
         "Stored bytes: d3m = prompts (fp32) + class list + seeds (+ P1 soft labels of every round); class-prompt = "
         "the prompt strings + seeds (+ soft labels); rded / random-real / full = raw uint8 images (+ P1 soft labels). "

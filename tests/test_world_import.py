@@ -80,6 +80,9 @@ def test_rows_import_when_inputs_differ_only_by_rounding_and_are_trained_again_o
     # prompts that were learned differently, or labels of other images: d3m's row is trained again
     far = _run(tmp_path / "far", prompts + 0.01, logits, image_hash="z")
     assert set(_import(tmp_path, results, far, "b")) == {"random-real/p1/x"}
+    replaced = json.loads((tmp_path / "b" / "replaced.json").read_text())  # the report sets it beside the new row
+    assert set(replaced) == {"d3m/p1/x"} and replaced["d3m/p1/x"]["final_top1"] == {"mean": 30.0}
+    assert not (tmp_path / "a" / "replaced.json").exists()
     relabeled = _run(tmp_path / "relabeled", prompts, logits + 1.0, image_hash="w")
     assert set(_import(tmp_path, results, relabeled, "c")) == {"random-real/p1/x"}
 
