@@ -258,9 +258,8 @@ def data_splits(shared: Path, cache: Path, test_per_class: int) -> tuple[Path, P
     return data, distill, test
 
 
-def distill_run(
-    run: Path, distill: Path, model: Path, teacher: str, p: dict, ipc: int, device: str, progress: bool, timer=None
-) -> Path:
+def distill_run(run: Path, distill: Path, model: Path, teacher: str, p: dict, ipc: int, device: str,
+                progress: bool, timer=None) -> Path:
     """select (ResNet-20, factor 1, 32 px), invert (mini, 64 px) and generate (`ipc`, soft labels, 32 px) with the
     world's preset `p`; each stage resumes or skips when its outputs are already there."""
     from promptset.stages.generate import generate
@@ -297,9 +296,8 @@ def mirror(src: Path, dst: Path, rounds: Path | None = None) -> Path:
     """`dst` holds `src`'s run files (everything but eval/), copied again when the prompts changed. With `rounds`,
     `dst/eval/rounds` is a link to that folder, so mirrors share promptset's round cache (its files are keyed by
     everything that changes a pixel and merged on write)."""
-    same = (dst / "prompts.safetensors").is_file() and sha256_file(dst / "prompts.safetensors") == sha256_file(
-        src / "prompts.safetensors"
-    )
+    same = (dst / "prompts.safetensors").is_file() and sha256_file(dst / "prompts.safetensors") == \
+        sha256_file(src / "prompts.safetensors")
     if not same:
         shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(src, dst, ignore=lambda folder, names: ["eval"] if Path(folder) == src else [])
@@ -340,6 +338,10 @@ def tensors_sha256(path: Path) -> str:
 # d3m trains on images of the learned prompts (and generate's labels for its fixed set), rded on the collages;
 # class-prompt, random-real and full on nothing the run's distillation made.
 DEPENDS = {"d3m": ("prompts", "labels"), "rded": ("collages",)}
+
+
+def _deps(entry: dict) -> tuple[str, ...]:
+    return DEPENDS.get(entry["method"].split("@")[0], ())
 
 # Inversion and generation on another CPU model (other SIMD kernels, other summation orders) learn prompts and
 # labels that differ from this machine's in the last bits: unequal hashes, the same distilled set. Inputs within
@@ -424,8 +426,7 @@ def import_committed(
                 close[k] = why
 
     def valid(e: dict) -> bool:
-        deps = DEPENDS.get(e["method"].split("@")[0], ())
-        return all(was.get(k) is not None and (was.get(k) == inputs.get(k) or k in close) for k in deps)
+        return all(was.get(k) is not None and (was.get(k) == inputs.get(k) or k in close) for k in _deps(e))
 
     with locked(results_path):
         cur = load_results(results_path)
@@ -433,7 +434,7 @@ def import_committed(
         stale = sorted(k for k, e in (old.get("entries") or {}).items() if k not in cur["entries"] and not valid(e))
         for e in new.values():
             e["imported_from"] = f"benchmarks/results/{committed.name}"
-            near = {k: close[k] for k in DEPENDS.get(e["method"].split("@")[0], ()) if k in close}
+            near = {k: close[k] for k in _deps(e) if k in close}
             if near:
                 e["imported_inputs_within_tolerance"] = e.get("imported_inputs_within_tolerance", {}) | near
         cur["entries"].update(new)
@@ -448,7 +449,7 @@ def import_committed(
             e = old["entries"][k]
             replaced.setdefault(k, {"final_top1": e["final_top1"], "finished_at": e.get("finished_at"),
                                     "device": e.get("device") if e.get("device") != "cpu" else f"cpu ({cpu})",
-                                    "inputs": {d: was.get(d) for d in DEPENDS.get(e["method"].split("@")[0], ())}})
+                                    "inputs": {d: was.get(d) for d in _deps(e)}})
         if replaced:
             write_json(replaced_path, replaced)
     if stale:
