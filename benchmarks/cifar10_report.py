@@ -26,7 +26,10 @@ def rounds_list(p: dict) -> list[int]:
     return sorted({int(x) for x in str(p["rounds"]).split(",")})
 
 
-PAPER_P1 = {"d3m": {1: 35.9, 10: 58.6}, "rded": {1: 15.5, 10: 38.6}}  # D3M Table 2, CIFAR-10, soft labels
+# D3M Table 2, CIFAR-10, ConvNet-3: soft labels (P1) and one-hot labels (P2)
+PAPER = {"p1": {"d3m": {1: 35.88, 10: 58.58, 50: 70.52}, "rded": {1: 15.50, 10: 38.64, 50: 56.28}},
+         "p2": {"d3m": {1: 28.43, 10: 37.69, 50: 47.09}, "rded": {1: 20.05, 10: 31.78, 50: 46.53}}}
+ORDER_METHODS = ("d3m", "class-prompt", "rded", "random-real")
 
 
 def reading(entries: dict, quality: dict, fidelity: dict, p: dict) -> list[str]:
@@ -60,7 +63,7 @@ def reading(entries: dict, quality: dict, fidelity: dict, p: dict) -> list[str]:
         if d is None or r is None:
             continue
         dm, rm = d["final_top1"]["mean"], r["final_top1"]["mean"]
-        paper = PAPER_P1["d3m"].get(ipc), PAPER_P1["rded"].get(ipc)
+        paper = PAPER["p1"]["d3m"].get(ipc), PAPER["p1"]["rded"].get(ipc)
         verdict = "holds" if dm > rm else "does not hold"
         n = d["distilled"].get("rounds")
         images = f"{n} rounds of fresh images" if n and n > 1 else "one fixed generated set: no fresh-round row yet"
@@ -86,9 +89,22 @@ def reading(entries: dict, quality: dict, fidelity: dict, p: dict) -> list[str]:
         d, r = get("d3m", "p2", ipc, True), get("rded", "p2", ipc, True)
         if d is not None and r is not None:
             dm, rm = d["final_top1"]["mean"], r["final_top1"]["mean"]
-            p2.append(f"IPC {ipc} ({d['epochs']} epochs): d3m {dm:.1f}% vs rded {rm:.1f}% ({dm - rm:+.1f} points)")
+            text = (f"IPC {ipc} ({d['epochs']} epochs): d3m {dm:.1f}% vs rded {rm:.1f}% ({dm - rm:+.1f} points, the "
+                    f"paper's ordering {'holds' if dm > rm else 'does not hold'}")  # fmt: skip
+            paper = PAPER["p2"]["d3m"].get(ipc), PAPER["p2"]["rded"].get(ipc)
+            if paper[0] is not None:
+                text += f"; paper, one-hot: {paper[0]} vs {paper[1]}"
+            p2.append(text + ")")
     if p2:
         out.append("- P2 (one-hot labels, augmentation; d3m with fresh rounds): " + "; ".join(p2) + ".")
+    for protocol in ("p1", "p2"):
+        for ipc in ipcs:
+            rows = [(m, get(m, protocol, ipc, True)) for m in ORDER_METHODS]
+            rows = sorted(((e["final_top1"]["mean"], m) for m, e in rows if e is not None), reverse=True)
+            if len(rows) >= 3:
+                ranked = " > ".join(f"{m} {v:.1f}" for v, m in rows)
+                out.append(f"- {protocol.upper()}, IPC {ipc}, methods by final top-1 (%; generative methods with fresh "
+                           f"rounds): {ranked}.")  # fmt: skip
     for protocol in ("p1", "p2"):
         parts = []
         for ipc in ipcs:
