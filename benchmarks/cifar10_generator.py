@@ -28,19 +28,26 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
-from cifar10_world import SPLIT, symlink_split, unpack  # noqa: E402
+from cifar10_common import SPLIT, symlink_split, unpack  # noqa: E402
 
-COMMON = ["--resolution", "64", "--unet-size", "base", "--batch-size", "64", "--warmup-steps", "100",
-          "--ema-decay", "0.999", "--teacher-size", "32",
-          "--eval-every", "250", "--eval-samples", "20", "--sample-steps", "10", "--guidance", "3",
-          "--checkpoint-every", "250", "--log-every", "50"]  # fmt: skip
+COMMON = {"--resolution": "64", "--unet-size": "base", "--batch-size": "64", "--warmup-steps": "100",
+          "--ema-decay": "0.999", "--teacher-size": "32", "--eval-every": "250", "--eval-samples": "20",
+          "--sample-steps": "10", "--guidance": "3", "--checkpoint-every": "250", "--log-every": "50"}
+# Each variant changes one lever of `pooled-v` (the recipe of the committed cifar10-mini); its learning curve is
+# compared with pooled-v's at the same steps (generator_curves.py). `images` = foundation images per class.
 VARIANTS = {
     # the committed model: pooled caption vector in the time embedding + masked cross-attention, v-prediction
-    "pooled-v": ["--conditioning", "pooled", "--prediction-type", "v_prediction"],
-    # the same without the pooled vector: class identity through (masked) cross-attention alone
-    "cross-v": ["--conditioning", "cross", "--prediction-type", "v_prediction"],
-    # the same as pooled-v with the epsilon objective
-    "pooled-eps": ["--conditioning", "pooled", "--prediction-type", "epsilon"],
+    "pooled-v": {"--conditioning": "pooled", "--prediction-type": "v_prediction"},
+    # conditioning: the same without the pooled vector (class identity through masked cross-attention alone)
+    "cross-v": {"--conditioning": "cross", "--prediction-type": "v_prediction"},
+    # objective: the same as pooled-v with epsilon prediction
+    "pooled-eps": {"--conditioning": "pooled", "--prediction-type": "epsilon"},
+    # width: the `small` UNet (channels 32/64, 1.9M parameters) instead of `base` (64/128, 7.0M)
+    "pooled-v-small": {"--conditioning": "pooled", "--prediction-type": "v_prediction", "--unet-size": "small"},
+    # EMA: the raw weights (decay 0) instead of an EMA with decay 0.999
+    "pooled-v-noema": {"--conditioning": "pooled", "--prediction-type": "v_prediction", "--ema-decay": "0"},
+    # data: all 2,500 foundation images per class (and mirrors) instead of the first 1,000, from scratch
+    "pooled-v-2500": {"--conditioning": "pooled", "--prediction-type": "v_prediction", "images": "2500"},
 }
 
 
@@ -53,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shared", default=os.environ.get("PROMPTSET_SHARED", str(REPO.parent / "shared")),
                     help="folder holding data/ and weights/")  # fmt: skip
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    ap.add_argument("--images-per-class", type=int, default=1000,
-                    help="foundation images per class (of 2500; each also mirrored)")  # fmt: skip
+    ap.add_argument("--images-per-class", type=int, default=0,
+                    help="foundation images per class (of 2500; each also mirrored; default: the variant's, else 1000)")  # fmt: skip
     ap.add_argument("--lr", default="1e-3", help="AdamW learning rate after warm-up")
     ap.add_argument("--init-from", default="",
                     help="start from this finished mini model's UNet (promptset pretrain --init-from)")  # fmt: skip
@@ -64,12 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(args.cache).expanduser().resolve()
     out = Path(args.out) if args.out else cache / "generators" / args.variant
     weights = shared / "weights"
+    recipe = COMMON | VARIANTS[args.variant]
+    images = args.images_per_class or int(recipe.pop("images", 1000))
+    recipe.pop("images", None)
     cmd = [sys.executable, "-m", "promptset", "pretrain", "--out", str(out),
            "--data", str(cache / "cifar10-jpeg-splits" / "foundation"), "--vae", f"taef2:{weights}",
            "--class-names", str(BENCH_DIR / "cifar10_captions.json"),
            "--teacher", f"resnet20:{weights / 'cifar10_resnet20.safetensors'}", "--steps", str(args.steps),
-           "--no-progress", "--max-images-per-class", str(args.images_per_class), "--lr", args.lr,
-           *COMMON, *VARIANTS[args.variant]]  # fmt: skip
+           "--no-progress", "--max-images-per-class", str(images), "--lr", args.lr,
+           *(x for flag, value in recipe.items() for x in (flag, value))]  # fmt: skip
     if args.init_from:
         cmd += ["--init-from", str(Path(args.init_from).resolve())]
     print(f"OMP_NUM_THREADS={args.threads} " + shlex.join(cmd), flush=True)

@@ -201,3 +201,38 @@ def test_the_patch_detector_finds_a_patch(tmp_path):
     script.write_text("import promptset.backends.sampling as gen\nfrom promptset import stages\n"
                       "gen.generate_batch = None\nsetattr(stages.invert, 'x', 1)\n")  # fmt: skip
     assert len(_patches_of_promptset(script)) == 2
+
+
+def _top_level_names(path: Path) -> set[str]:
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names |= {n.id for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+def _broken_local_imports(path: Path) -> list[str]:
+    """`from sibling import name` lines of a benchmark script whose sibling script defines no such name."""
+    here = path.parent
+    broken = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and (here / f"{node.module}.py").is_file():
+            defined = _top_level_names(here / f"{node.module}.py")
+            broken += [f"line {node.lineno}: {node.module}.{a.name}" for a in node.names if a.name not in defined]
+    return broken
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (SRC.parents[1] / "benchmarks").glob("*.py")))
+def test_benchmark_scripts_import_only_what_their_siblings_define(script):
+    assert _broken_local_imports(SRC.parents[1] / "benchmarks" / script) == []
+
+
+def test_the_import_check_finds_a_moved_name(tmp_path):
+    (tmp_path / "lib.py").write_text("A = 1\ndef f():\n    pass\n")
+    (tmp_path / "user.py").write_text("from lib import A, f, SPLIT\n")
+    assert _broken_local_imports(tmp_path / "user.py") == ["line 1: lib.SPLIT"]
