@@ -429,6 +429,40 @@ def class_count_section() -> list[str]:
     return lines
 
 
+LEVERS = {"cross-v": "conditioning (cross-attention alone)", "pooled-eps": "objective (epsilon prediction)",
+          "pooled-v-small": "width (the small UNet)", "pooled-v-noema": "EMA (raw weights, decay 0)",
+          "pooled-v-2500": "data (all 2,500 images per class, from scratch)"}  # fmt: skip
+
+
+def lever_lines(models: dict, base: str = "pooled-v", last_points: int = 3) -> list[str]:
+    """Each variant against `base` over the last evaluation points both have (pooled samples: less noise)."""
+    if base not in models:
+        return []
+    ref = {r["step"]: r for r in models[base]["curve"]}
+    out = []
+    for name, m in models.items():
+        if name == base:
+            continue
+        shared = sorted(s for s in {r["step"] for r in m["curve"]} & set(ref) if s % 250 == 0)[-last_points:]
+        if not shared:
+            continue
+        mine = {r["step"]: r for r in m["curve"]}
+        n_a = sum(mine[s]["samples"] for s in shared)
+        n_b = sum(ref[s]["samples"] for s in shared)
+        a = sum(mine[s]["accuracy"] * mine[s]["samples"] for s in shared) / n_a
+        b = sum(ref[s]["accuracy"] * ref[s]["samples"] for s in shared) / n_b
+        se = (a * (1 - a) / n_a + b * (1 - b) / n_b) ** 0.5
+        verdict = "within two standard errors" if abs(a - b) < 2 * se else ("better" if a > b else "worse")
+        out.append(f"- {LEVERS.get(name, name)}: `{name}` {100 * a:.1f}% vs `{base}` {100 * b:.1f}% over steps "
+                   f"{', '.join(str(s) for s in shared)} ({n_a} and {n_b} samples; {100 * (a - b):+.1f} points, "
+                   f"standard error of the difference {100 * se:.1f}: {verdict})")  # fmt: skip
+    if not out:
+        return []
+    return ["Each lever against `pooled-v` (the teacher's accuracy pooled over the last evaluation points both "
+            "curves have; every evaluation draws the same seeds, so pooled points are not independent and the standard "
+            "error is a lower bound):", "", *out, ""]  # fmt: skip
+
+
 def generator_section() -> list[str]:
     """The CIFAR-10 generator: learning curves per recipe variant, the guidance sweep and the TAEF2 ceiling."""
     gen = _load("generator_curves.json")
@@ -440,7 +474,7 @@ def generator_section() -> list[str]:
         "",
         "Trained by `python benchmarks/cifar10_generator.py --variant NAME` (the exact `promptset pretrain` command "
         "it runs is in `benchmarks/models/cifar10-mini/COMMAND.md`) on the foundation split (CIFAR-10 JPEG train "
-        "files 0-999 of each class, and their mirror images, as TAEF2 latents at 64 px). The captions name five "
+        "files 0-999 of each class unless the recipe says more, and their mirror images, as TAEF2 latents at 64 px). The captions name five "
         "classes and describe the other five by a coarser word (`benchmarks/cifar10_captions.json`). Curves "
         "collected by `python benchmarks/generator_curves.py` into `benchmarks/results/generator_curves.json`. "
         "One torch thread per run, runs sharing the two cores of the machine named under the table.",
@@ -456,7 +490,8 @@ def generator_section() -> list[str]:
         r = m["recipe"]
         acc = {row["step"]: row["accuracy"] for row in m["curve"]}
         recipe = (f"UNet {r['unet_size']} ({(r.get('unet_params') or 0) / 1e6:.1f}M), {r['conditioning']}, "
-                  f"{r['prediction_type']}, batch {r['batch_size']}, lr {r['lr']}, EMA {r['ema_decay']}")  # fmt: skip
+                  f"{r['prediction_type']}, batch {r['batch_size']}, lr {r['lr']}, EMA {r['ema_decay']}, "
+                  f"{r.get('max_images_per_class') or 2500} images/class")  # fmt: skip
         cells = " | ".join(f"{acc[s] * 100:.1f}" if s in acc else "" for s in steps)
         secs = m.get("train_seconds")
         lines.append(f"| {name} | {recipe} | {'-' if secs is None else f'{secs:,.0f}'} | {cells} |")
@@ -470,9 +505,10 @@ def generator_section() -> list[str]:
     lines += [
         "",
         "Training seconds are wall time on the machine and load of each run (runs of different sessions may be on "
-        "different machines of the same kind): compare the curves by steps, not seconds. The committed model "
-        "(`benchmarks/models/cifar10-mini`, used by the CIFAR-10 tables below until they are rerun with "
-        "`cifar10-mini-v2`) is `pooled-v`.",
+        "different machines of the same kind): compare the curves by steps, not seconds. `pooled-v` is the committed "
+        "`benchmarks/models/cifar10-mini`, the starting point of `cifar10-mini-v2` (next section), which every "
+        "CIFAR-10 table below uses. Each other variant changes one lever of `pooled-v` (`VARIANTS` in "
+        "`benchmarks/cifar10_generator.py`).",
     ]
     lines += [
         "",
@@ -507,6 +543,7 @@ def generator_section() -> list[str]:
             f"difference). Highest: `{best}`.",
             "",
         ]
+    lines += lever_lines(models)
     sweep = gen.get("guidance_sweep")
     if sweep:
         rows = sweep["rows"]
