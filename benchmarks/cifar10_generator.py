@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="folder holding data/ and weights/")  # fmt: skip
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--images-per-class", type=int, default=0,
-                    help="foundation images per class (of 2500; each also mirrored; default: the variant's, else 1000)")  # fmt: skip
+                    help="foundation images per class (of 2500, each also mirrored; 0: the variant's)")  # fmt: skip
     ap.add_argument("--lr", default="1e-3", help="AdamW learning rate after warm-up")
     ap.add_argument("--init-from", default="",
                     help="start from this finished mini model's UNet (promptset pretrain --init-from)")  # fmt: skip

@@ -103,8 +103,8 @@ def reading(entries: dict, quality: dict, fidelity: dict, p: dict) -> list[str]:
             rows = sorted(((e["final_top1"]["mean"], m) for m, e in rows if e is not None), reverse=True)
             if len(rows) >= 3:
                 ranked = " > ".join(f"{m} {v:.1f}" for v, m in rows)
-                out.append(f"- {protocol.upper()}, IPC {ipc}, methods by final top-1 (%; generative methods with fresh "
-                           f"rounds): {ranked}.")  # fmt: skip
+                out.append(f"- {protocol.upper()}, IPC {ipc}, methods by final top-1 (%; generative methods with "
+                           f"fresh rounds): {ranked}.")  # fmt: skip
     for protocol in ("p1", "p2"):
         parts = []
         for ipc in ipcs:

@@ -459,8 +459,8 @@ def lever_lines(models: dict, base: str = "pooled-v", last_points: int = 3) -> l
     if not out:
         return []
     return ["Each lever against `pooled-v` (the teacher's accuracy pooled over the last evaluation points both "
-            "curves have; every evaluation draws the same seeds, so pooled points are not independent and the standard "
-            "error is a lower bound):", "", *out, ""]  # fmt: skip
+            "curves have; every evaluation draws the same seeds, so pooled points are not independent and the "
+            "standard error is a lower bound):", "", *out, ""]  # fmt: skip
 
 
 def generator_section() -> list[str]:
@@ -474,9 +474,9 @@ def generator_section() -> list[str]:
         "",
         "Trained by `python benchmarks/cifar10_generator.py --variant NAME` (the exact `promptset pretrain` command "
         "it runs is in `benchmarks/models/cifar10-mini/COMMAND.md`) on the foundation split (CIFAR-10 JPEG train "
-        "files 0-999 of each class unless the recipe says more, and their mirror images, as TAEF2 latents at 64 px). The captions name five "
-        "classes and describe the other five by a coarser word (`benchmarks/cifar10_captions.json`). Curves "
-        "collected by `python benchmarks/generator_curves.py` into `benchmarks/results/generator_curves.json`. "
+        "files 0-999 of each class unless the recipe says more, and their mirror images, as TAEF2 latents at "
+        "64 px). The captions name five classes and describe the other five by a coarser word "
+        "(`benchmarks/cifar10_captions.json`). Curves collected by `python benchmarks/generator_curves.py` into `benchmarks/results/generator_curves.json`. "
         "One torch thread per run, runs sharing the two cores of the machine named under the table.",
         "",
         'Learning curves: ResNet-20\'s accuracy (%) on 200 class-prompt samples ("a photo of a {caption word}", '
