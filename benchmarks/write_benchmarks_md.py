@@ -476,7 +476,8 @@ def generator_section() -> list[str]:
         "it runs is in `benchmarks/models/cifar10-mini/COMMAND.md`) on the foundation split (CIFAR-10 JPEG train "
         "files 0-999 of each class unless the recipe says more, and their mirror images, as TAEF2 latents at "
         "64 px). The captions name five classes and describe the other five by a coarser word "
-        "(`benchmarks/cifar10_captions.json`). Curves collected by `python benchmarks/generator_curves.py` into `benchmarks/results/generator_curves.json`. "
+        "(`benchmarks/cifar10_captions.json`). Curves collected by `python benchmarks/generator_curves.py` into "
+        "`benchmarks/results/generator_curves.json`. "
         "One torch thread per run, runs sharing the two cores of the machine named under the table.",
         "",
         'Learning curves: ResNet-20\'s accuracy (%) on 200 class-prompt samples ("a photo of a {caption word}", '
