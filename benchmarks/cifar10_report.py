@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 from cifar10_common import (
     RESULTS_DIR,
@@ -129,6 +130,22 @@ def reading(entries: dict, quality: dict, fidelity: dict, p: dict) -> list[str]:
                 diffs.append(f"{a['final_top1']['mean'] - b['final_top1']['mean']:+.1f} at IPC {ipc}")
         if diffs:
             out.append(f"- {protocol.upper()}: rded minus random-real (points): " + ", ".join(diffs) + ".")
+    for protocol in ("p1", "p2"):
+        parts = []
+        for ipc in ipcs:
+            df, rr = get("d3m", protocol, ipc, False), get("random-real", protocol, ipc, True)
+            d = get("d3m", protocol, ipc, True)
+            if df is None or rr is None:
+                continue
+            text = (f"IPC {ipc}: one fixed set of d3m images {df['final_top1']['mean']:.1f}% vs as many random real "
+                    f"images {rr['final_top1']['mean']:.1f}%")  # fmt: skip
+            if d is not None:
+                n = d["distilled"].get("rounds")
+                text += f" ({n} fresh rounds, {n}x the images: {d['final_top1']['mean']:.1f}%)"
+            parts.append(text)
+        if parts:
+            out.append(f"- {protocol.upper()}, what one generated image is worth against one real image (same count, "
+                       "same steps): " + "; ".join(parts) + ".")  # fmt: skip
     cut = sorted({e["epochs"] for e in entries.values() if e["ipc"] is not None and e["epochs"] < 300})
     if cut:
         out.append(f"- Rows at {', '.join(map(str, cut))} epochs are a cut budget (the paper trains students for "
@@ -164,6 +181,20 @@ def missing_rows(plan: list, entries: dict, p: dict) -> list[str]:
                                                                           ", fixed")  # fmt: skip
                 out.append(f"{m} {protocol.upper()} IPC {ipc or 'all'} ({n_epochs} epochs{images})")
     return out
+
+
+def per_cache_times(committed: Path, timer, tag: str, cpu: str) -> dict[str, dict]:
+    """Wall time per stage of every cache folder that worked on this table: the committed file's other caches
+    (a file written before caches had ids counts as one earlier cache) and this one."""
+    old = json.loads(committed.read_text()) if committed.is_file() else {}
+    caches: dict[str, dict] = {}
+    if old.get("tag") == tag:
+        wall = old.get("wall_time_s") or {}
+        caches = dict(wall.get("per_cache") or {})
+        if not caches and wall.get("per_stage_cumulative"):
+            caches["earlier"] = {"cpu": (old.get("machine") or {}).get("cpu"), "stages": wall["per_stage_cumulative"]}
+    caches[timer.cache_id] = {"cpu": cpu, "stages": dict(timer.data)}
+    return caches
 
 
 def write_outputs(name, args, p, tag, root, model, run, test, pre, timer, ipcs, epochs, est, t_start, plan) -> None:
@@ -222,6 +253,7 @@ def write_outputs(name, args, p, tag, root, model, run, test, pre, timer, ipcs, 
         "machine": mach,
         "wall_time_s": {
             "per_stage_cumulative": timer.data,
+            "per_cache": per_cache_times(RESULTS_DIR / f"{name}.json", timer, tag, mach["cpu"]),
             "this_invocation": timer.this_run,
             "this_invocation_total": round(time.time() - t_start, 1),
         },
@@ -381,9 +413,24 @@ def write_outputs(name, args, p, tag, root, model, run, test, pre, timer, ipcs, 
         "| stage | wall (s) |",
         "|---|---:|",
     ]
-    for k, v in timer.data.items():
-        lines.append(f"| {k} | {v:,.0f} |")
-    lines.append(f"| **total** | **{sum(timer.data.values()):,.0f}** |")
+    caches = summary["wall_time_s"]["per_cache"]
+    stages = list(dict.fromkeys(k for c in caches.values() for k in c["stages"]))
+    if len(caches) > 1:
+        lines[-2:] = [
+            "| stage | " + " | ".join(f"cache {i + 1} ({c['cpu']})" for i, c in enumerate(caches.values()))
+            + " | all |",
+            "|---|" + "---:|" * (len(caches) + 1),
+        ]  # fmt: skip
+    for k in stages:
+        vals = [c["stages"].get(k, 0.0) for c in caches.values()]
+        cells = " | ".join(f"{v:,.0f}" for v in vals) + (f" | {sum(vals):,.0f}" if len(caches) > 1 else "")
+        lines.append(f"| {k} | {cells} |")
+    totals = [sum(c["stages"].values()) for c in caches.values()]
+    cells = " | ".join(f"**{v:,.0f}**" for v in totals) + (f" | **{sum(totals):,.0f}**" if len(caches) > 1 else "")
+    lines.append(f"| **total** | {cells} |")
+    if len(caches) > 1:
+        lines += ["", "Each cache folder (a machine's `--cache`) ran the stages it needed: a new cache prepares "
+                      "the data, selects, inverts and generates again before it trains the rows not measured yet."]
     lines += [
         "",
         "Stages killed part-way are not in this table (they resume from their checkpoints). The generator's "

@@ -42,6 +42,7 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -162,12 +163,20 @@ def parse_epochs(text: str) -> dict[int, int]:
 
 
 class Timer:
-    """Wall time per stage, accumulated over invocations in `<root>/walltimes.json`."""
+    """Wall time per stage, accumulated over invocations in `<root>/walltimes.json`.
+
+    A cache folder has an id (`<root>/cache_id`, made once): the results JSON keeps each cache's totals under its
+    id, so a table resumed in a new cache on another machine adds its time to the committed totals of earlier
+    caches instead of replacing them."""
 
     def __init__(self, path: Path):
         self.path = path
         self.data = json.loads(path.read_text()) if path.is_file() else {}
         self.this_run: dict[str, float] = {}
+        id_file = path.parent / "cache_id"
+        if not id_file.is_file():
+            id_file.write_text(uuid.uuid4().hex[:12])
+        self.cache_id = id_file.read_text().strip()
 
     def add(self, stage: str, seconds: float) -> None:
         self.this_run[stage] = self.this_run.get(stage, 0.0) + seconds

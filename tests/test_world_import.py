@@ -91,3 +91,24 @@ def test_rows_import_when_inputs_differ_only_by_rounding_and_are_trained_again_o
         f.unlink()
     assert set(_import(tmp_path, results, near, "d")) == {"random-real/p1/x"}
     assert set(_import(tmp_path, results, there, "e")) == {"d3m/p1/x", "random-real/p1/x"}
+
+
+def test_wall_times_of_earlier_caches_are_kept_not_replaced(tmp_path):
+    import types
+
+    import cifar10_report as report
+
+    committed = tmp_path / "world.json"
+    old = {"tag": "cpu", "machine": {"cpu": "EPYC"}, "wall_time_s": {"per_stage_cumulative": {"evaluate_p1": 900.0}}}
+    committed.write_text(json.dumps(old))
+    timer = types.SimpleNamespace(cache_id="abc", data={"invert": 10.0})
+    caches = report.per_cache_times(committed, timer, "cpu", "Xeon")
+    assert caches == {"earlier": {"cpu": "EPYC", "stages": {"evaluate_p1": 900.0}},
+                      "abc": {"cpu": "Xeon", "stages": {"invert": 10.0}}}  # fmt: skip
+    # the same cache again (a resumed invocation): its own totals replaced, the earlier cache's kept
+    committed.write_text(json.dumps(old | {"wall_time_s": {"per_cache": caches}}))
+    timer.data = {"invert": 10.0, "evaluate_p2": 5.0}
+    again = report.per_cache_times(committed, timer, "cpu", "Xeon")
+    assert again["earlier"] == caches["earlier"] and again["abc"]["stages"] == timer.data
+    # another preset's file says nothing about this table's time
+    assert list(report.per_cache_times(committed, timer, "reduced", "Xeon")) == ["abc"]
