@@ -453,9 +453,12 @@ def lever_lines(models: dict, base: str = "pooled-v", last_points: int = 3) -> l
         b = sum(ref[s]["accuracy"] * ref[s]["samples"] for s in shared) / n_b
         se = (a * (1 - a) / n_a + b * (1 - b) / n_b) ** 0.5
         verdict = "within two standard errors" if abs(a - b) < 2 * se else ("better" if a > b else "worse")
+        swing = [100 * mine[s]["accuracy"] for s in shared], [100 * ref[s]["accuracy"] for s in shared]
         out.append(f"- {LEVERS.get(name, name)}: `{name}` {100 * a:.1f}% vs `{base}` {100 * b:.1f}% over steps "
                    f"{', '.join(str(s) for s in shared)} ({n_a} and {n_b} samples; {100 * (a - b):+.1f} points, "
-                   f"standard error of the difference {100 * se:.1f}: {verdict})")  # fmt: skip
+                   f"standard error of the difference {100 * se:.1f}: {verdict}; range over those points "
+                   f"{min(swing[0]):.1f}-{max(swing[0]):.1f}% vs "
+                   f"{min(swing[1]):.1f}-{max(swing[1]):.1f}%)")  # fmt: skip
     if not out:
         return []
     return ["Each lever against `pooled-v` (the teacher's accuracy pooled over the last evaluation points both "
