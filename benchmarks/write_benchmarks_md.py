@@ -463,6 +463,13 @@ def lever_lines(models: dict, base: str = "pooled-v", last_points: int = 3) -> l
                    f"{min(swing[1]):.1f}-{max(swing[1]):.1f}%)")  # fmt: skip
     if not out:
         return []
+    longest = max(m["curve"][-1]["step"] for m in models.values())
+    for name, m in models.items():
+        step = m["curve"][-1]["step"]
+        if step < longest:
+            out.append(f"- `{name}` stopped at step {step} of {longest} (for lack of CPU time; it checkpoints, and "
+                       f"`python benchmarks/cifar10_generator.py --variant {name} --steps {longest}` resumes it), "
+                       "so it is compared over its own last points")  # fmt: skip
     return ["Each lever against `pooled-v` (the teacher's accuracy pooled over the last evaluation points both "
             "curves have; every evaluation draws the same seeds, so pooled points are not independent and the "
             "standard error is a lower bound):", "", *out, ""]  # fmt: skip
