@@ -35,6 +35,7 @@ Benchmarks report numbers, they assert nothing.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import math
@@ -179,9 +180,13 @@ class Timer:
         self.cache_id = id_file.read_text().strip()
 
     def add(self, stage: str, seconds: float) -> None:
+        """Add to the file's current totals under a lock: two invocations with disjoint `--only` rows share it."""
         self.this_run[stage] = self.this_run.get(stage, 0.0) + seconds
-        self.data[stage] = round(self.data.get(stage, 0.0) + seconds, 1)
-        self.path.write_text(json.dumps(self.data, indent=1))
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+            self.data[stage] = round(self.data.get(stage, 0.0) + seconds, 1)
+            self.path.write_text(json.dumps(self.data, indent=1))
 
 
 def estimate(p: dict, ipcs: list[int], epochs: dict[int, int]) -> dict[str, float]:

@@ -112,3 +112,13 @@ def test_wall_times_of_earlier_caches_are_kept_not_replaced(tmp_path):
     assert again["earlier"] == caches["earlier"] and again["abc"]["stages"] == timer.data
     # another preset's file says nothing about this table's time
     assert list(report.per_cache_times(committed, timer, "reduced", "Xeon")) == ["abc"]
+
+
+def test_two_invocations_sharing_a_cache_add_their_wall_times(tmp_path):
+    import cifar10_world as world
+
+    a, b = world.Timer(tmp_path / "walltimes.json"), world.Timer(tmp_path / "walltimes.json")  # both start empty
+    a.add("evaluate_p1", 100.0)
+    b.add("evaluate_p2", 50.0)
+    a.add("evaluate_p1", 1.0)
+    assert json.loads((tmp_path / "walltimes.json").read_text()) == {"evaluate_p1": 101.0, "evaluate_p2": 50.0}
