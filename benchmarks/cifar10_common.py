@@ -7,6 +7,7 @@ world's preset), mirrors of it for side experiments, and the records written bes
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ import shutil
 import sys
 import tarfile
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -456,3 +458,29 @@ def import_committed(
         log(f"{committed.name}: {len(stale)} entries were measured on other run inputs ({', '.join(stale)}); "
             "not imported, they are trained again")  # fmt: skip
     return len(new)
+
+
+class Timer:
+    """Wall time per stage, accumulated over invocations in `<root>/walltimes.json`.
+
+    A cache folder has an id (`<root>/cache_id`, made once): the results JSON keeps each cache's totals under its
+    id, so a table resumed in a new cache on another machine adds its time to the committed totals of earlier
+    caches instead of replacing them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+        self.this_run: dict[str, float] = {}
+        id_file = path.parent / "cache_id"
+        if not id_file.is_file():
+            id_file.write_text(uuid.uuid4().hex[:12])
+        self.cache_id = id_file.read_text().strip()
+
+    def add(self, stage: str, seconds: float) -> None:
+        """Add to the file's current totals under a lock: two invocations with disjoint `--only` rows share it."""
+        self.this_run[stage] = self.this_run.get(stage, 0.0) + seconds
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+            self.data[stage] = round(self.data.get(stage, 0.0) + seconds, 1)
+            self.path.write_text(json.dumps(self.data, indent=1))

@@ -35,7 +35,6 @@ Benchmarks report numbers, they assert nothing.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import json
 import math
@@ -43,7 +42,6 @@ import os
 import shutil
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import torch
@@ -161,32 +159,6 @@ def log(msg: str) -> None:
 
 def parse_epochs(text: str) -> dict[int, int]:
     return {int(k): int(v) for k, v in (part.split(":") for part in text.split(","))}
-
-
-class Timer:
-    """Wall time per stage, accumulated over invocations in `<root>/walltimes.json`.
-
-    A cache folder has an id (`<root>/cache_id`, made once): the results JSON keeps each cache's totals under its
-    id, so a table resumed in a new cache on another machine adds its time to the committed totals of earlier
-    caches instead of replacing them."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.data = json.loads(path.read_text()) if path.is_file() else {}
-        self.this_run: dict[str, float] = {}
-        id_file = path.parent / "cache_id"
-        if not id_file.is_file():
-            id_file.write_text(uuid.uuid4().hex[:12])
-        self.cache_id = id_file.read_text().strip()
-
-    def add(self, stage: str, seconds: float) -> None:
-        """Add to the file's current totals under a lock: two invocations with disjoint `--only` rows share it."""
-        self.this_run[stage] = self.this_run.get(stage, 0.0) + seconds
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
-            self.data[stage] = round(self.data.get(stage, 0.0) + seconds, 1)
-            self.path.write_text(json.dumps(self.data, indent=1))
 
 
 def estimate(p: dict, ipcs: list[int], epochs: dict[int, int]) -> dict[str, float]:
@@ -354,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in est.items())
         + f"; total {sum(est.values()) / 60:.1f} min"
     )
-    timer = Timer(root / "walltimes.json")
+    timer = common.Timer(root / "walltimes.json")
     t_start = time.time()
 
     from promptset.stages.evaluate import evaluate

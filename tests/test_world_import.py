@@ -115,9 +115,7 @@ def test_wall_times_of_earlier_caches_are_kept_not_replaced(tmp_path):
 
 
 def test_two_invocations_sharing_a_cache_add_their_wall_times(tmp_path):
-    import cifar10_world as world
-
-    a, b = world.Timer(tmp_path / "walltimes.json"), world.Timer(tmp_path / "walltimes.json")  # both start empty
+    a, b = common.Timer(tmp_path / "walltimes.json"), common.Timer(tmp_path / "walltimes.json")  # both start empty
     a.add("evaluate_p1", 100.0)
     b.add("evaluate_p2", 50.0)
     a.add("evaluate_p1", 1.0)
