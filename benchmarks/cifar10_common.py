@@ -469,18 +469,22 @@ class Timer:
 
     def __init__(self, path: Path):
         self.path = path
-        self.data = json.loads(path.read_text()) if path.is_file() else {}
         self.this_run: dict[str, float] = {}
         id_file = path.parent / "cache_id"
         if not id_file.is_file():
             id_file.write_text(uuid.uuid4().hex[:12])
         self.cache_id = id_file.read_text().strip()
 
+    @property
+    def data(self) -> dict[str, float]:
+        """The totals in the file, with what other invocations sharing this cache added."""
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+
     def add(self, stage: str, seconds: float) -> None:
         """Add to the file's current totals under a lock: two invocations with disjoint `--only` rows share it."""
         self.this_run[stage] = self.this_run.get(stage, 0.0) + seconds
         with open(self.path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
-            self.data[stage] = round(self.data.get(stage, 0.0) + seconds, 1)
-            self.path.write_text(json.dumps(self.data, indent=1))
+            data = self.data
+            data[stage] = round(data.get(stage, 0.0) + seconds, 1)
+            self.path.write_text(json.dumps(data, indent=1))

@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else cache / "generators" / args.variant
     weights = shared / "weights"
     recipe = COMMON | VARIANTS[args.variant]
-    images = args.images_per_class or int(recipe.pop("images", 1000))
-    recipe.pop("images", None)
+    variant_images = int(recipe.pop("images", 1000))  # not a pretrain flag
+    images = args.images_per_class or variant_images
     cmd = [sys.executable, "-m", "promptset", "pretrain", "--out", str(out),
            "--data", str(cache / "cifar10-jpeg-splits" / "foundation"), "--vae", f"taef2:{weights}",
            "--class-names", str(BENCH_DIR / "cifar10_captions.json"),

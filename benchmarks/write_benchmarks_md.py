@@ -445,7 +445,7 @@ def lever_lines(models: dict, base: str = "pooled-v", last_points: int = 3) -> l
     for name, m in models.items():
         if name == base:
             continue
-        shared = sorted(s for s in {r["step"] for r in m["curve"]} & set(ref) if s % 250 == 0)[-last_points:]
+        shared = sorted({r["step"] for r in m["curve"]} & set(ref))[-last_points:]
         if not shared:
             continue
         mine = {r["step"]: r for r in m["curve"]}
