@@ -1,85 +1,148 @@
-"""Adaptive CPU threads (threads.py): the count follows the idle cores, and every progress bar re-checks it."""
+"""CPU threads (threads.py, issue 29): one count per process whatever the load, recorded, replayed; passive OpenMP
+waiting set before torch loads; the same bits from the CLI idle and beside a busy process."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from promptset import threads
 from promptset.errors import UserError
-from promptset.progress import progress_bar
 
 
-def test_choose_threads_takes_the_idle_cores():
-    assert threads.choose_threads(2, 0.0) == 2
-    assert threads.choose_threads(2, 0.3) == 2  # a background trickle keeps both
-    assert threads.choose_threads(2, 0.7) == 1  # a busy loop slowed by our two threads still takes a core
-    assert threads.choose_threads(2, 1.0) == 1
-    assert threads.choose_threads(2, 5.0) == 1  # never fewer than one
-    assert threads.choose_threads(8, 3.0) == 5
-    assert threads.others_busy_cores((0.0, 10.0, 1.0), (2.0, 14.0, 3.0)) == pytest.approx(1.0)  # 4 s busy, 2 ours
-    assert threads.others_busy_cores((0.0, 10.0, 1.0), (2.0, 11.0, 3.0)) == 0.0  # clamped
+@pytest.fixture
+def restore_threads():
+    before, configured = torch.get_num_threads(), threads._configured
+    yield
+    threads._configured = configured
+    torch.set_num_threads(before)
 
 
-def test_governor_moves_the_thread_count_with_the_load():
-    """Fake /proc/stat readings: a competitor arrives (2 -> 1 thread) and leaves (1 -> 2); checks are rate-limited."""
-    readings = iter([(0.0, 0.0, 0.0), (4.0, 8.0, 7.9), (8.0, 16.0, 11.9), (12.0, 24.0, 19.8)])
-    calls = []
-    gov = threads.Governor(2, sampler=lambda: next(readings), set_threads=calls.append, interval=3.0)
-    gov.apply(2)
-    gov.rebalance(now=1.0)  # too soon: no reading taken
-    gov.rebalance(now=4.0)  # 8 busy seconds in 4, 7.9 of them ours: idle machine
-    assert calls == [2]
-    gov.rebalance(now=8.0)  # 8 busy, 4 ours: another process holds a core
-    assert calls == [2, 1]
-    gov.rebalance(now=12.0)  # it left
-    assert calls == [2, 1, 2] and gov.changes == 2
-
-
-def test_progress_bars_rebalance(monkeypatch):
-    seen = []
-    monkeypatch.setattr("promptset.progress.rebalance", lambda: seen.append(1))
-    list(progress_bar(range(3), disable=True))
-    bar = progress_bar(total=2, desc="x", disable=True)
-    bar.update(1)
-    bar.update(1)
-    bar.close()
-    assert len(seen) == 5
-
-
-def test_configure_respects_fixed_counts_and_refuses_bad_ones():
-    before = torch.get_num_threads()
-    try:
-        assert threads.configure({"PROMPTSET_THREADS": "1"}) == 1 and torch.get_num_threads() == 1
-        assert threads.configure({"OMP_NUM_THREADS": "3"}) is None  # the user's own choice stands
+def test_configure_takes_the_fixed_counts_in_order_and_refuses_bad_ones(restore_threads):
+    default = torch.get_num_threads()
+    assert threads.configure({}) == default  # torch's own count (its default unless the caller changed it)
+    assert threads.describe()["source"] == "default"
+    assert threads.configure({"OMP_NUM_THREADS": "3"}) == 3 and torch.get_num_threads() == 3
+    assert threads.configure({"OMP_NUM_THREADS": "3", "PROMPTSET_THREADS": "2"}) == 2
+    assert threads.describe()["source"] == "PROMPTSET_THREADS"
+    assert threads.configure({"PROMPTSET_THREADS": "auto"}) == 2  # the old load-following mode: now the default
+    for bad in ("0", "-1", "many"):
         with pytest.raises(UserError, match="PROMPTSET_THREADS"):
-            threads.configure({"PROMPTSET_THREADS": "many"})
+            threads.configure({"PROMPTSET_THREADS": bad})
+
+
+def test_ensure_configures_once_and_the_recorded_count_wins(restore_threads):
+    threads.reset()
+    n = threads.ensure()
+    torch.set_num_threads(n + 1)  # changed behind promptset's back between two verbs
+    assert threads.ensure() == n and torch.get_num_threads() == n
+    assert threads.set_threads(1) == 1 and threads.ensure() == 1  # the caller's explicit choice lasts
+    assert threads.describe() == {"cpu_threads": 1, "source": "set_threads", "openmp_wait": threads.wait_policy()}
+    with pytest.raises(UserError):
+        threads.set_threads(0)
+
+
+def test_every_verb_fixes_the_threads_first(restore_threads):
+    import promptset
+
+    threads.reset()
+    torch.set_num_threads(3)
+    os.environ["PROMPTSET_THREADS"], before = "2", os.environ.get("PROMPTSET_THREADS")
+    try:
+        with pytest.raises(UserError):
+            promptset.budget(run="/nonexistent-run-folder")  # fails in its checks, after make_config
+        assert torch.get_num_threads() == 2 and threads.describe()["source"] == "PROMPTSET_THREADS"
     finally:
-        threads.reset()
-        torch.set_num_threads(before)
+        os.environ["PROMPTSET_THREADS"] = before or "1"
+
+
+def test_replay_sets_and_restores(restore_threads):
+    torch.set_num_threads(1)
+    with threads.replay(2):
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == 1
+    with threads.replay(None):
+        assert torch.get_num_threads() == 1
+
+
+def test_passive_waiting_is_set_only_where_it_can_act():
+    env: dict[str, str] = {}
+    assert threads.prefer_passive_waiting(env, modules={}) and env["OMP_WAIT_POLICY"] == "passive"
+    env = {"GOMP_SPINCOUNT": "100"}
+    assert not threads.prefer_passive_waiting(env, modules={}) and "OMP_WAIT_POLICY" not in env
+    env = {}
+    assert not threads.prefer_passive_waiting(env, modules={"torch": object()}) and env == {}
+
+
+def _clean_env(**extra) -> dict:
+    drop = ("PROMPTSET_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME",
+            "MKL_NUM_THREADS")
+    return {k: v for k, v in os.environ.items() if k not in drop} | {"PYTHONWARNINGS": "default"} | extra
+
+
+def test_import_order_decides_the_wait_policy():
+    code = ("import os, sys, warnings\n{first}\nimport promptset\nfrom promptset import threads\n"
+            "with warnings.catch_warnings(record=True) as w:\n    warnings.simplefilter('always')\n"
+            "    threads.ensure()\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'), '|', threads.wait_policy(), '|', len(w))")
+    first = subprocess.run([sys.executable, "-c", code.format(first="")], env=_clean_env(), capture_output=True,
+                           text=True, check=True).stdout.strip()
+    assert first == "passive | passive | 0"
+    late = subprocess.run([sys.executable, "-c", code.format(first="import torch")], env=_clean_env(),
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert late.startswith("None | spinning") and late.endswith("| 1")
+
+
+def _files_hash(folder: Path, pattern: str) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob(pattern))}
 
 
 @pytest.mark.skipif(threads.sample() is None, reason="needs /proc/stat")
-def test_a_busy_process_beside_us_is_measured():
-    """A real busy loop in another process shows up as (most of) a core taken, and configure() leaves it to it."""
+def test_cli_bits_do_not_depend_on_the_load(tiny_sd, tmp_path):
+    """invert + generate through the CLI, without PROMPTSET_THREADS, idle and beside a busy process: same bits."""
+    rng = np.random.default_rng(0)
+    for name in ("car", "cat", "dog", "ship"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(4):
+            pixels = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / name / f"{i}.png")
+    env = _clean_env()
+
+    def run(out: Path) -> None:
+        base = [sys.executable, "-m", "promptset"]
+        subprocess.run([*base, "invert", "--backend", "sd", "--model", str(tiny_sd), "--data", str(tmp_path / "data"),
+                        "--out", str(out), "--steps", "24", "--batch-size", "8", "--resolution", "16",
+                        "--device", "cpu", "--no-progress"], env=env, check=True, capture_output=True)
+        subprocess.run([*base, "generate", "--run", str(out), "--ipc", "3", "--steps", "4", "--device", "cpu",
+                        "--no-progress"], env=env, check=True, capture_output=True)
+
+    run(tmp_path / "idle")
     spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.5)
         before = threads.sample()
-        time.sleep(1.0)
-        after = threads.sample()
-        assert threads.others_busy_cores(before, after) >= 0.6
-        if threads.available_cores() == 2:
-            t = torch.get_num_threads()
-            try:
-                assert threads.configure({}) == 1
-            finally:
-                threads.reset()
-                torch.set_num_threads(t)
+        run(tmp_path / "busy")
+        busy = threads.others_busy_cores(before, threads.sample())
     finally:
         spin.kill()
         spin.wait()
+    assert busy >= 0.5, f"the busy process kept only {busy:.2f} cores busy"
+    idle, loaded = tmp_path / "idle", tmp_path / "busy"
+    assert (idle / "prompts.safetensors").read_bytes() == (loaded / "prompts.safetensors").read_bytes()
+    pngs = _files_hash(idle / "generated", "*.png")
+    assert len(pngs) == 12 and pngs == _files_hash(loaded / "generated", "*.png")
+    from promptset.artifacts import load_tensors
+
+    settings = [json.loads(load_tensors(run / "labels.safetensors")[1]["generation"]) for run in (idle, loaded)]
+    assert settings[0]["cpu_threads"] == settings[1]["cpu_threads"] >= 1  # recorded, and not from the load

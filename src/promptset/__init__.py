@@ -5,11 +5,21 @@ The Python API has the same verbs as the CLI: `select`, `invert`, `generate`, `e
 `promptset.stages.<verb>`, `demo` is in `promptset.pipeline`), imported on first use so `import promptset` stays
 cheap. Any verb refuses an option it does not know, naming the nearest one: `promptset.invert(stepz=5)` fails instead
 of training 500 steps.
+
+Every verb, like the CLI, fixes torch's CPU thread count once per process before its first torch work
+(PROMPTSET_THREADS, else OMP_NUM_THREADS, else torch's default) and records it with what it writes;
+`promptset.set_threads(n)` chooses another count for the whole process. Import promptset before torch so that
+OpenMP's waiting threads sleep instead of spinning (fast on a busy machine); see `promptset.threads`.
 """
 
 from __future__ import annotations
 
 import importlib
+
+from .threads import prefer_passive_waiting as _prefer_passive_waiting
+
+# before anything loads torch (and OpenMP): waiting threads sleep instead of spinning (threads.py)
+_prefer_passive_waiting()
 
 __version__ = "0.1.0"
 
@@ -22,6 +32,7 @@ _EXPORTS = {
     "create_backend": ("promptset.backends", "create_backend"),
     "PromptSet": ("promptset.artifacts", "PromptSet"),
     "UserError": ("promptset.errors", "UserError"),
+    "set_threads": ("promptset.threads", "set_threads"),
 }  # fmt: skip
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_save
 
 from . import __version__
 from .atomic import atomic_path
@@ -173,8 +175,22 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in metadata.items() if k not in _HASH_KEYS}
     meta["content_sha256"] = tensors_hash(tensors)
     meta["metadata_sha256"] = metadata_hash(meta)
+    data = safetensors_bytes(tensors, meta)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        Path(tmp).write_bytes(data)
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file's bytes with its JSON header in sorted key order.
+
+    safetensors writes the metadata (and tensor entries) in the order of a Rust hash map, which changes from process
+    to process: the same tensors and metadata gave different file bytes. Sorting the header (padded with spaces to a
+    multiple of 8, as the format asks) makes a file a pure function of its contents; every reader accepts it."""
+    raw = safetensors_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.dumps(json.loads(raw[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode("utf-8")
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header + raw[8 + n :]
 
 
 def load_tensors(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        from .threads import configure
+        from .threads import ensure
 
-        configure()  # torch threads for the idle cores, re-checked as long loops run (threads.py)
+        ensure()  # one torch CPU thread count for the whole command, whatever the load (threads.py)
         if args.command == "run":
             from .pipeline import run_all
 

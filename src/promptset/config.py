@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .threads import ensure as ensure_threads
 
 
 def opt(default: Any, help: str, *, choices: list | None = None, aliases: tuple[str, ...] = (),
@@ -120,7 +121,8 @@ def resolve(cls: type, yaml_values: dict, flags: dict, *, source: str = "--confi
 def make_config(cls: type, cfg: Any, overrides: dict, verb: str) -> Any:
     """What every verb does first: `cfg` (or the defaults) with keyword `overrides` applied, unknown names refused.
 
-    The caller's `cfg` is not modified: `promptset.invert(cfg, steps=5)` leaves `cfg.steps` as it was.
+    Also fixes torch's CPU threads for the process, as the CLI does (`threads.ensure`). The caller's `cfg` is not
+    modified: `promptset.invert(cfg, steps=5)` leaves `cfg.steps` as it was.
     """
     names = {f.name for f in dataclasses.fields(cls)}
     aliases = _aliases(cls)
@@ -129,6 +131,7 @@ def make_config(cls: type, cfg: Any, overrides: dict, verb: str) -> Any:
         if key not in names:
             raise unknown_option(key, names, f"promptset.{verb}()")
     cfg = cls() if cfg is None else cfg
+    ensure_threads()  # the CLI's CPU thread count, fixed once per process, for every verb (threads.py)
     if not isinstance(cfg, cls):
         raise UserError(f"promptset.{verb}(): the first argument must be a {cls.__name__}, not {type(cfg).__name__}")
     return dataclasses.replace(cfg, **overrides)

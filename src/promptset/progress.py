@@ -1,8 +1,5 @@
 """Progress bars that suit where the output goes: a tqdm bar on a terminal (or a notebook widget), and on a log file
 or pipe a plain line at most every `LOG_INTERVAL_S` seconds plus one when the loop ends, never bar fragments.
-
-Every bar, shown or not, also lets `threads.rebalance()` re-check the idle cores as the loop goes (a no-op unless the
-CLI configured adaptive threads), so each long loop follows a competing process without knowing about it.
 """
 
 from __future__ import annotations
@@ -14,8 +11,6 @@ from tqdm.auto import tqdm as _auto_tqdm
 from tqdm.autonotebook import tqdm as _notebook_or_std
 from tqdm.std import tqdm as _std_tqdm
 
-from .threads import rebalance
-
 LOG_INTERVAL_S = 30.0
 
 
@@ -23,33 +18,11 @@ def progress_bar(iterable=None, *, desc: str = "", total: int | None = None, ini
              disable: bool = False, leave: bool = True):
     """A progress bar over `iterable` (or a manual one with `total`): tqdm on a terminal, log lines elsewhere."""
     if disable:
-        return _governed(_std_tqdm)(iterable, total=total, initial=initial, disable=True)
+        return _std_tqdm(iterable, total=total, initial=initial, disable=True)
     notebook = _notebook_or_std is not _std_tqdm  # tqdm picks its widget inside a Jupyter kernel
     if notebook or sys.stderr.isatty():
-        return _governed(_auto_tqdm)(iterable, desc=desc, total=total, initial=initial, unit=unit, leave=leave)
+        return _auto_tqdm(iterable, desc=desc, total=total, initial=initial, unit=unit, leave=leave)
     return LineProgress(iterable, desc=desc, total=total, initial=initial, unit=unit)
-
-
-_GOVERNED: dict[type, type] = {}
-
-
-def _governed(cls: type) -> type:
-    """`cls` (a tqdm class) whose iteration and update() also call threads.rebalance()."""
-    if cls not in _GOVERNED:
-
-        class Governed(cls):
-            def __iter__(self):
-                for item in super().__iter__():
-                    rebalance()
-                    yield item
-
-            def update(self, n=1):
-                rebalance()
-                return super().update(n)
-
-        Governed.__name__ = Governed.__qualname__ = f"Governed{cls.__name__}"
-        _GOVERNED[cls] = Governed
-    return _GOVERNED[cls]
 
 
 class LineProgress:
@@ -84,7 +57,6 @@ class LineProgress:
         return f"{self.desc}: {state} {self.n}{of} {self.unit} in {elapsed:.0f} s ({rate:.2f} {self.unit}/s){extra}"
 
     def update(self, n: int = 1) -> None:
-        rebalance()
         self.n += n
         now = time.perf_counter()
         if now - self.last >= LOG_INTERVAL_S and not (self.total is not None and self.n >= self.total):

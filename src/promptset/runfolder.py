@@ -182,6 +182,10 @@ def write_config(run: Path, stage: str, config: dict) -> None:
     cfg_path = run / "config.yaml"
     existing = _read_config(cfg_path) if cfg_path.is_file() else {}
     existing[stage] = absolute_paths(config)
+    from .threads import describe
+
+    # the CPU thread count can change the last bits of a CPU stage's outputs (threads.py): recorded per stage
+    existing.setdefault("cpu_threads", {})[stage] = describe()
     run.mkdir(parents=True, exist_ok=True)
     write_text(cfg_path, yaml.safe_dump(existing, sort_keys=False))
 

@@ -138,12 +138,26 @@ def generation_key(settings: dict) -> str:
 
 def generation_settings(*, prompts_hash: str, template: str, model_hash: str, steps: int, guidance: float,
                         sampler: str, seed: int, resolution: int, factor: int, image_size: int, dtype: str,
-                        sampler_batch: int, compile: bool) -> dict:
-    """Everything that changes a pixel of a generated image, as `generate` records it and `evaluate` compares it."""
+                        sampler_batch: int, compile: bool, cpu_threads: int | None = None) -> dict:
+    """Everything that changes a pixel of a generated image, as `generate` records it and `evaluate` compares it.
+
+    cpu_threads: torch's CPU thread count when the images are made on CPU (kernels split reductions by thread, so it
+    can change the last bits; `threads.py`), None on a GPU."""
     settings = {"prompts": prompts_hash, "template": template, "model": model_hash, "steps": int(steps),
                 "guidance": float(guidance), "sampler": sampler, "seed": int(seed), "resolution": int(resolution),
                 "factor": int(factor), "image_size": int(image_size), "dtype": dtype,
                 "sampler_batch": int(sampler_batch)}
     if compile:  # compiled kernels round differently (keys of uncompiled runs stay as they were)
         settings["compile"] = True
+    if cpu_threads is not None:
+        settings["cpu_threads"] = int(cpu_threads)
     return settings
+
+
+REPLAYABLE = ("cpu_threads",)  # settings a machine can replay (threads.replay) rather than a property of the images
+
+
+def settings_differences(recorded: dict, current: dict) -> dict[str, tuple]:
+    """{setting: (recorded, current)} for every setting that differs between two generation settings."""
+    return {k: (recorded.get(k), current.get(k)) for k in sorted(set(recorded) | set(current))
+            if recorded.get(k) != current.get(k)}

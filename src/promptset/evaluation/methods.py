@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .. import threads
 from ..accounting import SEED_BYTES, check_stored_bytes, class_list_bytes, compressed_size, tensor_data
 from ..artifacts import PromptSet, images_sha256, load_tensors, save_tensors, sha256_bytes, tensors_hash
 from ..atomic import read_jsonl
@@ -161,7 +162,7 @@ class Context:
             guidance=self.gen["guidance"], sampler=self.gen["sampler"], seed=self.gen["seed"],
             resolution=self.gen["resolution"] or self.backend().resolution, factor=self.factor,
             image_size=self.image_size, dtype=self.gen["dtype"], sampler_batch=self.gen["sampler_batch"],
-            compile=False,
+            compile=False, cpu_threads=threads.current() if self.device.type == "cpu" else None,
         ) | self.selection()
 
     def selection(self) -> dict:
@@ -450,8 +451,9 @@ def _reuse_generated(ctx: Context) -> tuple[torch.Tensor | None, list | None]:
 
     Returns (images, the jobs as stored) or (None, None). Only when generate recorded exactly the settings evaluate
     would generate with (prompts, model, steps, guidance, sampler, seed, resolution, factor, image size, dtype,
-    compile, sampler batch, seed selection) and its manifest lists every file with that key; file times are never
-    trusted. Anything else is regenerated.
+    compile, sampler batch, seed selection; a different CPU thread count is replayable, so those images are the set's
+    own) and its manifest lists every file with that key; file times are never trusted. Anything else is regenerated,
+    and the settings that differ are printed.
     """
     gen_dir, labels_path = ctx.run / "generated", ctx.run / "labels.safetensors"
     if not (labels_path.is_file() and (gen_dir / "manifest.jsonl").is_file()):
@@ -460,8 +462,15 @@ def _reuse_generated(ctx: Context) -> tuple[torch.Tensor | None, list | None]:
         return None, None  # a later generate is under way or was killed: its PNGs may be half replaced
     tensors, meta = load_tensors(labels_path, "labels file")
     prompts = PromptSet.load(ctx.run / "prompts.safetensors")
-    if "generation" not in meta or json.loads(meta["generation"]) != ctx.generation_settings(prompts):
-        return None, None  # other settings, or a labels file from before generate recorded them
+    if "generation" not in meta:
+        return None, None  # a labels file from before generate recorded its settings
+    differ = sampling.settings_differences(json.loads(meta["generation"]), ctx.generation_settings(prompts))
+    if set(differ) - set(sampling.REPLAYABLE):  # the thread count alone is replayed: these are the set's images
+        if ddp_world()[0] == 0:
+            said = ", ".join(f"{k} {was!r} -> {now!r}" for k, (was, now) in differ.items())
+            print(f"evaluate: generate's images were made with other settings ({said}); round 0 is generated again",
+                  flush=True)
+        return None, None
     if json.loads(meta.get("class_folders", "[]")) != [c.folder for c in ctx.classes] or int(meta["ipc"]) < ctx.ipc:
         return None, None
     listed = {row.get("file"): row.get("key") for row in read_jsonl(gen_dir / "manifest.jsonl")}

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import threads
 from ..artifacts import PromptSet, images_sha256, save_tensors, tensors_hash
 from ..atomic import BackgroundWriter, append_jsonl, read_jsonl, save_image, write_text
 from ..backends import sampling
@@ -293,6 +294,7 @@ def _prepare(cfg: GenerateConfig) -> _Plan:
         model_hash=backend.model_hash, steps=cfg.steps, guidance=cfg.guidance, sampler=cfg.sampler, seed=cfg.seed,
         resolution=backend.resolution, factor=factor, image_size=image_size, dtype=cfg.dtype,
         sampler_batch=cfg.sampler_batch, compile=cfg.compile,
+        cpu_threads=threads.current() if backend.device.type == "cpu" else None,
     )
     if cfg.candidates > 1:  # another image is kept: part of what the stored set is (keys of G = 1 runs unchanged)
         settings.update({"candidates": cfg.candidates, "selection_teacher": teacher.weights_sha256})
