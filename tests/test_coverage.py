@@ -296,3 +296,37 @@ def test_cli_refuses_a_real_class_too_small_for_the_reference(world, tmp_path, c
     err = capsys.readouterr().err
     assert code == 2 and "--real" in err and "--per-class (at most 3)" in err
     assert not (tmp_path / "c.json").exists()
+
+
+def test_report_md_shows_a_runs_coverage_and_skips_a_broken_file(world, tmp_path, capsys):
+    from promptset.evaluation.results import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(world.run, run)
+    promptset.coverage(run=str(run), real=str(world.real), teacher=world.teacher, progress=False)
+    top1 = {"mean": 50.0, "std": 1.0, "per_seed": [49.0, 51.0]}
+    entry = {"method": "d3m", "protocol": "p2", "student": "convnet_tiny", "ipc": 4, "epochs": 1, "seeds": [0, 1],
+             "final_top1": top1, "best_top1": top1, "stored_bytes": 1000, "ipc_equivalent": 0.1, "num_classes": 3}
+    (run / "eval").mkdir()
+    (run / "eval" / "results.json").write_text(json.dumps({"format": "promptset.eval", "entries": {"k": entry}}))
+    text = write_report([run], run / "eval").read_text()
+    saved = json.loads((run / "coverage.json").read_text())
+    assert "| d3m | p2 | convnet_tiny | 4 |" in text and f"## Coverage ({run / 'coverage.json'})" in text
+    row = " | ".join(f"{saved['overall']['reference'][m]:.3f}" for m in saved["metrics"])
+    assert f"| random real | 4 | {row} |" in text
+    (run / "coverage.json").write_text("{not json")
+    text = write_report([run], run / "eval").read_text()
+    assert "## Coverage" not in text and "not readable JSON" in capsys.readouterr().out
+
+
+def test_the_runs_teacher_is_the_default_and_is_named(world, tmp_path, capsys):
+    from promptset.runfolder import write_config
+
+    run = tmp_path / "run"
+    shutil.copytree(world.run, run)
+    write_config(run, "generate", {"teacher": world.teacher, "ipc": 4})
+    result = promptset.coverage(run=str(run), real=str(world.real), progress=False)
+    assert result["teacher"]["spec"] == world.teacher and result["teacher"]["from"] == f"generate's config in {run}"
+    assert f"teacher {world.teacher} (from generate's config in {run})" in capsys.readouterr().out
+    code = main(["coverage", str(world.run), "--real", str(world.real), "--out", str(tmp_path / "c.json")])
+    assert code == 2 and f"({world.run} names no teacher)" in capsys.readouterr().err

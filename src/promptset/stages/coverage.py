@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -41,6 +42,9 @@ from ..evaluation.results import now, versions
 from ..progress import progress_bar
 from ..runfolder import artifact_metadata, check_same_classes, require_classes, select_info, stage_config
 from ..seeding import derive_seed
+
+if TYPE_CHECKING:
+    from ..models.teachers import Teacher
 
 
 @dataclass
@@ -72,7 +76,7 @@ class _Plan:
     files: list[list[Path]]  # per class, the set's images measured
     reference: list[list[int]]  # per class, indices into real.files[c] of the random real reference
     rest: list[list[int]]  # per class, indices of the real side
-    teacher: object
+    teacher: Teacher
     teacher_from: str
     size: int
     out: Path
@@ -209,7 +213,7 @@ def _run_teacher(run: Path) -> tuple[str, str]:
     found = [(artifact_metadata(run, "labels.safetensors").get("teacher"), "labels.safetensors"),
              (stage_config(run, "generate").get("teacher"), "generate's config"),
              (select_info(run).get("teacher"), "select.json")]
-    return next(((s, f"{run}'s {w}") for s, w in found if s and str(s).lower() != "none"), ("", ""))
+    return next(((s, f"{w} in {run}") for s, w in found if s and str(s).lower() != "none"), ("", ""))
 
 
 def _result(cfg: CoverageConfig, plan: _Plan, rows: list[dict], dim: int) -> dict:
@@ -253,12 +257,13 @@ def _result(cfg: CoverageConfig, plan: _Plan, rows: list[dict], dim: int) -> dic
 
 def _markdown(result: dict) -> str:
     t, c = result["teacher"], result["counts"]
+    source = "" if t["from"] == "--teacher" else f" (from {t['from']})"
     small = [f"{r['class']} (real side k = {r['k_real']}, images k = {r['k_images']})"
              for r in result["classes"] if min(r["k_real"], r["k_images"]) < result["k"]]
     lines = [
         f"# Coverage of {result['images']}",
         "",
-        f"Against the real images in {result['real']}, in the penultimate features of teacher {t['spec']} "
+        f"Against the real images in {result['real']}, in the penultimate features of teacher {t['spec']}{source} "
         f"({t['feature_dim']}-d, images at {t['input_size']} px; Euclidean on raw features, a point on a ball's "
         f"radius counts as inside), k = {result['k']}. Per class: {c['images']} images of the set and as many random "
         f"real images (seed {result['seed']}), both against the remaining {c['real']} real images of the class. "
