@@ -22,7 +22,7 @@ from promptset.errors import UserError
 
 SRC = Path(promptset.__file__).resolve().parent
 VERBS = ("select", "invert", "generate", "export", "budget", "evaluate", "report", "pretrain", "pack", "materialize",
-         "demo")
+         "coverage", "demo")
 
 
 def _module_name(path: Path) -> str:
@@ -91,7 +91,7 @@ def test_stages_never_import_each_other_and_imports_have_no_cycle():
     [("select", "outt", "out"), ("invert", "stepz", "steps"), ("generate", "guidanse", "guidance"),
      ("export", "runn", "run"), ("budget", "ipc", "ipcs"), ("evaluate", "epoch", "epochs"),
      ("report", "run", "runs"), ("pretrain", "lrr", "lr"), ("demo", "quik", "quick"), ("pack", "entri", "entry"),
-     ("materialize", "forse", "force")],
+     ("materialize", "forse", "force"), ("coverage", "reall", "real")],
 )  # fmt: skip
 def test_every_verb_refuses_an_unknown_option_naming_the_nearest(verb, typo, nearest):
     with pytest.raises(UserError, match=rf"promptset\.{verb}\(\): unknown option '{typo}'; did you mean '{nearest}'"):

@@ -1,7 +1,7 @@
 """promptset: distill an image dataset into one learned text prompt per class (D3M, arXiv 2403.07142).
 
 The Python API has the same verbs as the CLI: `select`, `invert`, `generate`, `export`, `budget`, `evaluate`,
-`report`, `pretrain`, `teacher`, `pack`, `materialize`, `demo`. Each is a plain function (its module is
+`report`, `pretrain`, `teacher`, `pack`, `materialize`, `coverage`, `demo`. Each is a plain function (its module is
 `promptset.stages.<verb>`, `demo` is in `promptset.pipeline`), imported on first use so `import promptset` stays
 cheap. Any verb refuses an option it does not know, naming the nearest one: `promptset.invert(stepz=5)` fails instead
 of training 500 steps.
@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     **{verb: (f"promptset.stages.{verb}", verb)
        for verb in ("select", "invert", "generate", "export", "budget", "evaluate", "report", "pretrain",
-                    "teacher", "pack", "materialize")},
+                    "teacher", "pack", "materialize", "coverage")},
     "demo": ("promptset.pipeline", "demo"),
     "create_backend": ("promptset.backends", "create_backend"),
     "PromptSet": ("promptset.artifacts", "PromptSet"),

@@ -26,6 +26,7 @@ COMMANDS = {
     "teacher": "train a teacher classifier (for select, soft labels, P3) on an ImageFolder",
     "pack": "the distilled set as one self-describing, checksummed file",
     "materialize": "a packed set back into an ImageFolder and its labels, with the same generator",
+    "coverage": "precision, recall, density, coverage of a set against real images, beside a random real set",
     "demo": "the whole pipeline on a built-in dataset, in minutes on CPU",
 }
 

@@ -19,6 +19,8 @@ from ..accounting import COMPRESSOR, fmt_bytes
 from ..atomic import atomic_path, write_text
 from ..config import to_dict
 from ..errors import UserError
+from .coverage import read_result as read_coverage
+from .coverage import report_section
 
 GENERATIVE = ("d3m", "class-prompt")  # methods whose images come from the generator
 RESULTS_FORMAT = "promptset.eval"
@@ -370,13 +372,25 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def coverage_sections(runs: list[Path]) -> str:
+    """report.md's coverage tables: the overall rows of each run's `coverage.json` (from `promptset coverage`)."""
+    text = ""
+    for run in runs:
+        result, problem = read_coverage(run / "coverage.json")
+        if problem:
+            print(f"report: no coverage table for {run}: {problem}", flush=True)
+        elif result is not None:
+            text += report_section(result, str(run / "coverage.json"))
+    return text
+
+
 def write_report(runs: list[Path], out: Path, title: str = DEFAULT_TITLE) -> Path:
     """Write report.md, report.csv and accuracy_vs_bytes.png of the runs' evaluations into `out`; returns report.md."""
     rows = load_rows(runs)
     if not rows:
         raise UserError(f"no evaluated entries in {', '.join(str(r / 'eval' / 'results.json') for r in runs)}")
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "report.md", markdown(rows, title))
+    write_text(out / "report.md", markdown(rows, title) + coverage_sections(runs))
     write_text(out / "report.csv", to_csv(rows))
     plot(rows, out / "accuracy_vs_bytes.png", title)
     print(f"report: {len(rows)} rows -> {out / 'report.md'}, {out / 'report.csv'}, {out / 'accuracy_vs_bytes.png'}")

@@ -325,3 +325,47 @@ def label_pixels(teacher: nn.Module, pixels: torch.Tensor, chunk: int) -> torch.
         x = part.to(device).float().div_(255)  # (chunk, 3, S, S) in [0, 1]
         out.append(teacher(x)[:real].float())
     return torch.cat(out).cpu() if out else torch.zeros(0, getattr(teacher, "num_classes", 0))
+
+
+def penultimate_layer(teacher: Teacher) -> nn.Linear:
+    """The teacher's classifier head (its last `nn.Linear`), whose input is its penultimate features; a UserError
+    when it has none (e.g. a convolutional head)."""
+    head = _final_linear(teacher.net)
+    if head is None:
+        raise UserError(f"teacher {teacher.spec} has no final linear layer, so its penultimate features cannot be "
+                        "read; pass a teacher whose classifier ends in nn.Linear (every built-in, most timm ones)")
+    return head[1]
+
+
+@torch.no_grad()
+def teacher_features(teacher: Teacher, pixels: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(penultimate features (N, D), logits (N, C)), fp32 on the CPU, of uint8 images (N, 3, S, S).
+
+    The features are the input of the teacher's final linear layer (read with a forward pre-hook, so the network is
+    not changed), flattened. As in `label_pixels`, the teacher always sees exactly `chunk` images (the last chunk
+    padded with copies of its last image), so an image's features do not depend on its batch neighbours; images are
+    `pixels / 255`, resized by the teacher to its input size.
+    """
+    head = penultimate_layer(teacher)
+    seen: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+    device = next(teacher.parameters()).device
+    features, logits = [], []
+    try:
+        for s in range(0, len(pixels), chunk):
+            part = pixels[s : s + chunk]
+            real = len(part)
+            if real < chunk:
+                part = torch.cat([part, part[-1:].expand(chunk - real, *part.shape[1:])])
+            seen.clear()
+            out = teacher(part.to(device).float().div_(255))  # (chunk, C)
+            if len(seen) != 1:
+                raise UserError(f"teacher {teacher.spec}: its final linear layer ran {len(seen)} times in one forward "
+                                "pass, so its input is not one penultimate feature vector per image")
+            features.append(seen[0].flatten(1)[:real].float().cpu())  # (real, D)
+            logits.append(out[:real].float().cpu())
+    finally:
+        hook.remove()
+    if not features:
+        return torch.zeros(0, head.in_features), torch.zeros(0, teacher.num_classes)
+    return torch.cat(features), torch.cat(logits)
