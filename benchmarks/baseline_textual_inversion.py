@@ -26,6 +26,10 @@ import random  # noqa: E402
 import resource  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+import promptset  # noqa: F401, E402  (before torch: OpenMP threads then wait passively, threads.py)
+
+# isort: split
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402

@@ -33,6 +33,9 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import promptset  # noqa: F401, E402  (before torch: OpenMP threads then wait passively, threads.py)
+
+# isort: split
 import torch  # noqa: E402
 
 torch.set_flush_denormal(True)

@@ -1,23 +1,25 @@
-"""`promptset demo` on an idle machine and with one busy-looping process beside it, before and after adaptive threads.
+"""Speed and bits on a busy machine: `promptset demo` and a Python-API inversion, idle and beside one busy process.
 
-    .venv/bin/python benchmarks/busy_machine.py [--quick] [--json benchmarks/results/busy_machine.json]
+    .venv/bin/python benchmarks/busy_machine.py [--quick] [--rows api-invert/passive/idle,...] [--json PATH]
 
-Four runs of the same demo command, each in a new output folder, timed from spawn to exit:
-- `fixed`: `PROMPTSET_THREADS=<cores>`, what promptset did before `threads.py` (torch's default, one thread per
-  core, never changed);
-- `adaptive`: the default (`PROMPTSET_THREADS` unset: the idle cores at start, re-checked as long loops run);
-each `idle` and `busy` (a `while True: pass` process started 2 s before the demo and killed after it). A run that
-passes `--timeout` seconds is stopped and recorded as such (its time is then a lower bound). Rows are written to the
-JSON as they finish and a rerun skips rows already there (`--redo` to run them again). The cores other processes
-kept busy in the 2 s before each run are recorded (an idle row first waits up to 2 minutes for them to fall under
-0.2): the idle rows mean something only if that is near 0, the busy rows if it is near 1.
-
-Benchmarks report numbers, they assert nothing.
+Each row runs one workload in a fresh process, timed from spawn to exit, with no PROMPTSET_THREADS or OMP_NUM_THREADS
+(promptset's default: torch's thread count, fixed for the whole process whatever the load):
+- workloads: `demo` (`promptset demo`, or `--quick`) and `api-invert` (`promptset.invert(...)` called from Python on a
+  tiny random Stable Diffusion model: 8 classes, 64 steps, batch 8, 16 px, the case issue 29 measured);
+- waiting: `passive` (the default since `import promptset` sets OMP_WAIT_POLICY=passive before torch loads) or
+  `spinning` (OMP_WAIT_POLICY=active: libgomp's default, what a program that imports torch first gets);
+- load: `idle`, or `busy` (a `while True: pass` process started 2 s before and killed after the run).
+Every row records a fingerprint of what it wrote (the demo: prompts, labels and every student's final accuracy per
+seed; the inversion: the prompts file), so the JSON says whether idle and busy runs gave the same bits, and
+`<workload>/<waiting>/busy_over_idle`. Rows are written as they finish; a rerun skips rows already there (`--redo`).
+An idle row first waits (up to 2 minutes) for the other processes to leave the cores idle, and records how busy they
+were. Benchmarks report numbers, they assert nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -31,7 +33,8 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 from cpuinfo import cpu_model  # noqa: E402
 
-ROWS = [("adaptive", "idle"), ("adaptive", "busy"), ("fixed", "idle"), ("fixed", "busy")]
+ROWS = [f"{w}/{p}/{load}" for w in ("api-invert", "demo") for p in ("passive", "spinning") for load in ("idle", "busy")]
+API_INVERT = dict(classes=8, steps=64, batch_size=8, size=16, images_per_class=8)
 
 
 def cores() -> int:
@@ -50,13 +53,55 @@ def busy_cores(seconds: float = 2.0) -> float:
     return round(others_busy_cores(before, sample()), 2)
 
 
-def run_demo(threads: str, load: str, quick: bool, timeout: float, log: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PROMPTSET_THREADS")}
-    if threads == "fixed":
-        env["PROMPTSET_THREADS"] = str(cores())
-    out = Path(tempfile.mkdtemp(prefix="promptset-busy-")) / "demo"
-    cmd = [sys.executable, "-m", "promptset", "demo", "--out", str(out), "--no-progress"]
-    cmd += ["--quick"] if quick else []
+def sha(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+
+
+def api_inputs(root: Path) -> tuple[Path, Path]:
+    """The tiny model and ImageFolder of the API inversion, built once per --work folder."""
+    import common
+
+    model, data = root / "model", root / "data"
+    if not (model / "model_index.json").is_file():
+        common.build_model(model, "tiny")
+    if not data.is_dir():
+        common.make_image_folder(data, common.cifar_names(API_INVERT["classes"]), API_INVERT["images_per_class"],
+                                 API_INVERT["size"])
+    return model, data
+
+
+def api_invert_worker(model: str, data: str, out: str) -> None:
+    """The workload of an `api-invert` row (in its own process): promptset imported first, as a user script would."""
+    import promptset
+
+    promptset.invert(out=out, backend="sd", model=model, data=data, steps=API_INVERT["steps"],
+                     batch_size=API_INVERT["batch_size"], resolution=API_INVERT["size"], progress=False,
+                     overwrite=True, seed=0, device="cpu")
+
+
+def fingerprint(workload: str, out: Path) -> dict:
+    if workload == "api-invert":
+        return {"prompts": sha(out / "prompts.safetensors")}
+    run = out / "run"
+    results = json.loads((run / "eval" / "results.json").read_text()) if (run / "eval" / "results.json").is_file() \
+        else {"entries": {}}
+    accuracies = {k: e["final_top1"]["per_seed"] for k, e in sorted(results["entries"].items())}
+    return {"prompts": sha(run / "prompts.safetensors"), "labels": sha(run / "labels.safetensors"),
+            "students_final_top1": accuracies}
+
+
+def run_row(key: str, quick: bool, timeout: float, work: Path, log: Path) -> dict:
+    workload, waiting, load = key.split("/")
+    drop = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PROMPTSET_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    if waiting == "spinning":
+        env["OMP_WAIT_POLICY"] = "active"
+    out = Path(tempfile.mkdtemp(prefix=f"promptset-busy-{workload}-", dir=work)) / "out"
+    if workload == "demo":
+        cmd = [sys.executable, "-m", "promptset", "demo", "--out", str(out), "--no-progress", *(["--quick"] * quick)]
+    else:
+        model, data = api_inputs(work)
+        cmd = [sys.executable, __file__, "--_api-invert", str(model), str(data), str(out)]
     spin = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load == "busy" else None
     try:
         busy = busy_cores()
@@ -64,14 +109,12 @@ def run_demo(threads: str, load: str, quick: bool, timeout: float, log: Path) ->
             if spin is not None or busy < 0.2:
                 break
             busy = busy_cores()
-        load1 = round(os.getloadavg()[0], 2)
-        print(f"[busy_machine] {threads}/{load}: {' '.join(cmd)} (log {log}, busy cores {busy})", flush=True)
+        print(f"[busy_machine] {key}: {' '.join(cmd)} (log {log}, busy cores before {busy})", flush=True)
         t = time.perf_counter()
         with open(log, "w") as f:
             proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
             try:
-                rc = proc.wait(timeout=timeout)
-                timed_out = False
+                rc, timed_out = proc.wait(timeout=timeout), False
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
@@ -81,42 +124,57 @@ def run_demo(threads: str, load: str, quick: bool, timeout: float, log: Path) ->
         if spin is not None:
             spin.kill()
             spin.wait()
-    row = {"threads": threads, "load": load, "seconds": seconds, "timed_out": timed_out, "returncode": rc,
-           "load1_before": load1, "busy_cores_before": busy, "log": str(log)}  # fmt: skip
+    row = {"workload": workload, "waiting": waiting, "load": load, "seconds": seconds, "timed_out": timed_out,
+           "returncode": rc, "busy_cores_before": busy, "log": str(log), "bits": fingerprint(workload, out)}
     demo_json = out / "demo.json"
     if demo_json.is_file():
         demo = json.loads(demo_json.read_text())
         row["demo_timings_s"] = demo.get("timings_s")
-        row["torch_threads_at_end"] = demo.get("torch_threads")
-    print(f"[busy_machine] {threads}/{load}: {seconds} s{' (timed out)' if timed_out else ''}", flush=True)
+        row["torch_threads"] = demo.get("torch_threads")
+    print(f"[busy_machine] {key}: {seconds} s{' (timed out)' if timed_out else ''}", flush=True)
     return row
 
 
+def summarize(data: dict) -> None:
+    rows = data["rows"]
+    for workload in ("api-invert", "demo"):
+        for waiting in ("passive", "spinning"):
+            idle, busy = rows.get(f"{workload}/{waiting}/idle"), rows.get(f"{workload}/{waiting}/busy")
+            if idle and busy:
+                data[f"{workload}/{waiting}/busy_over_idle"] = round(busy["seconds"] / idle["seconds"], 2)
+        bits = [r["bits"] for k, r in sorted(rows.items()) if k.startswith(workload + "/") and r["returncode"] == 0]
+        if len(bits) > 1:
+            data[f"{workload}/same_bits_in_every_row"] = all(b == bits[0] for b in bits)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) == 5 and sys.argv[1] == "--_api-invert":
+        api_invert_worker(*sys.argv[2:])
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", default=str(BENCH_DIR / "results" / "busy_machine.json"), help="output file")
     ap.add_argument("--quick", action="store_true", help="promptset demo --quick (a smoke run of every stage)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="stop a run after this many seconds")
-    ap.add_argument("--rows", default=",".join(f"{t}/{load}" for t, load in ROWS), help="rows, e.g. adaptive/busy")
+    ap.add_argument("--rows", default=",".join(ROWS), help="rows, e.g. api-invert/passive/busy,demo/passive/idle")
     ap.add_argument("--redo", action="store_true", help="run rows again that the JSON already has")
+    ap.add_argument("--work", default="", help="folder for the runs (default: a new temporary folder)")
     args = ap.parse_args(argv)
     path = Path(args.json)
     data = json.loads(path.read_text()) if path.is_file() else {}
-    if data.get("quick", args.quick) != args.quick:
-        data = {}  # a quick and a full demo do not mix
-    data.update(quick=args.quick, cores=cores(), cpu=cpu_model(), timeout_s=args.timeout)
+    if data.get("quick", args.quick) != args.quick or data.get("version") != 2:
+        data = {}  # a quick and a full demo do not mix; rows of the adaptive-threads era (version 1) neither
+    data.update(version=2, quick=args.quick, cores=cores(), cpu=cpu_model(), timeout_s=args.timeout,
+                api_invert=API_INVERT)
     data.setdefault("rows", {})
-    logs = Path(tempfile.mkdtemp(prefix="promptset-busy-logs-"))
-    for key in args.rows.split(","):
-        threads, load = key.split("/")
+    work = Path(args.work or tempfile.mkdtemp(prefix="promptset-busy-"))
+    work.mkdir(parents=True, exist_ok=True)
+    for key in [k.strip() for k in args.rows.split(",") if k.strip()]:
+        if key not in ROWS:
+            ap.error(f"--rows: unknown row {key!r}; rows are {', '.join(ROWS)}")
         if key in data["rows"] and not args.redo:
             continue
-        data["rows"][key] = run_demo(threads, load, args.quick, args.timeout, logs / f"{threads}-{load}.log")
-        rows = data["rows"]
-        for mode in ("adaptive", "fixed"):
-            idle, busy = rows.get(f"{mode}/idle"), rows.get(f"{mode}/busy")
-            if idle and busy:
-                data[f"{mode}_busy_over_idle"] = round(busy["seconds"] / idle["seconds"], 2)
+        data["rows"][key] = run_row(key, args.quick, args.timeout, work, work / f"{key.replace('/', '-')}.log")
+        summarize(data)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1) + "\n")

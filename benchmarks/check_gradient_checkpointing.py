@@ -20,6 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import promptset  # noqa: F401  (before torch: OpenMP threads then wait passively, threads.py)
+
+# isort: split
 import torch
 
 

@@ -19,6 +19,9 @@ import time
 import uuid
 from pathlib import Path
 
+import promptset  # noqa: F401  (before torch: OpenMP threads then wait passively, threads.py)
+
+# isort: split
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

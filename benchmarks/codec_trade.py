@@ -32,6 +32,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import promptset  # noqa: F401  (before torch: OpenMP threads then wait passively, threads.py)
+
+# isort: split
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -21,6 +21,9 @@ import os
 import shutil
 from pathlib import Path
 
+import promptset  # noqa: F401  (before torch: OpenMP threads then wait passively, threads.py)
+
+# isort: split
 import torch
 from safetensors.torch import load_file, save_file
 

@@ -14,6 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+import promptset  # noqa: F401  (before torch: OpenMP threads then wait passively, threads.py)
+
+# isort: split
 import torch
 from cpuinfo import cpu_model  # noqa: F401  (re-exported: `from common import cpu_model`)
 

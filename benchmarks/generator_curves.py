@@ -20,6 +20,9 @@ import json
 import sys
 from pathlib import Path
 
+import promptset  # noqa: F401  (before torch: OpenMP threads then wait passively, threads.py)
+
+# isort: split
 import torch
 import torch.nn.functional as F
 

@@ -159,7 +159,7 @@ def ensure() -> int:
     global _TORCH_FIRST
     if _configured is None:
         configure()
-        if _TORCH_FIRST and not any(os.environ.get(name) for name in _WAIT_ENV):
+        if _TORCH_FIRST and _configured[0] > 1 and not any(os.environ.get(name) for name in _WAIT_ENV):
             warnings.warn(
                 "torch was imported before promptset, so OpenMP threads spin while they wait: beside a busy process "
                 "a stage can run several times slower (the bits are the same). Import promptset before torch, or "
