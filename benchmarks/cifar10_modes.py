@@ -1,0 +1,227 @@
+"""Modes on the offline CIFAR-10 world: coverage of K prompts per class, then students (issue 27).
+
+    .venv/bin/python benchmarks/cifar10_modes.py --cache /work/pscache [--ks 1,2,5,10] [--features latent,teacher]
+    .venv/bin/python benchmarks/cifar10_modes.py --cache /work/pscache --students p1:50:k5-latent [--seeds 3]
+
+It starts from the world's run (`benchmarks/cifar10_world.py --scale cpu --until fidelity` makes it: select on the
+distilled split, invert with one prompt per class, generate IPC 50 with soft labels) and, for every K and clustering
+feature, learns K prompts per class on the same collages with the world's inversion settings (`promptset invert
+--modes K --mode-features F`), generates the same IPC 50 set (soft labels, no seed selection, guidance 5), and
+measures it with `promptset coverage` against the official test split in ResNet-20's penultimate features (k = 5),
+at 10 and 50 images per class, always beside a random real set of the same size. Sampling rows (`--sampling`) vary
+only how images are drawn from a run's prompts (e.g. guidance 2), with no stored byte changed.
+
+Steps: K prompts share the world's samples per step, so a mode token sees 1/K of what a class token sees at equal
+steps. Each run trains `max(300, 15 * prompts)` steps (the world's 300 for K = 1; 300, 750, 1500 for K = 2, 5, 10 on
+ten classes): every prompt sees at least 300 samples (the world's class prompt sees 600).
+
+`--students PROTOCOL:IPC:RUN` trains students on a run with the world's recipe for that row (`evaluate`, ConvNet-3,
+300 epochs, 3 seeds, 10 fresh rounds, mixed order, soft labels fp16 under P1), and adds each entry to
+`benchmarks/results/cifar10_world.json` under `modes_entries` (the world's table keeps its own rows), with its
+stored bytes raw and after zlib.
+
+Every step resumes: promptset's stages skip finished work, coverage JSONs are reused when their inputs match.
+Results: `benchmarks/results/cifar10_modes.{json,md}`. This script patches nothing inside promptset; it chains its
+commands. Benchmarks report numbers, they assert nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import promptset  # noqa: F401  (before torch: OpenMP threads then wait passively, threads.py)
+
+# isort: split
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cifar10_common as common  # noqa: E402
+from cifar10_common import REPO, RESULTS_DIR, log  # noqa: E402
+
+torch.set_flush_denormal(True)
+
+TEACHER = "resnet20:{shared}/weights/cifar10_resnet20.safetensors"
+WORLD_RESULTS = RESULTS_DIR / "cifar10_world.json"
+OUT_JSON, OUT_MD = RESULTS_DIR / "cifar10_modes.json", RESULTS_DIR / "cifar10_modes.md"
+SAMPLING = {"g5": {"guidance": 5.0}, "g2": {"guidance": 2.0}}  # name -> generate overrides
+
+
+def say(msg: str) -> None:
+    log(msg, "cifar10_modes")
+
+
+def steps_for(prompts: int) -> int:
+    return max(300, 15 * prompts)
+
+
+def stage_section(run: Path, stage: str) -> dict:
+    from promptset.runfolder import stage_config
+
+    section = dict(stage_config(run, stage))
+    section.pop("progress", None)
+    return section
+
+
+def modes_run(world: Path, root: Path, k: int, feature: str, teacher: str, progress: bool) -> Path:
+    """A run folder with K prompts per class learned on the world's collages (K = 1: the world's run itself)."""
+    if k == 1:
+        return world
+    run = root / f"k{k}-{feature}"
+    run.mkdir(parents=True, exist_ok=True)
+    for name in ("select.json",):
+        if not (run / name).is_file():
+            shutil.copyfile(world / name, run / name)
+    if not (run / "collages").exists():
+        os.symlink(world / "collages", run / "collages")
+    inv = stage_section(world, "invert")
+    classes = len(json.loads((world / "classes.json").read_text()))
+    inv.update(out=str(run), data=str(world / "collages"), modes=k, mode_features=feature,
+               steps=steps_for(classes * k), checkpoint_every=max(60, steps_for(classes * k) // 5), overwrite=False)
+    if feature == "teacher":
+        inv["teacher"] = teacher
+    t = time.time()
+    promptset.invert(progress=progress, **inv)
+    say(f"invert K={k} ({feature}): {time.time() - t:.0f} s")
+    return run
+
+
+def generated(run: Path, world: Path, ipc: int, sampling: str, progress: bool) -> Path:
+    """The run's generated IPC set (the world's generate settings, with the sampling row's overrides)."""
+    gen = stage_section(world, "generate")
+    extra = SAMPLING[sampling]
+    out = run if sampling == "g5" else run / f"sampling-{sampling}"
+    gen.update(run=str(run), ipc=ipc, out="" if out == run else str(out), **extra)
+    t = time.time()
+    promptset.generate(progress=progress, **gen)
+    say(f"generate {run.name} {sampling}: {time.time() - t:.0f} s")
+    return out
+
+
+def coverage_row(images_run: Path, run: Path, test: Path, teacher: str, per_class: int, out: Path,
+                 progress: bool) -> dict:
+    if not out.is_file():
+        promptset.coverage(run=str(run), images=str(images_run / "generated"), real=str(test), teacher=teacher,
+                           per_class=per_class, out=str(out), progress=progress)
+    return json.loads(out.read_text())
+
+
+def overall(cov: dict, side: str) -> dict:
+    """The overall metrics (mean over classes) of one side ('set' or 'reference') of a coverage JSON."""
+    data = cov["overall"][side]
+    return {k: data.get(k) for k in ("precision", "recall", "density", "coverage", "pairwise_cosine", "teacher_top1")}
+
+
+def write_md(data: dict) -> None:
+    lines = ["# Modes on the CIFAR-10 world: coverage (issue 27)", "",
+             "Generated by `benchmarks/cifar10_modes.py` from `cifar10_modes.json`. Coverage in ResNet-20's "
+             "penultimate features against each class's official test images (k = 5), averaged over classes; "
+             "each set beside a random real set of the same size drawn from the same test images.", ""]
+    for per_class in sorted({r["per_class"] for r in data["rows"].values()}):
+        lines += [f"## {per_class} images per class", "",
+                  "| set | prompts/class | stored prompt bytes | precision | recall | density | coverage | "
+                  "pairwise cos | teacher top-1 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        rows = [r for r in data["rows"].values() if r["per_class"] == per_class]
+        for r in sorted(rows, key=lambda r: (r["k"], r["feature"], r["sampling"])):
+            m = r["images"]
+            lines.append(f"| {r['label']} | {r['k']} | {r.get('prompt_bytes', '')} | " + " | ".join(
+                "" if m[x] is None else f"{m[x]:.3f}" for x in ("precision", "recall", "density", "coverage",
+                                                                 "pairwise_cosine", "teacher_top1")) + " |")
+        if rows:
+            m = rows[0]["reference"]
+            lines.append(f"| random real ({per_class}/class) | | | " + " | ".join(
+                "" if m[x] is None else f"{m[x]:.3f}" for x in ("precision", "recall", "density", "coverage",
+                                                                 "pairwise_cosine", "teacher_top1")) + " |")
+        lines.append("")
+    OUT_MD.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cache", required=True, help="the cache folder of benchmarks/cifar10_world.py")
+    ap.add_argument("--shared", default=os.environ.get("PROMPTSET_SHARED", str(REPO.parent / "shared")))
+    ap.add_argument("--model", default=str(common.BENCH_DIR / "models" / "cifar10-mini-v2"))
+    ap.add_argument("--ks", default="1,2,5,10", help="prompts per class to measure")
+    ap.add_argument("--features", default="latent", help="clustering features: latent, teacher (comma-separated)")
+    ap.add_argument("--sampling", default="g5", help=f"sampling rows: {', '.join(SAMPLING)} (comma-separated)")
+    ap.add_argument("--per-class", default="10,50", help="images per class measured (prefixes of IPC 50)")
+    ap.add_argument("--students", default="", help="PROTOCOL:IPC:RUN rows to train, e.g. p1:50:k5-latent")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=300)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    progress = not args.no_progress
+    cache = Path(args.cache).resolve()
+    teacher = TEACHER.format(shared=Path(args.shared).resolve())
+    world = common.world_root(cache, "cpu", Path(args.model).resolve()) / "run"
+    if not (world / "labels.safetensors").is_file():
+        raise SystemExit(f"{world}: no world run; run benchmarks/cifar10_world.py --scale cpu --cache {cache} "
+                         "--until fidelity first")
+    root = world.parent / "modes"
+    test = cache / "cifar10-jpeg" / "test"
+    data = json.loads(OUT_JSON.read_text()) if OUT_JSON.is_file() else {}
+    data.setdefault("rows", {})
+    data.update(benchmark="cifar10_modes", world_run=str(world), teacher=teacher.split(":")[0] + ":cifar10_resnet20",
+                machine=common.machine_info("cpu"), k_nn=5, steps_rule="max(300, 15 * prompts)")
+
+    def save() -> None:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        OUT_JSON.write_text(json.dumps(data, indent=1) + "\n")
+        write_md(data)
+
+    for k in [int(x) for x in args.ks.split(",") if x.strip()]:
+        for feature in ([f.strip() for f in args.features.split(",")] if k > 1 else ["-"]):
+            run = modes_run(world, root, k, feature if k > 1 else "latent", teacher, progress)
+            prompts = promptset.PromptSet.load(run / "prompts.safetensors")
+            for sampling in [s.strip() for s in args.sampling.split(",") if s.strip()]:
+                images = generated(run, world, 50, sampling, progress)
+                for per_class in [int(x) for x in args.per_class.split(",")]:
+                    name = f"k{k}-{feature}-{sampling}-n{per_class}"
+                    cov_path = (run if run != world else root) / "coverage" / f"{name}.json"
+                    cov_path.parent.mkdir(parents=True, exist_ok=True)
+                    t = time.time()
+                    cov = coverage_row(images, run, test, teacher, per_class, cov_path, progress)
+                    label = ("learned prompt (1/class, the paper)" if k == 1 else f"{k} modes ({feature})") + \
+                        ("" if sampling == "g5" else f", {sampling}")
+                    data["rows"][name] = {"k": k, "feature": feature, "sampling": sampling, "per_class": per_class,
+                                          "label": label, "run": str(run), "prompts": int(prompts.embeddings.shape[0]),
+                                          "prompt_bytes": int(prompts.embeddings.numel() * 4),
+                                          "images": overall(cov, "set"), "reference": overall(cov, "reference"),
+                                          "coverage_json": str(cov_path), "seconds": round(time.time() - t, 1)}
+                    say(f"{name}: " + json.dumps(data["rows"][name]["images"]))
+                    save()
+    if args.students:
+        students(args, root, world, teacher, test, progress)
+    save()
+    return 0
+
+
+def students(args, root: Path, world: Path, teacher: str, test: Path, progress: bool) -> None:
+    """Train the world's recipe for PROTOCOL:IPC on a modes run; entries go to cifar10_world.json's modes_entries."""
+    from promptset.stages.evaluate import evaluate
+
+    world_data = json.loads(WORLD_RESULTS.read_text())
+    for spec in [s.strip() for s in args.students.split(",") if s.strip()]:
+        protocol, ipc, name = spec.split(":")
+        run = world if name == "k1" else root / name
+        ref = world_data["entries"][f"d3m/{protocol}/convnet3/ipc{ipc}/regen30/mixed"]
+        cfg = dict(ref["recipe"]["config"])
+        cfg.update(run=str(run), test=str(test), method="d3m", protocol=protocol, ipc=int(ipc), epochs=args.epochs,
+                   seeds=args.seeds, progress=progress, report=False)
+        cfg = {k: v for k, v in cfg.items() if k in evaluate.__globals__["EvaluateConfig"].__dataclass_fields__}
+        t = time.time()
+        results = evaluate(**cfg)
+        for key, entry in results["entries"].items():
+            if entry["method"] == "d3m" and entry["protocol"] == protocol and entry["ipc"] == int(ipc):
+                world_data.setdefault("modes_entries", {})[f"{name}/{key}"] = entry | {"modes_run": name}
+        say(f"students {spec}: {time.time() - t:.0f} s")
+        WORLD_RESULTS.write_text(json.dumps(world_data, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
