@@ -38,12 +38,12 @@ from ..accounting import print_budget, prompt_bytes
 from ..artifacts import PromptSet, load_tensors, save_tensors, token_name_for
 from ..atomic import append_jsonl, read_jsonl, write_text
 from ..backends.base import PREDICTION_TYPES, DiffusionBackend, PromptLayout
+from ..backends.latent_cache import team_latent_cache
 from ..config import make_config, opt, to_dict
 from ..data import (
     MAX_IMAGE_PIXELS,
     ImageFolderIndex,
     common_image_side,
-    load_class_images,
     scan_image_folder,
     verify_images,
 )
@@ -292,41 +292,6 @@ def _merge_rank_metrics(folder: Path, world: int) -> None:
         (folder / f"metrics.rank{k}.jsonl").unlink(missing_ok=True)
 
 
-def _latent_cache(backend, cfg, index, classes, g, resolution, folder) -> tuple[list[torch.Tensor], list]:
-    """Per class: latent means (N, F, c, h, w) with F = 2 when mirrored copies are kept, and stds (or None)."""
-    path = folder / "latents" / f"g{g:05d}.safetensors"
-    key = {"model_hash": backend.model_hash, "resolution": str(resolution), "flip": str(cfg.flip),
-           "split_hash": index.split_hash(), "classes": ",".join(map(str, classes))}
-    if path.is_file():
-        try:
-            tensors, meta = load_tensors(path, "latent cache")
-            finite = all(torch.isfinite(t).all() for t in tensors.values())  # a NaN cache of an older run: rebuilt
-            if finite and all(meta.get(k) == v for k, v in key.items()):
-                means = [tensors[f"mean{i}"] for i in range(len(classes))]
-                stds = [tensors.get(f"std{i}") for i in range(len(classes))]
-                return means, stds
-        except UserError:
-            pass  # a stale or torn cache is simply rebuilt
-    means, stds, out = [], [], {}
-    for i, c in enumerate(classes):
-        images = load_class_images(index, c, resolution, max_pixels=cfg.max_image_pixels)  # (N, 3, R, R) in [0, 1]
-        views = [images, images.flip(-1)] if cfg.flip else [images]
-        try:
-            mean, std = backend.encode_images(torch.cat(views))  # (F*N, c, h, w); refuses NaN/inf latents
-        except TrainingDiverged as err:
-            raise type(err)(f"class {index.classes[c]} ({len(images)} training images): {err}") from None
-        n = images.shape[0]
-        mean = mean.view(len(views), n, *mean.shape[1:]).transpose(0, 1).contiguous()  # (N, F, c, h, w)
-        means.append(mean)
-        out[f"mean{i}"] = mean
-        if std is not None:
-            std = std.view(len(views), n, *std.shape[1:]).transpose(0, 1).contiguous()
-            out[f"std{i}"] = std
-        stds.append(std)
-    save_tensors(path, out, key)
-    return means, stds
-
-
 def _train_group(plan: _Plan, cfg: InvertConfig, classes: list[int], g: int, num_groups: int, folder: Path,
                  show: bool, team: Team | None = None) -> None:
     """Train the placeholder vectors of one class group; resumes from its checkpoint; writes groups/gNNNNN.
@@ -343,7 +308,7 @@ def _train_group(plan: _Plan, cfg: InvertConfig, classes: list[int], g: int, num
         ckpt_path.unlink(missing_ok=True)  # a run killed between writing the result and cleaning up
         return  # finished on an earlier run
     device = backend.device
-    means, stds = _team_latent_cache(team, backend, cfg, index, classes, g, plan.resolution, folder)
+    means, stds = team_latent_cache(team, backend, cfg, index, classes, g, plan.resolution, folder)
     counts = torch.tensor([m.shape[0] for m in means])  # (G,)
     offsets = torch.cumsum(counts, 0) - counts  # (G,) first row of each class in the flat cache
     views = means[0].shape[1]
@@ -460,16 +425,6 @@ def _sum_gradient(vectors: torch.nn.Parameter, team: Team) -> None:
     if vectors.grad is None:
         vectors.grad = torch.zeros_like(vectors)
     team.all_reduce_(vectors.grad)
-
-
-def _team_latent_cache(team: Team, backend, cfg, index, classes, g, resolution, folder):
-    """`_latent_cache`, encoded once by the team's leader; the other members read the file it wrote."""
-    if team.leader:
-        cache = _latent_cache(backend, cfg, index, classes, g, resolution, folder)
-    team.barrier()
-    if not team.leader:
-        cache = _latent_cache(backend, cfg, index, classes, g, resolution, folder)  # finds the leader's file
-    return cache
 
 
 def _print_teams(schedule: list[tuple[int, tuple[int, ...]]], world: int) -> None:
