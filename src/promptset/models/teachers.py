@@ -325,3 +325,20 @@ def label_pixels(teacher: nn.Module, pixels: torch.Tensor, chunk: int) -> torch.
         x = part.to(device).float().div_(255)  # (chunk, 3, S, S) in [0, 1]
         out.append(teacher(x)[:real].float())
     return torch.cat(out).cpu() if out else torch.zeros(0, getattr(teacher, "num_classes", 0))
+
+
+@torch.no_grad()
+def penultimate_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """What a classifier's final `nn.Linear` sees for images in [0, 1] (B, 3, H, W): its penultimate features (B, F)
+    fp32 on the model's device, read with a forward hook (a `Teacher` resizes and normalises as for its logits)."""
+    head = _final_linear(model)
+    if head is None:
+        raise UserError(f"{getattr(model, 'spec', type(model).__name__)} has no final nn.Linear layer to read "
+                        "penultimate features from; pass a teacher whose classifier head is a linear layer")
+    seen = []
+    handle = head[1].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    try:
+        model(images.to(next(model.parameters()).device))
+    finally:
+        handle.remove()
+    return seen[-1].flatten(1).float()
