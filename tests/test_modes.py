@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 import promptset
 from promptset.accounting import prompt_bytes
-from promptset.artifacts import PromptSet, load_tensors
+from promptset.artifacts import PromptSet, load_tensors, tensors_hash
 from promptset.cli import main
 from promptset.errors import UserError
 from promptset.evaluation.results import load_rows
@@ -327,6 +327,23 @@ def test_spreading_rule_every_prefix_is_proportional_and_an_image_never_changes_
         assert [mode_of(weights, i) for i in (0, 5, total)] == [seq[0], seq[5], seq[total]]
     with pytest.raises(ValueError):
         mode_sequence([2, 0], 3)
+
+
+def test_int8_prompts_with_modes_round_trip_and_count_every_byte(tmp_path):
+    emb = torch.randn(5, 2, 16, generator=torch.Generator().manual_seed(0))
+    prompts = PromptSet(emb, [f"<c{i}>" for i in range(5)], ["a", "b"], "a photo of {token}", "sd", "m", "h",
+                        stored_dtype="int8", mode_class=[0, 0, 0, 1, 1], mode_weight=[4, 3, 3, 2, 1])
+    prompts.save(tmp_path / "p.safetensors")
+    tensors, _ = load_tensors(tmp_path / "p.safetensors")
+    assert set(tensors) == {"embeddings", "scales", "mode_class", "mode_weight"}
+    assert sum(t.numel() * t.element_size() for t in tensors.values()) == prompt_bytes(5, 2, 16, "int8", modes=True)
+    back = PromptSet.load(tmp_path / "p.safetensors")
+    assert back.mode_class == [0, 0, 0, 1, 1] and back.mode_weight == [4, 3, 3, 2, 1]
+    alone = PromptSet(back.embeddings, back.token_names, back.class_folders, back.template, "sd", "m", "h")
+    assert alone.content_hash() == tensors_hash({"embeddings": back.embeddings})  # what settings always recorded
+    assert back.content_hash() != alone.content_hash()  # the modes' classes and weights change the images
+    assert [back.row_of(1, i) for i in range(4)] == [3, 4, 3, 3]  # weights 2/1: the larger mode first
+    assert back.same_as_file(tmp_path / "p.safetensors")
 
 
 def test_prompt_files_with_broken_modes_are_refused(world, tmp_path):

@@ -372,8 +372,8 @@ class PromptSet:
                 model_hash=meta["model_hash"],
                 initializers=json.loads(meta.get("initializers", "[]")),
                 stored_dtype=meta["stored_dtype"],
-                mode_class=tensors["mode_class"].tolist() if with_modes else None,
-                mode_weight=tensors["mode_weight"].tolist() if with_modes else None,
+                mode_class=tensors["mode_class"].reshape(-1).tolist() if with_modes else None,
+                mode_weight=tensors["mode_weight"].reshape(-1).tolist() if with_modes else None,
             )
             if with_modes and meta["mode_rule"] != MODE_RULE:
                 raise UserError(f"prompts file {path} spreads images over modes by rule {meta['mode_rule']!r}; this "

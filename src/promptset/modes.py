@@ -44,7 +44,16 @@ _SEQUENCES: dict[tuple[int, ...], list[int]] = {}  # weights -> the longest sequ
 
 def mode_sequence(weights: list[int] | tuple[int, ...], n: int) -> list[int]:
     """The modes of images 0..n-1 of a class whose modes have `weights` (positive ints): Tijdeman's sequence."""
-    weights = tuple(int(w) for w in weights)
+    return _sequence(tuple(int(w) for w in weights), n)[:n]
+
+
+def mode_of(weights: list[int] | tuple[int, ...], index: int) -> int:
+    """The mode image `index` of a class is drawn from (a pure function of the index and the stored weights)."""
+    return _sequence(tuple(int(w) for w in weights), index + 1)[index]
+
+
+def _sequence(weights: tuple[int, ...], n: int) -> list[int]:
+    """At least the first n entries of the sequence of `weights` (kept per process and extended on demand)."""
     if not weights or min(weights) <= 0:
         raise ValueError(f"mode weights must be positive integers, got {list(weights)}")
     if len(weights) == 1:
@@ -65,12 +74,7 @@ def mode_sequence(weights: list[int] | tuple[int, ...], n: int) -> list[int]:
                         best, best_num = j, num
             seq.append(best)  # Tijdeman: some mode is always eligible
             counts[best] += 1
-    return seq[:n]
-
-
-def mode_of(weights: list[int] | tuple[int, ...], index: int) -> int:
-    """The mode image `index` of a class is drawn from (a pure function of the index and the stored weights)."""
-    return mode_sequence(weights, index + 1)[index]
+    return seq
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -173,10 +173,10 @@ def invert(cfg: InvertConfig | None = None, **overrides) -> Path:
         remove_stale_tmp(run, recursive=False)
         print(f"invert: --data {cfg.data}: {num_classes} classes, {index.num_images} images; skipped "
               f"{index.skipped_hidden} hidden and {index.skipped_non_image} non-image entries", flush=True)
-        row = "class" if cfg.modes == 1 else "prompt"
+        row, rows = ("class", "classes") if cfg.modes == 1 else ("prompt", "prompts")
         share = (f"each {row} {cfg.batch_size // plan.per_group} times per step"
                  if cfg.batch_size % plan.per_group == 0 else
-                 f"the {row}s in turn, so every {row} gets the same number of samples over {plan.per_group} steps")
+                 f"the {rows} in turn, so every {row} gets the same number of samples over {plan.per_group} steps")
         unit = "classes" if cfg.modes == 1 else f"prompts (--modes {cfg.modes}: {plan.num_rows} prompts in all)"
         print(f"invert: {len(groups)} group(s) of up to {plan.per_group} {unit}, batch {cfg.batch_size}: {share}",
               flush=True)
