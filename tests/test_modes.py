@@ -357,3 +357,31 @@ def test_prompt_files_with_broken_modes_are_refused(world, tmp_path):
     save_tensors(tmp_path / "q.safetensors", {k: v for k, v in tensors.items() if k != "mode_weight"}, meta)
     with pytest.raises(UserError, match="q.safetensors lacks or garbles 'mode_weight'"):
         PromptSet.load(tmp_path / "q.safetensors")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_learn_the_modes_of_one_process(world, tmp_path):
+    """Rank 0 clusters, every rank reads modes.json, the (class, mode) groups go one per process: the same prompts,
+    bit for bit, as one process (one thread each, as torchrun's workers)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    args = ["invert", "--backend", "sd", "--model", world.sd, "--data", world.data, "--steps", 3, "--batch-size", 4,
+            "--modes", 2, "--device", "cpu", "--no-progress"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = {"one": [sys.executable, "-m", "promptset"],
+              "two": [Path(sys.executable).parent / "torchrun", "--nproc-per-node", 2, "--master-port", port, "-m",
+                      "promptset"]}
+    for name, head in launch.items():
+        done = subprocess.run([str(a) for a in [*head, *args, "--out", tmp_path / name]], capture_output=True,
+                              text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "group 1 data parallel" not in done.stdout and "2 group(s) of up to 4 prompts" in done.stdout
+    assert (tmp_path / "two" / "modes.json").read_bytes() == (tmp_path / "one" / "modes.json").read_bytes()
+    one, two = (load_tensors(tmp_path / k / "prompts.safetensors")[0] for k in ("one", "two"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
