@@ -33,7 +33,8 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 from cpuinfo import cpu_model  # noqa: E402
 
-ROWS = [f"{w}/{p}/{load}" for w in ("api-invert", "demo") for p in ("passive", "spinning") for load in ("idle", "busy")]
+ROWS = [f"{w}/{p}/{load}" for w in ("api-invert", "demo") for p in ("passive", "spinning")
+        for load in ("idle", "busy")]
 API_INVERT = dict(classes=8, steps=64, batch_size=8, size=16, images_per_class=8)
 
 

@@ -43,10 +43,15 @@ def tensors_compressed(tensors: Iterable[torch.Tensor]) -> int:
     return compressed_size(tensor_data(t) for t in tensors)
 
 
-def prompt_bytes(num_classes: int, num_vectors: int, dim: int, dtype: str) -> int:
-    """Bytes of the stored prompt tensor (int8 adds one fp16 scale per vector)."""
-    n = num_classes * num_vectors
-    return n * dim * DTYPE_BYTES[dtype] + (n * 2 if dtype == "int8" else 0)
+MODE_BYTES = 8  # per prompt of a set with modes: its class and its weight, one int32 each
+
+
+def prompt_bytes(num_prompts: int, num_vectors: int, dim: int, dtype: str, modes: bool = False) -> int:
+    """Bytes of the stored prompt tensors: one prompt per class, or with modes one per (class, mode) plus each
+    mode's class and weight (int8 adds one fp16 scale per vector)."""
+    n = num_prompts * num_vectors
+    scales = n * 2 if dtype == "int8" else 0
+    return n * dim * DTYPE_BYTES[dtype] + scales + (num_prompts * MODE_BYTES if modes else 0)
 
 
 def real_bytes(ipc: int, num_classes: int, size: int, channels: int = 3) -> int:

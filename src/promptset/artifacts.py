@@ -9,20 +9,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_save
+from safetensors.torch import load_file, save
 
 from . import __version__
 from .atomic import atomic_path
 from .errors import UserError
+from .modes import MODE_RULE, mode_of
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "1"  # one prompt per class
+MODES_FORMAT_VERSION = "2"  # with modes: also `mode_class` and `mode_weight` (M,) int32
 PROMPT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
 
 
@@ -175,22 +175,19 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in metadata.items() if k not in _HASH_KEYS}
     meta["content_sha256"] = tensors_hash(tensors)
     meta["metadata_sha256"] = metadata_hash(meta)
-    data = safetensors_bytes(tensors, meta)
     with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(data)
+        tmp.write_bytes(canonical_safetensors(save(tensors, metadata=meta)))
 
 
-def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    """A safetensors file's bytes with its JSON header in sorted key order.
-
-    safetensors writes the metadata (and tensor entries) in the order of a Rust hash map, which changes from process
-    to process: the same tensors and metadata gave different file bytes. Sorting the header (padded with spaces to a
-    multiple of 8, as the format asks) makes a file a pure function of its contents; every reader accepts it."""
-    raw = safetensors_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.dumps(json.loads(raw[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode("utf-8")
+def canonical_safetensors(data: bytes) -> bytes:
+    """safetensors bytes with the header's keys sorted, so the same tensors and metadata always give the same file:
+    the library writes its metadata map in hash order, which differs at every call. The tensor bytes and their
+    offsets are unchanged; the header stays compact JSON padded with spaces to 8 bytes, as the library writes it."""
+    n = int.from_bytes(data[:8], "little")
+    body = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    header = body.encode("utf-8")
     header += b" " * (-len(header) % 8)
-    return struct.pack("<Q", len(header)) + header + raw[8 + n :]
+    return len(header).to_bytes(8, "little") + header + data[8 + n :]
 
 
 def load_tensors(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -221,10 +218,15 @@ def class_list_hash(folders: list[str]) -> str:
 
 @dataclass
 class PromptSet:
-    """One learned prompt per class: embeddings (C, V, D) plus everything needed to use them with their model."""
+    """The learned prompts: embeddings (M, V, D) plus everything needed to use them with their model.
 
-    embeddings: torch.Tensor  # (C, V, D) fp32 in memory
-    token_names: list[str]
+    One prompt per class (M = C) unless the run learned modes (`invert --modes K`): then row r is a mode of class
+    `mode_class[r]` (class-major), learned on `mode_weight[r]` images, and image i of class c is drawn from the mode
+    `modes.mode_of(weights of c, i)`. Without modes the file is the format-1 file it always was.
+    """
+
+    embeddings: torch.Tensor  # (M, V, D) fp32 in memory
+    token_names: list[str]  # one per row
     class_folders: list[str]
     template: str
     backend: str
@@ -232,23 +234,68 @@ class PromptSet:
     model_hash: str
     initializers: list[str] = field(default_factory=list)
     stored_dtype: str = "fp32"
+    mode_class: list[int] | None = None  # (M,) class of each row; None: one prompt per class
+    mode_weight: list[int] | None = None  # (M,) training images of each row (the spreading weights)
+    _rows: list[list[int]] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:
+        return len(self.class_folders)
+
+    @property
+    def num_prompts(self) -> int:
         return int(self.embeddings.shape[0])
 
     @property
     def num_vectors(self) -> int:
         return int(self.embeddings.shape[1])
 
+    @property
+    def has_modes(self) -> bool:
+        return self.mode_class is not None
+
+    def class_rows(self, c: int) -> list[int]:
+        """The rows (prompts) of class c: [c] without modes."""
+        if self.mode_class is None:
+            return [c]
+        if self._rows is None:  # built once: the rows of every class
+            self._rows = [[] for _ in self.class_folders]
+            for r, k in enumerate(self.mode_class):
+                self._rows[k].append(r)
+        return self._rows[c]
+
+    def modes_per_class(self) -> list[int]:
+        return [len(self.class_rows(c)) for c in range(self.num_classes)]
+
+    def row_of(self, c: int, index: int) -> int:
+        """The prompt image `index` of class c is drawn from (spread over the class's modes by their weights)."""
+        if self.mode_class is None:
+            return c
+        rows = self.class_rows(c)
+        return rows[mode_of([self.mode_weight[r] for r in rows], index)]
+
     def stored_tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors as written to disk in `stored_dtype` (int8: symmetric per-vector quantisation)."""
+        """The tensors as written to disk in `stored_dtype` (int8: symmetric per-vector quantisation), plus the
+        modes' classes and weights (int32) when there are modes."""
         if self.stored_dtype == "int8":
             # quantise with the scale as it is stored (fp16), so decoding q * scale finds the nearest grid point
             scale = (self.embeddings.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_min(1e-6).to(torch.float16)
-            q = torch.round(self.embeddings / scale.float()).clamp(-127, 127).to(torch.int8)  # (C, V, D)
-            return {"embeddings": q, "scales": scale}  # scale: (C, V, 1)
-        return {"embeddings": self.embeddings.to(PROMPT_DTYPES[self.stored_dtype])}
+            q = torch.round(self.embeddings / scale.float()).clamp(-127, 127).to(torch.int8)  # (M, V, D)
+            out = {"embeddings": q, "scales": scale}  # scale: (M, V, 1)
+        else:
+            out = {"embeddings": self.embeddings.to(PROMPT_DTYPES[self.stored_dtype])}
+        return out | self._mode_tensors()
+
+    def _mode_tensors(self) -> dict[str, torch.Tensor]:
+        if self.mode_class is None:
+            return {}
+        return {"mode_class": torch.tensor(self.mode_class, dtype=torch.int32),  # (M,)
+                "mode_weight": torch.tensor(self.mode_weight, dtype=torch.int32)}  # (M,)
+
+    def content_hash(self) -> str:
+        """sha256 of what changes a generated pixel: the vectors (as loaded) and, with modes, their classes and
+        weights (the hash of a prompt set without modes is the one generation settings always recorded)."""
+        return tensors_hash({"embeddings": self.embeddings} | self._mode_tensors())
 
     def stored_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.stored_tensors().values())
@@ -260,9 +307,9 @@ class PromptSet:
 
     def metadata(self) -> dict[str, str]:
         """The metadata strings written with the tensors (the hashes are added by `save_tensors`)."""
-        return {
+        meta = {
             "format": "promptset.prompts",
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if self.mode_class is None else MODES_FORMAT_VERSION,
             "promptset_version": __version__,
             "backend": self.backend,
             "model_id": self.model_id,
@@ -274,6 +321,9 @@ class PromptSet:
             "initializers": json.dumps(self.initializers),
             "stored_dtype": self.stored_dtype,
         }
+        if self.mode_class is not None:
+            meta["mode_rule"] = MODE_RULE  # how images are spread over a class's modes
+        return meta
 
     def same_as_file(self, path: str | os.PathLike) -> bool:
         """Whether `path` already holds exactly these prompts (tensors as stored, and metadata)."""
@@ -301,14 +351,17 @@ class PromptSet:
         where they came from in errors."""
         if meta.get("format") != "promptset.prompts":
             raise UserError(f"prompts file {path} is not a promptset prompts file (format={meta.get('format')})")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"prompts file {path} has format version {meta.get('format_version')}, expected 1")
+        version = meta.get("format_version")
+        if version not in (FORMAT_VERSION, MODES_FORMAT_VERSION):
+            raise UserError(f"prompts file {path} has format version {version}; this promptset reads versions "
+                            f"{FORMAT_VERSION} and {MODES_FORMAT_VERSION} (with modes): update promptset")
         try:
             emb = tensors["embeddings"]
             if meta["stored_dtype"] == "int8":
                 emb = emb.float() * tensors["scales"].float()
             folders = json.loads(meta["class_folders"])
             token_names = json.loads(meta["token_names"])
+            with_modes = version == MODES_FORMAT_VERSION
             prompts = cls(
                 embeddings=emb.float(),
                 token_names=token_names,
@@ -319,15 +372,24 @@ class PromptSet:
                 model_hash=meta["model_hash"],
                 initializers=json.loads(meta.get("initializers", "[]")),
                 stored_dtype=meta["stored_dtype"],
+                mode_class=tensors["mode_class"].reshape(-1).tolist() if with_modes else None,
+                mode_weight=tensors["mode_weight"].reshape(-1).tolist() if with_modes else None,
             )
+            if with_modes and meta["mode_rule"] != MODE_RULE:
+                raise UserError(f"prompts file {path} spreads images over modes by rule {meta['mode_rule']!r}; this "
+                                f"promptset knows {MODE_RULE!r}: update promptset")
         except (KeyError, ValueError) as err:
             raise UserError(f"prompts file {path} lacks or garbles {err}; regenerate it with invert") from err
         if class_list_hash(folders) != meta.get("class_list_hash"):
             raise UserError(f"prompts file {path}: class list does not match its hash; regenerate it")
-        if emb.ndim != 3 or len(folders) != emb.shape[0] or len(token_names) != emb.shape[0]:
+        rows = len(folders) if prompts.mode_class is None else len(prompts.mode_class)
+        if emb.ndim != 3 or rows != emb.shape[0] or len(token_names) != emb.shape[0]:
             raise UserError(
                 f"prompts file {path}: embeddings of shape {tuple(emb.shape)} do not fit its {len(folders)} classes"
+                + ("" if prompts.mode_class is None else f" and {rows} modes")
             )
+        if prompts.mode_class is not None:
+            _check_modes(prompts.mode_class, prompts.mode_weight, len(folders), path)
         return prompts
 
     def check_backend(self, backend, path: str | os.PathLike = "prompts.safetensors") -> None:
@@ -343,6 +405,15 @@ class PromptSet:
                 f"prompts file {path} has {self.embeddings.shape[-1]}-d vectors; the model's tokens are "
                 f"{backend.token_dim}-d"
             )
+
+
+def _check_modes(mode_class: list[int], mode_weight: list[int], num_classes: int, path) -> None:
+    """Every class has at least one mode, rows are class-major, and every weight is positive."""
+    ordered = mode_class == sorted(mode_class) and sorted(set(mode_class)) == list(range(num_classes))
+    if not ordered or len(mode_weight) != len(mode_class) or min(mode_weight, default=1) < 1:
+        raise UserError(f"prompts file {path}: its mode_class/mode_weight tensors do not give every one of its "
+                        f"{num_classes} classes its modes in class order with positive weights; regenerate it with "
+                        "invert")
 
 
 def token_name_for(folder: str, taken: set[str]) -> str:

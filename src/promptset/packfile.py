@@ -1,6 +1,7 @@
 """The packed distilled set: one safetensors file that `promptset pack` writes and `promptset materialize` reads.
 
-Tensors: `prompts.<name>` (the prompt tensors as stored: fp32/fp16 embeddings, or int8 plus scales), `seeds`
+Tensors: `prompts.<name>` (the prompt tensors as stored: fp32/fp16 embeddings, or int8 plus scales; with modes also
+`prompts.mode_class` and `prompts.mode_weight`, which say which mode each image of a class is drawn from), `seeds`
 (R, C * images per class) int32, one row per round of images, and the soft labels of every patch of every round
 through their codec (`soft_labels` or `soft_labels.<part>`, leading dims (R, C * ipc), ImageFolder order; see
 `labelcodec`). Metadata: one JSON value per key (`format`, `classes`, `prompts`, `generator`, `generation`, `labels`,

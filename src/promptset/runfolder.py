@@ -270,9 +270,14 @@ _IDENTITY_KEYS = {
     "seed", "template", "initializer", "initializers", "factor", "num_crops", "teacher", "ipc", "guidance",
     "sampler", "weight_decay", "warmup_steps", "prompt_dtype", "flip", "dtype",
     "num_collages", "max_images_per_class", "image_size", "soft_labels", "model_config", "prediction_type",
+    "modes", "mode_features",
 }
+# options added later, at the value that gives what runs made before them gave (recorded runs lack them)
+_LATER_DEFAULTS = {"modes": 1, "mode_features": "latent"}
 
 
 def _identity(config: dict) -> dict:
-    """The result-changing part of a stage config; an empty option equals one a stage did not have yet."""
-    return {k: v for k, v in absolute_paths(config).items() if k in _IDENTITY_KEYS and v != ""}
+    """The result-changing part of a stage config; an empty option equals one a stage did not have yet, and so does
+    an option added later at its old behaviour's value (`--modes 1` resumes a run recorded before `--modes`)."""
+    return {k: v for k, v in absolute_paths(config).items()
+            if k in _IDENTITY_KEYS and v != "" and not (k in _LATER_DEFAULTS and _LATER_DEFAULTS[k] == v)}

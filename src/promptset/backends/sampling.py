@@ -1,9 +1,10 @@
 """Sampling from a backend: the samplers, and images from (class, seed) jobs, batched without changing a pixel.
 
 Image i of class c starts from noise drawn with seed derive_seed(seed, stage, c, i) on its own generator, which also
-feeds any noise a stochastic sampler adds. Kernels round differently for different batch *shapes* (not for different
-rows of one shape), so images are always denoised in padded micro-batches of exactly `micro_batch` images: an image
-depends on (prompts, seed, c, i, micro batch) only, never on the batch it was asked for in or the process count.
+feeds any noise a stochastic sampler adds; with modes, its prompt is the mode `modes.mode_of` spreads (c, i) to.
+Kernels round differently for different batch *shapes* (not for different rows of one shape), so images are always
+denoised in padded micro-batches of exactly `micro_batch` images: an image depends on (prompts, seed, c, i, micro
+batch) only, never on the batch it was asked for in or the process count.
 `generate`, `evaluate` (fresh variations) and `pretrain` (sample grids) all sample through here.
 """
 
@@ -67,16 +68,24 @@ def rank_share(jobs: list[Job], rank: int, world: int) -> tuple[int, int]:
 
 
 class PromptConditioner:
-    """Conditioning states from learned placeholder vectors (one prompt per class)."""
+    """Conditioning states from learned placeholder vectors: one prompt per class, or with modes the prompt of the
+    mode image i of class c is spread to (`PromptSet.row_of`, a pure function of (c, i) and the stored weights)."""
 
     def __init__(self, backend, prompts: PromptSet):
         self.backend = backend
+        self.prompts = prompts
         self.layout = backend.layout(prompts.template, prompts.num_vectors)
-        self.vectors = prompts.embeddings.to(backend.device)  # (C, V, D)
+        self.vectors = prompts.embeddings.to(backend.device)  # (M, V, D)
 
     @torch.no_grad()
-    def __call__(self, classes: torch.Tensor) -> torch.Tensor:
-        return self.backend.encode_placeholder_prompts(self.layout, self.vectors[classes])  # (B, L, D_text)
+    def __call__(self, classes: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+        if self.prompts.has_modes:
+            if indices is None:
+                raise ValueError("prompts with modes need each image's index to pick its mode")
+            rows = torch.tensor([self.prompts.row_of(c, i) for c, i in zip(classes.tolist(), indices.tolist())])
+        else:
+            rows = classes
+        return self.backend.encode_placeholder_prompts(self.layout, self.vectors[rows])  # (B, L, D_text)
 
 
 class TextConditioner:
@@ -87,7 +96,7 @@ class TextConditioner:
         with torch.no_grad():
             self.states = backend.encode_prompts(prompts)  # (C, L, D_text)
 
-    def __call__(self, classes: torch.Tensor) -> torch.Tensor:
+    def __call__(self, classes: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
         return self.states[classes.to(self.states.device)]
 
 
@@ -109,7 +118,7 @@ def sample_images(backend, conditioner, jobs: list[Job], *, steps: int, guidance
         part = jobs[s : s + chunk]
         real = len(part)
         part = part + [part[-1]] * (chunk - real)  # pad to the fixed shape
-        cond = conditioner(torch.tensor([j.cls for j in part]))  # (b, L, D_text)
+        cond = conditioner(torch.tensor([j.cls for j in part]), torch.tensor([j.index for j in part]))  # (b, L, D)
         generators = image_generators([j.seed for j in part])
         noise = backend.initial_noise(generators)  # (b, c, h, w)
         neg = uncond.expand(len(part), -1, -1) if uncond is not None else None
@@ -138,7 +147,8 @@ def generation_key(settings: dict) -> str:
 
 def generation_settings(*, prompts_hash: str, template: str, model_hash: str, steps: int, guidance: float,
                         sampler: str, seed: int, resolution: int, factor: int, image_size: int, dtype: str,
-                        sampler_batch: int, compile: bool, cpu_threads: int | None = None) -> dict:
+                        sampler_batch: int, compile: bool, mode_rule: str = "",
+                        cpu_threads: int | None = None) -> dict:
     """Everything that changes a pixel of a generated image, as `generate` records it and `evaluate` compares it.
 
     cpu_threads: torch's CPU thread count when the images are made on CPU (kernels split reductions by thread, so it
@@ -149,6 +159,8 @@ def generation_settings(*, prompts_hash: str, template: str, model_hash: str, st
                 "sampler_batch": int(sampler_batch)}
     if compile:  # compiled kernels round differently (keys of uncompiled runs stay as they were)
         settings["compile"] = True
+    if mode_rule:  # prompts with modes: images are spread over them by this rule (keys without modes unchanged)
+        settings["mode_rule"] = mode_rule
     if cpu_threads is not None:
         settings["cpu_threads"] = int(cpu_threads)
     return settings

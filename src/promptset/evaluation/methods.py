@@ -20,7 +20,7 @@ import torch
 
 from .. import threads
 from ..accounting import SEED_BYTES, check_stored_bytes, class_list_bytes, compressed_size, tensor_data
-from ..artifacts import PromptSet, images_sha256, load_tensors, save_tensors, sha256_bytes, tensors_hash
+from ..artifacts import PromptSet, images_sha256, load_tensors, save_tensors, sha256_bytes
 from ..atomic import read_jsonl
 from ..backends import sampling
 from ..backends.sampling import Job, PromptConditioner, TextConditioner, class_prompts, generation_settings, jobs_for
@@ -30,6 +30,7 @@ from ..dist import all_gather_rows, ddp_world, span
 from ..errors import UserError
 from ..labelcodec import LabelCodec, decode_soft_labels, encode_labels, parse_codec, planned_bytes
 from ..models import label_pixels
+from ..modes import MODE_RULE
 from ..progress import progress_bar
 from ..runfolder import ClassInfo, check_same_classes
 from ..seeding import derive_seed
@@ -152,17 +153,19 @@ class Context:
         """What changes a pixel of the d3m images evaluate makes, in the form `generate` records them."""
         explicit = self.cfg.backend or self.cfg.model  # another model than the prompts were learned on
         return self.generation_settings_for(
-            self.backend().model_hash if explicit else prompts.model_hash,
-            tensors_hash({"embeddings": prompts.embeddings}), prompts.template,
+            self.backend().model_hash if explicit else prompts.model_hash, prompts.content_hash(), prompts.template,
+            MODE_RULE if prompts.has_modes else "",
         )
 
-    def generation_settings_for(self, model_hash: str, prompts_hash: str = "", template: str = "") -> dict:
+    def generation_settings_for(self, model_hash: str, prompts_hash: str = "", template: str = "",
+                                mode_rule: str = "") -> dict:
         return generation_settings(
             prompts_hash=prompts_hash, template=template, model_hash=model_hash, steps=self.gen["steps"],
             guidance=self.gen["guidance"], sampler=self.gen["sampler"], seed=self.gen["seed"],
             resolution=self.gen["resolution"] or self.backend().resolution, factor=self.factor,
             image_size=self.image_size, dtype=self.gen["dtype"], sampler_batch=self.gen["sampler_batch"],
-            compile=False, cpu_threads=threads.current() if self.device.type == "cpu" else None,
+            compile=False, mode_rule=mode_rule,
+            cpu_threads=threads.current() if self.device.type == "cpu" else None,
         ) | self.selection()
 
     def selection(self) -> dict:
@@ -297,6 +300,8 @@ def build_generative(ctx: Context, method: str) -> Distilled:
         info["round_cache"] = cache_stats  # images denoised in this call vs taken from <run>/eval/rounds/
     if method == "class-prompt":
         info["prompts"] = class_prompt_strings(ctx)
+    elif (prompts := PromptSet.load(ctx.run / "prompts.safetensors")).has_modes:  # several prompts per class
+        info["modes"] = {"prompts": prompts.num_prompts, "per_class": prompts.modes_per_class()}
     return Distilled(rounds, components, ctx.ipc, info, compressed=_compressed_generative(ctx, method, tensors))
 
 

@@ -219,6 +219,15 @@ COLUMNS = [
 ]
 
 
+def modes_label(distilled: dict) -> str:
+    """'3 modes, 30 prompts' for a d3m set learned with modes ('' for one prompt per class)."""
+    modes = distilled.get("modes")
+    if not modes:
+        return ""
+    low, high = min(modes["per_class"]), max(modes["per_class"])
+    return f"{high if low == high else f'{low}-{high}'} modes, {modes['prompts']} prompts"
+
+
 def base_method(label: str) -> str:
     """'random-real' of a row label such as 'random-real@d3m' or 'd3m [topk:3]'."""
     return label.partition(" [")[0].partition("@")[0]
@@ -239,10 +248,11 @@ def load_rows(runs: list[Path]) -> list[dict]:
             distilled = e.get("distilled") or {}
             rounds = distilled.get("rounds")
             variations = "-" if rounds is None else ("fixed" if rounds == 1 else f"{rounds} rounds")
+            variant = ", ".join(x for x in (modes_label(distilled), e.get("variant")) if x)
             rows.append(
                 {
                     "run": run.name or str(run),
-                    "method": e["method"] + (f" [{e['variant']}]" if e.get("variant") else ""),
+                    "method": e["method"] + (f" [{variant}]" if variant else ""),
                     "protocol": e["protocol"],
                     "student": e["student"],
                     "ipc": e["ipc"],

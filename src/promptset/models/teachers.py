@@ -327,13 +327,14 @@ def label_pixels(teacher: nn.Module, pixels: torch.Tensor, chunk: int) -> torch.
     return torch.cat(out).cpu() if out else torch.zeros(0, getattr(teacher, "num_classes", 0))
 
 
-def penultimate_layer(teacher: Teacher) -> nn.Linear:
-    """The teacher's classifier head (its last `nn.Linear`), whose input is its penultimate features; a UserError
-    when it has none (e.g. a convolutional head)."""
-    head = _final_linear(teacher.net)
+def penultimate_layer(teacher: nn.Module) -> nn.Linear:
+    """The classifier head (the last `nn.Linear`) of a teacher or network, whose input is its penultimate features;
+    a UserError when it has none (e.g. a convolutional head)."""
+    head = _final_linear(getattr(teacher, "net", teacher))
     if head is None:
-        raise UserError(f"teacher {teacher.spec} has no final linear layer, so its penultimate features cannot be "
-                        "read; pass a teacher whose classifier ends in nn.Linear (every built-in, most timm ones)")
+        raise UserError(f"teacher {getattr(teacher, 'spec', type(teacher).__name__)} has no final linear layer, so "
+                        "its penultimate features cannot be read; pass a teacher whose classifier ends in nn.Linear "
+                        "(every built-in, most timm ones)")
     return head[1]
 
 
@@ -369,3 +370,17 @@ def teacher_features(teacher: Teacher, pixels: torch.Tensor, chunk: int) -> tupl
     if not features:
         return torch.zeros(0, head.in_features), torch.zeros(0, teacher.num_classes)
     return torch.cat(features), torch.cat(logits)
+
+@torch.no_grad()
+def penultimate_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """What a classifier's final `nn.Linear` sees for images in [0, 1] (B, 3, H, W): its penultimate features (B, F)
+    fp32 on the model's device, in one forward pass (a `Teacher` resizes and normalises as for its logits). For many
+    images at once with a fixed batch, see `teacher_features`."""
+    head = penultimate_layer(model)
+    seen = []
+    handle = head.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+    try:
+        model(images.to(next(model.parameters()).device))
+    finally:
+        handle.remove()
+    return seen[-1].flatten(1).float()

@@ -19,7 +19,7 @@ from ..accounting import (
     real_bytes,
     tensor_data,
 )
-from ..artifacts import load_tensors
+from ..artifacts import PromptSet, load_tensors
 from ..atomic import write_json
 from ..config import make_config, opt
 from ..errors import UserError
@@ -110,6 +110,7 @@ def budget(cfg: BudgetConfig | None = None, **overrides) -> dict:
         "components_compressed": packed,
         "label_codec": artifact_metadata(run, "labels.safetensors").get("label_codec"),
         "ipc_equivalent_raw": stored / per_image_all,
+        "prompts": _prompt_counts(run),
         "real": real,
         "real_data": str(data) if data else None,
         "not_counted": {
@@ -123,8 +124,21 @@ def budget(cfg: BudgetConfig | None = None, **overrides) -> dict:
     return result
 
 
+def _prompt_counts(run: Path) -> dict | None:
+    """How many prompts the run stores, and with modes how many per class (every one is counted in `prompts`)."""
+    if not (run / "prompts.safetensors").is_file():
+        return None
+    prompts = PromptSet.load(run / "prompts.safetensors")
+    out = {"prompts": prompts.num_prompts, "vectors_per_prompt": prompts.num_vectors}
+    return out | ({"modes_per_class": prompts.modes_per_class()} if prompts.has_modes else {})
+
+
 def _print_table(result: dict) -> None:
     codec = f", soft labels {result['label_codec']}" if result.get("label_codec") else ""
+    counts = result.get("prompts") or {}
+    if "modes_per_class" in counts:
+        low, high = min(counts["modes_per_class"]), max(counts["modes_per_class"])
+        codec += f", {counts['prompts']} prompts: {high if low == high else f'{low}-{high}'} modes per class"
     print(f"stored bytes of {result['run']} ({result['num_classes']} classes, {result['image_size']} px images"
           f"{codec})")
     packed = result["components_compressed"]

@@ -5,7 +5,9 @@ byte-identical for any `--batch-size`, resume or process count. Each generated c
 factor x factor patches, resized to the dataset resolution. A rerun skips images whose files exist, decode, and were
 made with the same settings (the manifest records their key), so an interrupted or partly deleted generation is
 completed, not redone. `labels.safetensors` records the settings themselves, so `evaluate` can tell whether these
-images are the ones it would make.
+images are the ones it would make. With modes (`invert --modes K`), image i of class c is drawn from the mode
+`modes.mode_of` spreads it to by the stored mode weights (every prefix of a class's images is spread in proportion
+to its modes' training images); the manifest names each image's mode, and the folders stay one per class.
 
 Under torchrun every process takes a contiguous share of the (class, index) jobs (`sampling.rank_share`, as `evaluate`
 shares its fresh rounds), so any class count keeps every process busy. PNGs are encoded and written on a writer
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 from .. import threads
-from ..artifacts import PromptSet, images_sha256, save_tensors, tensors_hash
+from ..artifacts import PromptSet, images_sha256, save_tensors
 from ..atomic import BackgroundWriter, append_jsonl, read_jsonl, save_image, write_text
 from ..backends import sampling
 from ..backends.base import PREDICTION_TYPES
@@ -38,6 +40,7 @@ from ..errors import UserError
 from ..grids import labeled_grid
 from ..labelcodec import CODEC_HELP, encode_labels, parse_codec
 from ..models import label_pixels
+from ..modes import MODE_RULE
 from ..progress import progress_bar
 from ..runfolder import (
     ClassInfo,
@@ -146,8 +149,10 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> Path:
         what = "seeds and the teacher's soft labels" if cfg.soft_labels else "seeds"
         best = (f", each the teacher's pick of {cfg.candidates} candidates (--candidates 1: no seed selection)"
                 if cfg.candidates > 1 else "")
+        spread = (f", each class's images spread over its modes ({plan.prompts.num_prompts} prompts) in proportion "
+                  "to their training images" if plan.prompts.has_modes else "")
         print(f"generate: {len(classes) * cfg.ipc} images ({len(classes)} classes x {cfg.ipc}, "
-              f"{len(todo)} made now{best}) in {gen_dir}; grid {plan.out / 'grid.png'}; {what} in "
+              f"{len(todo)} made now{best}{spread}) in {gen_dir}; grid {plan.out / 'grid.png'}; {what} in "
               f"{plan.out / 'labels.safetensors'}", flush=True)
     barrier()
     return gen_dir
@@ -290,10 +295,10 @@ def _prepare(cfg: GenerateConfig) -> _Plan:
     image_size = cfg.image_size or dataset_image_size(run) or backend.resolution // factor
     out = Path(cfg.out) if cfg.out else run
     settings = generation_settings(
-        prompts_hash=tensors_hash({"embeddings": prompts.embeddings}), template=prompts.template,
+        prompts_hash=prompts.content_hash(), template=prompts.template,
         model_hash=backend.model_hash, steps=cfg.steps, guidance=cfg.guidance, sampler=cfg.sampler, seed=cfg.seed,
         resolution=backend.resolution, factor=factor, image_size=image_size, dtype=cfg.dtype,
-        sampler_batch=cfg.sampler_batch, compile=cfg.compile,
+        sampler_batch=cfg.sampler_batch, compile=cfg.compile, mode_rule=MODE_RULE if prompts.has_modes else "",
         cpu_threads=threads.current() if backend.device.type == "cpu" else None,
     )
     if cfg.candidates > 1:  # another image is kept: part of what the stored set is (keys of G = 1 runs unchanged)
@@ -352,11 +357,12 @@ def _finish(plan: _Plan, cfg: GenerateConfig, gen_dir: Path, per_class: int, log
             raise RuntimeError(f"generate: image {job.index} of class {job.cls} is missing from every manifest")
         info = classes[job.cls]
         job = Job(job.cls, job.index, row["seed"])  # the chosen candidate's seed, which alone regenerates it
+        modes = _mode_fields(plan.prompts, job)
         seeds.append(job.seed)
         for p, idx in enumerate(_patch_indices(job, factor, cfg.ipc)):
             manifest.append({"class": info.folder, "class_index": job.cls, "index": idx, "image": job.index,
                              "seed": job.seed, "patch": p, "file": f"{info.folder}/{idx:05d}.png", "key": key,
-                             **{k: row[k] for k in ("candidate", "teacher_ce") if k in row}})
+                             **{k: row[k] for k in ("candidate", "teacher_ce") if k in row}, **modes})
     write_text(gen_dir / "manifest.jsonl", "".join(json.dumps(m) + "\n" for m in manifest))
     for part in gen_dir.glob(".manifest.rank*.jsonl"):
         part.unlink(missing_ok=True)
@@ -374,6 +380,14 @@ def _finish(plan: _Plan, cfg: GenerateConfig, gen_dir: Path, per_class: int, log
         tensors.update(stored)
         meta.update({"teacher": teacher.spec, "teacher_sha256": teacher.weights_sha256} | label_meta)
     save_tensors(plan.out / "labels.safetensors", tensors, meta)
+
+
+def _mode_fields(prompts: PromptSet, job: Job) -> dict:
+    """With modes, the manifest names the mode (within its class) and the prompt (row) an image was drawn from."""
+    if not prompts.has_modes:
+        return {}
+    row = prompts.row_of(job.cls, job.index)
+    return {"mode": prompts.class_rows(job.cls).index(row), "prompt": row, "token": prompts.token_names[row]}
 
 
 def _remove_unlisted(gen_dir: Path, classes, listed: set[str]) -> None:

@@ -23,6 +23,10 @@ How this run is organised, and why:
 - A checkpoint (vectors, AdamW moments, RNG state, step) is written atomically every `checkpoint_every` steps;
   rerunning the same command resumes from it bit-for-bit. A loss that turns NaN or inf stops the run (exit 3)
   before a checkpoint could store the bad state.
+- Modes (`--modes K`, DESIGN.md section 9): rank 0 splits each class's images into min(K, images) modes by seeded
+  k-means (`modes.assign_modes`, recorded in `<run>/modes.json`), and every (class, mode) becomes a row trained
+  exactly like a class above, on its members only, from the class's initializer word: groups, teams, checkpoints and
+  resume work on rows. K = 1 is the run above, bit for bit.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -38,18 +43,20 @@ from ..accounting import print_budget, prompt_bytes
 from ..artifacts import PromptSet, load_tensors, save_tensors, token_name_for
 from ..atomic import append_jsonl, read_jsonl, write_text
 from ..backends.base import PREDICTION_TYPES, DiffusionBackend, PromptLayout
+from ..backends.latent_cache import team_latent_cache
 from ..config import make_config, opt, to_dict
 from ..data import (
     MAX_IMAGE_PIXELS,
     ImageFolderIndex,
     common_image_side,
-    load_class_images,
     scan_image_folder,
     verify_images,
 )
 from ..devices import DTYPE_CHOICES, dtype_name, to_device
 from ..dist import Team, barrier, join_teams, prepared_everywhere, rank_world, span, team_schedule
 from ..errors import TrainingDiverged, UserError
+from ..models import load_teacher, penultimate_features
+from ..modes import MODE_FEATURES, MODES_FILE, ModeRows, assign_modes, check_mode_flags, read_modes
 from ..precision import LossScaler, divergence_advice
 from ..progress import progress_bar
 from ..runfolder import (
@@ -94,6 +101,12 @@ class InvertConfig:
                             "diffusers guesses; every SD 2.x file becomes the 768 px v-prediction model)")
     prediction_type: str = opt("", "sd: override the scheduler's prediction type", choices=["", *PREDICTION_TYPES])
     prompt_dtype: str = opt("fp32", "dtype of the stored prompts", choices=["fp32", "fp16", "int8"])
+    modes: int = opt(1, "prompts per class: each class's images are split into this many modes by seeded k-means and "
+                     "one token is learned per mode (1 = one prompt per class, the paper; a class with fewer images "
+                     "gets one mode per image); every stored vector counts in the budget")
+    mode_features: str = opt("latent", "what --modes clusters: the generator's latents of the images (latent) or the "
+                             "--teacher's penultimate features (teacher)", choices=list(MODE_FEATURES))
+    teacher: str = opt("", "teacher for --mode-features teacher: NAME:PATH.safetensors or a promptset teacher's PATH")
     gradient_checkpointing: bool = opt(False, "recompute the UNet's activations in the backward pass (less memory, "
                                        "about 30% more time; same result)")
     checkpoint_every: int = opt(100, "checkpoint interval in steps (a killed run loses at most this many)")
@@ -144,15 +157,13 @@ def invert(cfg: InvertConfig | None = None, **overrides) -> Path:
     plan = prepared_everywhere(_prepare, cfg)
     run, index, backend = plan.run, plan.index, plan.backend
     num_classes = index.num_classes
-    taken: set[str] = set()
-    token_names = [token_name_for(f, taken) for f in index.classes]
     folder = run / "invert"
-    groups = _groups(num_classes, plan.per_group)
+    groups = _groups(plan.num_rows, plan.per_group)  # of rows: classes, or (class, mode) pairs with --modes
     schedule = team_schedule(len(groups), world)
 
     if rank == 0:
         if plan.replaced:
-            remove_outputs(run, ["invert", "prompts.safetensors"])
+            remove_outputs(run, ["invert", "prompts.safetensors", MODES_FILE])
         # the data's own resolution: generate stores images at it and teachers see them at it (issue 17)
         write_config(run, "invert", to_dict(cfg) | {"resolution": plan.resolution,
                                                    "data_image_size": plan.data_image_size})
@@ -162,12 +173,16 @@ def invert(cfg: InvertConfig | None = None, **overrides) -> Path:
         remove_stale_tmp(run, recursive=False)
         print(f"invert: --data {cfg.data}: {num_classes} classes, {index.num_images} images; skipped "
               f"{index.skipped_hidden} hidden and {index.skipped_non_image} non-image entries", flush=True)
-        share = (f"each class {cfg.batch_size // plan.per_group} times per step"
+        row, rows = ("class", "classes") if cfg.modes == 1 else ("prompt", "prompts")
+        share = (f"each {row} {cfg.batch_size // plan.per_group} times per step"
                  if cfg.batch_size % plan.per_group == 0 else
-                 "the classes in turn, so every class gets the same number of samples over "
-                 f"{plan.per_group} steps")
-        print(f"invert: {len(groups)} group(s) of up to {plan.per_group} classes, batch {cfg.batch_size}: {share}",
+                 f"the {rows} in turn, so every {row} gets the same number of samples over {plan.per_group} steps")
+        unit = "classes" if cfg.modes == 1 else f"prompts (--modes {cfg.modes}: {plan.num_rows} prompts in all)"
+        print(f"invert: {len(groups)} group(s) of up to {plan.per_group} {unit}, batch {cfg.batch_size}: {share}",
               flush=True)
+        for c in (c for c, files in enumerate(index.files) if len(files) < cfg.modes):
+            print(f"invert: class {index.classes[c]} has {len(index.files[c])} training image(s), fewer than "
+                  f"--modes {cfg.modes}: it gets one mode per image", flush=True)
         _print_teams(schedule, world)
         words = "the class names" if not (cfg.initializer or cfg.initializers) else "the words given"
         print(f"invert: initializer words: {words}" + ("" if plan.init_notes else " (one token each)"), flush=True)
@@ -176,10 +191,16 @@ def invert(cfg: InvertConfig | None = None, **overrides) -> Path:
         if backend.dtype == torch.float16:
             print(f"invert: the model runs in fp16: the loss is scaled by {LossScaler(backend.dtype).scale:g} (halved "
                   "and the step skipped on an inf/NaN gradient), so its tiny gradients do not underflow", flush=True)
-        print_budget(prompt_bytes(num_classes, cfg.num_vectors, backend.token_dim, cfg.prompt_dtype),
+        print_budget(prompt_bytes(plan.num_rows, cfg.num_vectors, backend.token_dim, cfg.prompt_dtype, cfg.modes > 1),
                      num_classes=num_classes, image_size=select_info(run).get("image_size"),
                      title="invert: stored bytes of the distilled set")
+        if cfg.modes > 1:
+            _assign_modes(plan, cfg)
     barrier()
+    if cfg.modes > 1:  # every process trains the modes rank 0 recorded
+        plan.rows = ModeRows.from_assignment(read_modes(run / MODES_FILE, [len(f) for f in index.files]))
+    taken: set[str] = set()
+    token_names = [token_name_for(f, taken) for f in plan.rows.token_stems(index.classes)]
 
     teams = join_teams(schedule, backend.device)  # this process's team per group it works on
     for g, ranks in schedule:
@@ -197,7 +218,7 @@ def invert(cfg: InvertConfig | None = None, **overrides) -> Path:
         prompts = PromptSet(
             embeddings=torch.cat(vectors), token_names=token_names, class_folders=index.classes,
             template=cfg.template, backend=backend.kind, model_id=backend.model_id, model_hash=backend.model_hash,
-            initializers=plan.words, stored_dtype=cfg.prompt_dtype,
+            initializers=plan.words, stored_dtype=cfg.prompt_dtype, **plan.rows.prompt_fields(),
         )
         if not prompts.same_as_file(prompts_path):  # a no-op rerun keeps the file (and its mtime) as it was
             prompts.save(prompts_path)
@@ -224,6 +245,18 @@ class _Plan:
     data_image_size: int | None  # side of every (square, equal) training image; None when they differ
     rewrite_classes: bool  # classes.json is missing, lists other classes or other display names
     replaced: bool  # --overwrite replaces a different earlier inversion
+    num_rows: int  # prompts to learn: classes, or (class, mode) pairs with --modes
+    rows: ModeRows  # one per class until invert reads modes.json
+    teacher: object  # --mode-features teacher
+
+
+def _assign_modes(plan: _Plan, cfg: InvertConfig) -> None:
+    """Cluster each class's images into modes (rank 0; `modes.assign_modes` reuses a matching modes.json)."""
+    backend, teacher = plan.backend, plan.teacher
+    features = (lambda x: backend.encode_images(x)[0]) if teacher is None else partial(penultimate_features, teacher)
+    assign_modes(plan.run, plan.index, cfg.modes, features, feature=cfg.mode_features, seed=cfg.seed,
+                 resolution=plan.resolution, max_pixels=cfg.max_image_pixels,
+                 by=backend.model_hash if teacher is None else teacher.weights_sha256)
 
 
 def _prepare(cfg: InvertConfig) -> _Plan:
@@ -235,6 +268,7 @@ def _prepare(cfg: InvertConfig) -> _Plan:
     run = Path(cfg.out)
     if not cfg.model:
         raise UserError("--model is required (a diffusers folder for --backend sd, a promptset model for mini)")
+    cfg.modes = check_mode_flags(cfg.modes, cfg.mode_features, cfg.teacher)
     for name in ("steps", "batch_size", "num_vectors", "checkpoint_every", "log_every", "max_image_pixels"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
@@ -255,7 +289,8 @@ def _prepare(cfg: InvertConfig) -> _Plan:
         names = resolve_class_names(index.classes, cfg.class_names)
     rewrite_classes = not same_classes or names != [c.name for c in existing]
     num_classes = index.num_classes
-    per_group = cfg.classes_per_batch or min(num_classes, cfg.batch_size)
+    num_rows = sum(min(cfg.modes, len(f)) for f in index.files)  # (class, mode) pairs; num_classes without modes
+    per_group = cfg.classes_per_batch or min(num_rows, cfg.batch_size)
     if cfg.verify_images:
         verify_images(index, max_pixels=cfg.max_image_pixels, progress=cfg.progress and rank_world()[0] == 0)
     backend = create_backend(cfg.backend, cfg.model, device=cfg.device, dtype=cfg.dtype, model_config=cfg.model_config,
@@ -275,8 +310,12 @@ def _prepare(cfg: InvertConfig) -> _Plan:
     layout = backend.layout(cfg.template, cfg.num_vectors)
     replaced = check_run_folder(run, "invert", to_dict(cfg) | {"resolution": resolution}, overwrite=cfg.overwrite)
     data_size = common_image_side(index, max_pixels=cfg.max_image_pixels)
+    teacher = None
+    if cfg.modes > 1 and cfg.mode_features == "teacher":
+        teacher = load_teacher(cfg.teacher, num_classes=num_classes, device=backend.device,
+                               class_folders=index.classes)
     return _Plan(run, index, names, backend, words, init_notes, init_vectors, layout, resolution, per_group,
-                 data_size, rewrite_classes, replaced)
+                 data_size, rewrite_classes, replaced, num_rows, ModeRows.one_per_class(num_classes), teacher)
 
 
 def _metrics_path(folder: Path) -> Path:
@@ -292,41 +331,6 @@ def _merge_rank_metrics(folder: Path, world: int) -> None:
         (folder / f"metrics.rank{k}.jsonl").unlink(missing_ok=True)
 
 
-def _latent_cache(backend, cfg, index, classes, g, resolution, folder) -> tuple[list[torch.Tensor], list]:
-    """Per class: latent means (N, F, c, h, w) with F = 2 when mirrored copies are kept, and stds (or None)."""
-    path = folder / "latents" / f"g{g:05d}.safetensors"
-    key = {"model_hash": backend.model_hash, "resolution": str(resolution), "flip": str(cfg.flip),
-           "split_hash": index.split_hash(), "classes": ",".join(map(str, classes))}
-    if path.is_file():
-        try:
-            tensors, meta = load_tensors(path, "latent cache")
-            finite = all(torch.isfinite(t).all() for t in tensors.values())  # a NaN cache of an older run: rebuilt
-            if finite and all(meta.get(k) == v for k, v in key.items()):
-                means = [tensors[f"mean{i}"] for i in range(len(classes))]
-                stds = [tensors.get(f"std{i}") for i in range(len(classes))]
-                return means, stds
-        except UserError:
-            pass  # a stale or torn cache is simply rebuilt
-    means, stds, out = [], [], {}
-    for i, c in enumerate(classes):
-        images = load_class_images(index, c, resolution, max_pixels=cfg.max_image_pixels)  # (N, 3, R, R) in [0, 1]
-        views = [images, images.flip(-1)] if cfg.flip else [images]
-        try:
-            mean, std = backend.encode_images(torch.cat(views))  # (F*N, c, h, w); refuses NaN/inf latents
-        except TrainingDiverged as err:
-            raise type(err)(f"class {index.classes[c]} ({len(images)} training images): {err}") from None
-        n = images.shape[0]
-        mean = mean.view(len(views), n, *mean.shape[1:]).transpose(0, 1).contiguous()  # (N, F, c, h, w)
-        means.append(mean)
-        out[f"mean{i}"] = mean
-        if std is not None:
-            std = std.view(len(views), n, *std.shape[1:]).transpose(0, 1).contiguous()
-            out[f"std{i}"] = std
-        stds.append(std)
-    save_tensors(path, out, key)
-    return means, stds
-
-
 def _train_group(plan: _Plan, cfg: InvertConfig, classes: list[int], g: int, num_groups: int, folder: Path,
                  show: bool, team: Team | None = None) -> None:
     """Train the placeholder vectors of one class group; resumes from its checkpoint; writes groups/gNNNNN.
@@ -338,12 +342,14 @@ def _train_group(plan: _Plan, cfg: InvertConfig, classes: list[int], g: int, num
     backend, index, layout = plan.backend, plan.index, plan.layout
     result_path = folder / "groups" / f"g{g:05d}.safetensors"
     ckpt_path = folder / "checkpoints" / f"g{g:05d}.safetensors"
-    data_key = {"split_hash": index.split_hash(), "classes": ",".join(map(str, classes))}
+    data_key = {"split_hash": index.split_hash(), "classes": ",".join(map(str, classes))} | plan.rows.data_key()
     if _matches(result_path, data_key):  # written only after the team's last step: every member sees the same
         ckpt_path.unlink(missing_ok=True)  # a run killed between writing the result and cleaning up
         return  # finished on an earlier run
     device = backend.device
-    means, stds = _team_latent_cache(team, backend, cfg, index, classes, g, plan.resolution, folder)
+    of = plan.rows.classes_of(classes)  # the classes of the group's rows (the rows themselves without modes)
+    means, stds = team_latent_cache(team, backend, cfg, index, of, g, plan.resolution, folder)
+    means, stds = plan.rows.take(means, of, classes), plan.rows.take(stds, of, classes)  # per row: its mode's images
     counts = torch.tensor([m.shape[0] for m in means])  # (G,)
     offsets = torch.cumsum(counts, 0) - counts  # (G,) first row of each class in the flat cache
     views = means[0].shape[1]
@@ -351,7 +357,7 @@ def _train_group(plan: _Plan, cfg: InvertConfig, classes: list[int], g: int, num
     flat_stds = torch.cat(stds).to(device) if stds[0] is not None else None
     del means, stds
 
-    init = plan.init_vectors[classes].unsqueeze(1).repeat(1, cfg.num_vectors, 1)  # (G, V, D)
+    init = plan.init_vectors[[plan.rows.row_class[r] for r in classes]].unsqueeze(1).repeat(1, cfg.num_vectors, 1)
     vectors = torch.nn.Parameter(init.clone().to(device))
     optimizer = torch.optim.AdamW([vectors], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "invert", g))
@@ -422,8 +428,9 @@ def _train_group(plan: _Plan, cfg: InvertConfig, classes: list[int], g: int, num
             finite = team.all_finite(finite)
             team.all_reduce_(loss_sum)  # the per-class losses of the whole batch, as one process logs them
             team.all_reduce_(loss_n)
-            record = _metrics(vectors.detach(), init.to(device), loss_sum / loss_n.clamp_min(1), classes, index, g,
-                              done, _lr_at(step, cfg), time.perf_counter() - t0) | scaler.metrics()
+            record = _metrics(vectors.detach(), init.to(device), loss_sum / loss_n.clamp_min(1),
+                              plan.rows.labels(index.classes, classes), g, done, _lr_at(step, cfg),
+                              time.perf_counter() - t0) | scaler.metrics()
             _stop_if_diverged(finite, vectors, done, g, ckpt_path, cfg, scaler)
             if team.leader:
                 append_jsonl(_metrics_path(folder), record)
@@ -460,16 +467,6 @@ def _sum_gradient(vectors: torch.nn.Parameter, team: Team) -> None:
     if vectors.grad is None:
         vectors.grad = torch.zeros_like(vectors)
     team.all_reduce_(vectors.grad)
-
-
-def _team_latent_cache(team: Team, backend, cfg, index, classes, g, resolution, folder):
-    """`_latent_cache`, encoded once by the team's leader; the other members read the file it wrote."""
-    if team.leader:
-        cache = _latent_cache(backend, cfg, index, classes, g, resolution, folder)
-    team.barrier()
-    if not team.leader:
-        cache = _latent_cache(backend, cfg, index, classes, g, resolution, folder)  # finds the leader's file
-    return cache
 
 
 def _print_teams(schedule: list[tuple[int, tuple[int, ...]]], world: int) -> None:
@@ -513,7 +510,7 @@ def _drop_metrics_after(path: Path, g: int, step: int) -> None:
         write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def _metrics(vectors, init, class_loss, classes, index, g, step, lr, elapsed) -> dict:
+def _metrics(vectors, init, class_loss, names, g, step, lr, elapsed) -> dict:
     delta = (vectors - init).flatten(1).norm(dim=1)  # (G,)
     cosine = torch.nn.functional.cosine_similarity(vectors, init, dim=-1).mean(dim=1)  # (G,) mean over V
     return {
@@ -522,7 +519,7 @@ def _metrics(vectors, init, class_loss, classes, index, g, step, lr, elapsed) ->
         "loss": float(class_loss.mean()),
         "lr": lr,
         "seconds": round(elapsed, 3),
-        "classes": [index.classes[c] for c in classes],
+        "classes": names,
         "class_loss": [round(float(x), 6) for x in class_loss],
         "delta_norm": [round(float(x), 6) for x in delta],
         "cosine": [round(float(x), 6) for x in cosine],

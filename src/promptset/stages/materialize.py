@@ -12,7 +12,8 @@ Writes, per round r of the packed set (generate's set has one; an evaluate entry
 The generator's fingerprint is checked first (a different model is refused, naming the one expected, unless
 `--force`), the images are regenerated from the stored seeds with the stored settings, and their sha256 is compared
 with the one recorded when the set was made: on CPU at the same torch thread count they are equal bit for bit, so
-the PNGs equal generate's files byte for byte (another device, dtype or torch version is reported, not refused).
+the PNGs equal generate's files byte for byte (another device, dtype or torch version is reported, not refused). With
+modes, image i of class c is drawn from the mode the stored mode weights spread it to, as generate drew it.
 Everything is written under a temporary name and moved into place at the end: bad input, or a crash, leaves nothing.
 """
 
@@ -65,6 +66,9 @@ def materialize(cfg: MaterializeConfig | None = None, **overrides) -> dict:
               "generator": packed.meta["generator"], "model": cfg.model, "model_hash": backend.model_hash,
               "fingerprint_matches": not mismatch, "forced": bool(mismatch), "device": str(backend.device),
               "rounds": []}
+    if prompts.has_modes:  # each class's images were drawn from its modes by the stored weights (`modes.mode_of`)
+        report["modes"] = {"prompts": prompts.num_prompts, "per_class": prompts.modes_per_class(),
+                           "rule": gen.get("mode_rule")}
     with staged_dir(out) as tmp:
         for r in range(packed.rounds):
             seeds = packed.tensors["seeds"][r].tolist()

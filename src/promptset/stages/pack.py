@@ -46,6 +46,9 @@ def pack(cfg: PackConfig | None = None, **overrides) -> Path:
     stored = info["stored"]
     lines = [f"pack: wrote {out} ({fmt_bytes(out.stat().st_size)} on disk; {info['generation']['rounds']} round(s) "
              f"of {info['generation']['ipc']} images per class, {len(info['classes'])} classes)"]
+    if "mode_rule" in info["prompts"]:  # several prompts per class: their classes and weights travel with them
+        lines.append(f"  modes: {len(json.loads(info['prompts']['token_names']))} prompts for {len(info['classes'])} "
+                     f"classes, each class's images spread over its modes by rule {info['prompts']['mode_rule']!r}")
     for name, n in stored["bytes"].items():
         packed = fmt_bytes(stored["compressed"][name])
         lines.append(f"  {name:<22} {fmt_bytes(n):>10}   {stored['compressor']} {packed}")
