@@ -156,6 +156,7 @@ def test_materialize_refuses_a_full_folder_and_another_model_unless_forced(world
     report = promptset.materialize(file=str(packed), model=str(other), out=str(out), force=True, device="cpu",
                                    progress=False)
     assert report["forced"] and not report["fingerprint_matches"] and not report["rounds"][0]["equal"]
+    assert report["differences"][0].startswith("model: --force")
 
 
 def test_pack_refuses_what_it_cannot_pack(world, tmp_path, capsys):
@@ -165,3 +166,51 @@ def test_pack_refuses_what_it_cannot_pack(world, tmp_path, capsys):
     assert world.key in capsys.readouterr().err  # the error lists the entries it could pack
     assert main(["pack", "--run", str(world.run), str(tmp_path / "y")]) == 2  # RUN given twice, differently
     assert not list(tmp_path.iterdir())
+
+
+def test_materialize_replays_the_thread_count_beside_a_busy_process(world, tmp_path):
+    """The set was made at one thread (the tests' count); materialize in a fresh process with the machine's default
+    count, while another process keeps a core busy, replays the recorded count and gets the set's images."""
+    import os
+    import subprocess
+    import sys
+
+    packed = tmp_path / "set.safetensors"
+    promptset.pack(run=str(world.run), out=str(packed))
+    assert read_pack(packed).meta["generation"]["cpu_threads"] == 1
+    file, model = _fresh(tmp_path, packed, world.sd)
+    out = file.parent / "data"
+    env = {k: v for k, v in os.environ.items() if k not in ("PROMPTSET_THREADS", "OMP_NUM_THREADS")}
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        done = subprocess.run([sys.executable, "-m", "promptset", "materialize", str(file), "--model", str(model),
+                               "--out", str(out), "--device", "cpu", "--no-progress"], env=env, capture_output=True,
+                              text=True, check=True)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert "bit for bit equal" in done.stdout
+    report = json.loads((out / "materialize.json").read_text())
+    assert report["rounds"][0]["equal"] and report["rounds"][0]["images_differing"] == 0
+    assert report["regenerated_with"]["cpu_threads"] == 1 and report["differences"] == []
+
+
+def test_materialize_says_how_far_and_why_images_differ(world, tmp_path, capsys):
+    """Another dtype: the report names it, counts the differing images, and measures the difference against the set's
+    own images (--reference)."""
+    packed = tmp_path / "set.safetensors"
+    promptset.pack(run=str(world.run), out=str(packed))
+    out = tmp_path / "bf16"
+    assert main(["materialize", str(packed), "--model", str(world.sd), "--out", str(out), "--device", "cpu",
+                 "--dtype", "bf16", "--reference", str(world.run / "generated"), "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    report = json.loads((out / "materialize.json").read_text())
+    r = report["rounds"][0]
+    assert not r["equal"] and report["differences"] == ["dtype: made in fp32, regenerated in bf16 (--dtype)"]
+    assert 0 < r["images_differing"] <= len(CLASSES) * IPC and r["reference_images_differing"] == r["images_differing"]
+    assert r["max_level_difference"] >= 1 and 0 < r["pixels_differing"] <= 1
+    assert f"{r['images_differing']} of {len(CLASSES) * IPC} images differ" in said and "dtype: made in fp32" in said
+    assert f"by at most {r['max_level_difference']} uint8 level" in said
+    code = main(["materialize", str(packed), "--model", str(world.sd), "--out", str(tmp_path / "x"), "--device", "cpu",
+                 "--reference", str(tmp_path / "nowhere")])
+    assert code == 2 and "--reference" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -160,6 +160,23 @@ def images_sha256(images: torch.Tensor) -> str:
     return sha256_bytes(f"{tuple(x.shape)}\n".encode() + x.numpy().tobytes())
 
 
+def image_digests(images: torch.Tensor) -> str:
+    """One short hash per uint8 image (N, 3, S, S), 8 hex characters each, concatenated: which images of a set differ
+    when the set's hash does not match (`materialize`)."""
+    x = images.detach().contiguous().cpu()
+    if x.dtype != torch.uint8:
+        raise ValueError(f"image_digests takes uint8 images, got {x.dtype}")
+    return "".join(hashlib.sha256(image.numpy().tobytes()).hexdigest()[:8] for image in x)
+
+
+def made_with(device: torch.device | str) -> dict:
+    """Where a set's images were made, beyond the generation settings: what `materialize` compares when the images it
+    regenerates differ (the CPU model, torch version and device can each change the last bits)."""
+    from .devices import device_name
+
+    return {"device": device_name(torch.device(device)), "torch": torch.__version__}
+
+
 def metadata_hash(metadata: dict[str, str]) -> str:
     """sha256 over the metadata strings (except the hashes themselves), so an edited template or model id shows."""
     body = {k: v for k, v in metadata.items() if k not in _HASH_KEYS}

@@ -12,6 +12,8 @@ ahead and queue the next step. The caching host allocator keeps the pinned buffe
 from __future__ import annotations
 
 import os
+import platform
+from pathlib import Path
 
 import torch
 
@@ -98,3 +100,19 @@ def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     if device.type != "cuda" or x.device.type != "cpu":
         return x.to(device)
     return x.pin_memory().to(device, non_blocking=True)
+
+
+def device_name(device: torch.device) -> str:
+    """The device with its model, e.g. `cuda:0 (NVIDIA H200)` or `cpu (AMD EPYC 7B13)`: students trained on other
+    processors differ in the last bits, so every entry says which one it ran on."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    model = ""
+    if device.type == "cpu":
+        try:
+            model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                          if line.lower().startswith("model name")), "")  # fmt: skip
+        except OSError:
+            pass
+        model = model or platform.processor() or platform.machine()
+    return f"{device} ({model})" if model else str(device)

@@ -80,7 +80,7 @@ def read_pack(path: str | Path, flag: str = "FILE") -> PackedSet:
     if missing:
         raise UserError(f"{what} lacks {missing}; pack the run again")
     meta = dict(raw)
-    for key in (*REQUIRED, "stored", "source"):
+    for key in (*REQUIRED, "stored", "source", "image_digests", "made_with"):
         if key in raw:
             try:
                 meta[key] = json.loads(raw[key])

@@ -20,7 +20,7 @@ import torch
 
 from .. import threads
 from ..accounting import SEED_BYTES, check_stored_bytes, class_list_bytes, compressed_size, tensor_data
-from ..artifacts import PromptSet, images_sha256, load_tensors, save_tensors, sha256_bytes
+from ..artifacts import PromptSet, image_digests, images_sha256, load_tensors, made_with, save_tensors, sha256_bytes
 from ..atomic import read_jsonl
 from ..backends import sampling
 from ..backends.sampling import Job, PromptConditioner, TextConditioner, class_prompts, generation_settings, jobs_for
@@ -260,7 +260,7 @@ def build_generative(ctx: Context, method: str) -> Distilled:
         if images is None:
             images, jobs = _generate_round(ctx, method, stage, conditioning, jobs, cache_stats)  # (C*K, 3, S, S)
             _remember_round(memo, images, jobs)
-        hashes.append(images_sha256(images))
+        hashes.append((images_sha256(images), image_digests(images)))  # the round's, and each image's
         images = images.to(ctx.device)
         if ctx.teacher is not None and (ctx.needs_soft or ctx.teacher.image_size):  # only at the size it expects
             round_logits = shared_teacher_logits(ctx.teacher, images, c).cpu()  # (C*K, C) fp32
@@ -416,9 +416,9 @@ def _remember_round(key: str, images: torch.Tensor, jobs: list) -> None:
 
 
 def _write_labels(ctx: Context, method: str, tensors: dict[str, torch.Tensor], label_meta: dict[str, str],
-                  hashes: list[str]) -> str:
+                  hashes: list[tuple[str, str]]) -> str:
     """Store the seeds (and P1 soft labels, encoded) of every round in `<run>/eval/labels/`, as the budget counts
-    them, with the sha256 of every round's images (what materialize compares its images with)."""
+    them, with the sha256 of every round's images and a short hash of each image (what materialize compares)."""
     teacher = getattr(ctx.teacher, "weights_sha256", "none") if ctx.needs_soft else "onehot"
     codec = str(label_codec(ctx)) if ctx.needs_soft else "none"
     # one file per distinct stored set: the name hashes everything that changes its tensors
@@ -438,8 +438,8 @@ def _write_labels(ctx: Context, method: str, tensors: dict[str, torch.Tensor], l
         "teacher": getattr(ctx.teacher, "spec", "none") if ctx.needs_soft else "none",
         "teacher_sha256": teacher if ctx.needs_soft else "none",
         "seed_stages": "round 0: 'generate', round r: 'eval-round{r}'",
-        "image_sha256": json.dumps(hashes),
-        **label_meta,
+        "image_sha256": json.dumps([h for h, _ in hashes]), "image_digests": json.dumps([d for _, d in hashes]),
+        "made_with": json.dumps(made_with(ctx.device)), **label_meta,
     }
     if method == "d3m":  # everything that changes a pixel, as generate records it: what `pack` needs
         prompts = PromptSet.load(ctx.run / "prompts.safetensors")

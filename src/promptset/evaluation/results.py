@@ -12,12 +12,12 @@ import platform
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .. import __version__
 from ..accounting import COMPRESSOR, fmt_bytes
 from ..atomic import atomic_path, write_text
 from ..config import to_dict
+from ..devices import device_name
 from ..errors import UserError
 from .coverage import read_result as read_coverage
 from .coverage import report_section
@@ -94,22 +94,6 @@ def versions() -> dict:
         except PackageNotFoundError:
             out[pkg] = None
     return out
-
-
-def device_name(device: torch.device) -> str:
-    """The device with its model, e.g. `cuda:0 (NVIDIA H200)` or `cpu (AMD EPYC 7B13)`: students trained on other
-    processors differ in the last bits, so every entry says which one it ran on."""
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    model = ""
-    if device.type == "cpu":
-        try:
-            model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                          if line.lower().startswith("model name")), "")  # fmt: skip
-        except OSError:
-            pass
-        model = model or platform.processor() or platform.machine()
-    return f"{device} ({model})" if model else str(device)
 
 
 def mean_std(values: list[float]) -> dict:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .. import threads
-from ..artifacts import PromptSet, images_sha256, save_tensors
+from ..artifacts import PromptSet, image_digests, images_sha256, made_with, save_tensors
 from ..atomic import BackgroundWriter, append_jsonl, read_jsonl, save_image, write_text
 from ..backends import sampling
 from ..backends.base import PREDICTION_TYPES
@@ -374,7 +374,9 @@ def _finish(plan: _Plan, cfg: GenerateConfig, gen_dir: Path, per_class: int, log
             "image_size": str(image_size), "class_folders": json.dumps([c.folder for c in classes]),
             "generation_key": key, "generation": json.dumps(plan.settings, sort_keys=True)}
     tensors = {"seeds": torch.tensor(seeds, dtype=torch.int32)}  # (N,)
-    meta["image_sha256"] = json.dumps([images_sha256(_stored_patches(gen_dir, manifest))])  # what materialize checks
+    saved = _stored_patches(gen_dir, manifest)  # what materialize checks: the set's hash, each image's, the machine
+    meta.update(image_sha256=json.dumps([images_sha256(saved)]), image_digests=json.dumps([image_digests(saved)]),
+                made_with=json.dumps(made_with(plan.backend.device)))
     if cfg.soft_labels:
         stored, label_meta = encode_labels(logits, parse_codec(cfg.label_codec, len(classes)))
         tensors.update(stored)

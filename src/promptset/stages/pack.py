@@ -94,6 +94,7 @@ def _prepare(cfg: PackConfig) -> tuple[Path, dict, dict, dict]:
         "teacher": source["teacher"],
         "evaluation": source["evaluation"],
         "image_sha256": source["image_sha256"],
+        **{k: source[k] for k in ("image_digests", "made_with") if k in source},
         "source": source["source"],
         "stored": {"bytes": {k: len(b"".join(v)) for k, v in components.items()}, "compressor": COMPRESSOR,
                    "compressed": {k: compressed_size(v) for k, v in components.items()}},
@@ -135,7 +136,7 @@ def _from_generate(run: Path, classes: list[ClassInfo]) -> dict:
     return {"seeds": seeds, "labels": labels, "label_meta": label_meta, "generation": generation,
             "teacher": _teacher(meta), "image_sha256": json.loads(meta["image_sha256"]),
             "evaluation": _measured(run, seeds, labels, json.loads(meta["image_sha256"])),
-            "source": "generate"}
+            "source": "generate", **_made(meta)}
 
 
 def _from_entry(run: Path, classes: list[ClassInfo], key: str) -> dict:
@@ -162,7 +163,12 @@ def _from_entry(run: Path, classes: list[ClassInfo], key: str) -> dict:
                   "seed_stages": ["generate", *[f"eval-round{r}" for r in range(1, rounds)]]}
     return {"seeds": tensors["seeds"], "labels": labels, "label_meta": label_meta, "generation": generation,
             "teacher": _teacher(meta), "image_sha256": json.loads(meta["image_sha256"]),
-            "evaluation": _evaluation(key, entry), "source": f"evaluate entry {key}"}
+            "evaluation": _evaluation(key, entry), "source": f"evaluate entry {key}", **_made(meta)}
+
+
+def _made(meta: dict) -> dict:
+    """Each image's short hash and where the images were made (files from before promptset recorded them: none)."""
+    return {k: json.loads(meta[k]) for k in ("image_digests", "made_with") if k in meta}
 
 
 def _evaluation(key: str, entry: dict) -> dict:
