@@ -61,11 +61,13 @@ def steps_for(prompts: int) -> int:
 
 
 def stage_section(run: Path, stage: str) -> dict:
+    """The options a stage recorded in the world run's config.yaml (only its config's fields: it also records derived
+    values such as invert's data_image_size)."""
+    from promptset.pipeline import stage as stage_verb
     from promptset.runfolder import stage_config
 
-    section = dict(stage_config(run, stage))
-    section.pop("progress", None)
-    return section
+    fields = stage_verb(stage)[0].__dataclass_fields__
+    return {k: v for k, v in stage_config(run, stage).items() if k in fields and k != "progress"}
 
 
 def modes_run(world: Path, root: Path, k: int, feature: str, teacher: str, progress: bool) -> Path:
@@ -73,12 +75,6 @@ def modes_run(world: Path, root: Path, k: int, feature: str, teacher: str, progr
     if k == 1:
         return world
     run = root / f"k{k}-{feature}"
-    run.mkdir(parents=True, exist_ok=True)
-    for name in ("select.json",):
-        if not (run / name).is_file():
-            shutil.copyfile(world / name, run / name)
-    if not (run / "collages").exists():
-        os.symlink(world / "collages", run / "collages")
     inv = stage_section(world, "invert")
     classes = len(json.loads((world / "classes.json").read_text()))
     inv.update(out=str(run), data=str(world / "collages"), modes=k, mode_features=feature,
@@ -88,6 +84,10 @@ def modes_run(world: Path, root: Path, k: int, feature: str, teacher: str, progr
     t = time.time()
     promptset.invert(progress=progress, **inv)
     say(f"invert K={k} ({feature}): {time.time() - t:.0f} s")
+    if not (run / "select.json").is_file():  # the world's selection, so the run reads as one (factor, collages)
+        shutil.copyfile(world / "select.json", run / "select.json")
+    if not (run / "collages").exists():
+        os.symlink(world / "collages", run / "collages")
     return run
 
 
