@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true", help="print the work, stored bytes, FLOPs and estimated time of "
                    "every stage, then stop: nothing is trained, generated or written, and no weights are needed")
     p.add_argument("--plan-device", default="", metavar="NAME", help="with --plan: estimate the time on this GPU "
-                   "from its peak dense FLOP/s at --plan-utilization (h100, h200, a100, l40s, l4, a10g, rtx4090, "
+                   "from its peak dense FLOP/s at --plan-utilization (h100, h200, a100, l40s, l4, a10, rtx4090, "
                    "v100, t4), or on 'cpu' from a rate measured here (default: the device at hand)")
     p.add_argument("--plan-utilization", type=float, default=0.4, metavar="U",
                    help="with --plan-device GPU: the fraction of peak FLOP/s assumed (default: 0.4)")
