@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 
 from . import __version__
 from .config import add_arguments, load_yaml, resolve
@@ -53,19 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", help=f"YAML file of options (its '{name}:' section, or top level)")
         add_arguments(p, cls)
-    p = sub.add_parser("run", help="all stages from one config file (a recipe), or --plan its cost",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, description=(
+    intro = textwrap.fill(
         "Run the stages named in a YAML config, in order: " + ", ".join(STAGE_ORDER) + ". Each stage reads its own "
         "section (a list of sections runs that stage once per item, e.g. evaluate once per protocol); a top-level "
         "'run:' fills the run folder of every stage. A top-level 'paths:' block names the inputs once (data, "
         "model, teacher); any string in a section refers to one as ${name}. Override any value with --set, "
-        "repeated:\n"
-        "  --set paths.NAME=VALUE      a path variable (e.g. --set paths.model=/models/stable-diffusion-v1-5)\n"
-        "  --set SECTION.OPTION=VALUE  an option of a stage section, in every item of a list section\n"
-        "                              (e.g. --set invert.steps=100 --set evaluate.seeds=1)\n"
+        "repeated:", 79)
+    p = sub.add_parser("run", help="all stages from one config file (a recipe), or --plan its cost",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=(
+        intro + "\n"
+        "  --set paths.NAME=VALUE      a path variable (--set paths.model=/models/sd-v1-5)\n"
+        "  --set SECTION.OPTION=VALUE  an option of a stage section, in every item of a\n"
+        "                              list section (--set evaluate.seeds=1)\n"
         "  --set run=DIR               the run folder (as --run)\n"
-        "Precedence: the stage's defaults < the file < --set. The recipes of the paper's settings are in "
-        "recipes/ (recipes/README.md)."))
+        + textwrap.fill("Precedence: the stage's defaults < the file < --set. Relative paths are relative to the "
+                        "current directory. The recipes of the paper's settings are in recipes/ "
+                        "(recipes/README.md).", 79)))
     p.add_argument("--config", required=True, help="YAML file with one section per stage (e.g. "
                    "recipes/cifar10-sd15.yaml)")
     p.add_argument("--run", help="run folder (overrides the file's 'run:')")

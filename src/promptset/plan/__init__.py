@@ -141,8 +141,22 @@ class _Planner:
         self._invert_stage()
         self._generate_stage()
         self._evaluate_stage()
+        from ..accounting import fmt_bytes
         from .stored import stored_bytes
 
+        held = getattr(self, "held_bytes", 0)
+        if held:
+            room = ""
+            if self.named and held > GPU_PEAKS[self.device_name]["memory_gb"] * 1e9:
+                room = f": more than the {GPU_PEAKS[self.device_name]['memory_gb']} GB of the {self.device_name}"
+            self.notes.append(f"evaluate keeps every round's images on the device while a student trains: up to "
+                              f"{fmt_bytes(held)} ({self.held_what}){room}")
+        self.notes.append("not counted: reading and decoding images, writing files, Python start-up; one process "
+                          "(under torchrun the stages share their work over the processes)")
+        if self.named:
+            self.notes.append("on a named GPU every time is FLOPs at the stated share of its peak: small networks at "
+                              "small batches (ConvNet students, teachers) reach far less, so those lines are lower "
+                              "bounds; --plan on the GPU itself times them there")
         rates = self.rates
         lines = [{"stage": w.stage, "text": w.text, "flops": w.flops, "seconds": w.seconds(rates),
                   "measured": w.op.timing is not None, "calls": w.calls, "samples": w.samples, "group": w.group,

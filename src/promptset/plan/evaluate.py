@@ -124,6 +124,10 @@ def evaluate_work(p) -> None:
                        e.seeds * tests * p.data.test, group(method), {"test images": e.seeds * tests * p.data.test})
         if loaded:
             p._add("evaluate", f"{label}: load the generator", p.ops["load"], 1, 0)
+        if any(m.partition("@")[0] in GENERATIVE for m in methods):
+            held = rounds * c * max(ipcs) * 3 * size * size  # uint8 patches of every round, on the device
+            p.held_bytes = max(getattr(p, "held_bytes", 0), held)
+            p.held_what = f"{rounds} round(s) x {c:,} classes x {max(ipcs)} images at {size} px"
 
 
 def _every(e) -> int:

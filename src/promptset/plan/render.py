@@ -38,15 +38,16 @@ def render(plan: dict) -> str:
         f"{fmt_flops(f['vae_decode'])}) {fmt_flops(f['generated_image'])}",
         f"time on {plan['timing']}",
         "",
-        f"{'stage':<9} {'FLOPs':>12} {'time (est.)':>16}  {'from':<6} work",
+        f"{'stage':<9} {'FLOPs':>12} {'time (est.)':>24}  {'from':<6} work   (from: timed = calls timed on this "
+        "device; FLOPs = FLOPs / the rate above)",
     ]
     for x in _grouped(plan["lines"]):
         lines.append(f"{x['stage']:<9} {fmt_flops(x['flops']) if x['flops'] else '-':>12} "
-                     f"{fmt_time(x['seconds']):>16}  {x['from']:<6} {x['text']}")
+                     f"{fmt_time(x['seconds']):>24}  {x['from']:<6} {x['text']}")
     per_stage: dict[str, float] = {}
     for x in plan["lines"]:
         per_stage[x["stage"]] = per_stage.get(x["stage"], 0.0) + x["seconds"]
-    lines.append(f"{'total':<9} {fmt_flops(plan['total_flops']):>12} {fmt_time(plan['total_seconds']):>16}  "
+    lines.append(f"{'total':<9} {fmt_flops(plan['total_flops']):>12} {fmt_time(plan['total_seconds']):>24}  "
                  "(" + ", ".join(f"{k} {fmt_time(v)}" for k, v in per_stage.items()) + ")")
     b = plan["bytes"]
     if b["rows"]:
