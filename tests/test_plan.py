@@ -67,3 +67,21 @@ def test_plan_refuses_what_it_cannot_count(tmp_path, capsys):
     assert "nowhere is not on this machine" in err and "no 'dataset:' block" in err
     assert main(["run", "--config", str(IMAGENET1K), "--plan-device", "h100"]) == 2
     assert "--plan-device is a --plan option" in capsys.readouterr().err
+
+
+def test_plan_times_calls_on_the_device_at_hand_when_the_model_folder_is_here(tiny_sd, tmp_path, one_thread):
+    """With the model folder here and cheap calls, the generator's, teacher's and students' calls are timed on this
+    CPU (the estimate benchmarks/plan_check.py compares with a measured run) and the model's load is counted."""
+    from test_pipeline import write_toy_data
+    from test_recipes import scale_down
+
+    data = write_toy_data(tmp_path / "data")
+    sets = scale_down(data, tiny_sd, tmp_path / "out")[1::2]
+    plan = make_plan(str(REPO / "recipes" / "cifar10-sd15.yaml"), sets=sets, device="cpu")
+    assert "cpu" in plan["timing"] and "measured here" in plan["timing"]
+    assert any(n.startswith(f"generator times: measured on {tiny_sd}") for n in plan["notes"])
+    by_text = {x["text"]: x for x in plan["lines"]}
+    assert {x["stage"] for x in plan["lines"] if x["text"] == "load the generator"} == {"invert", "generate"}
+    assert all(x["measured"] and x["seconds"] > 0 for x in plan["lines"]), [t for t, x in by_text.items()
+                                                                            if not x["measured"]]
+    assert not (tmp_path / "out").exists()
