@@ -2,7 +2,7 @@
 
 Per stage it counts the work exactly as the stages will do it (images the teacher scores, inversion steps x batch,
 images generated per round x rounds x candidates padded to the sampler's micro-batch, student steps = epochs x
-ceil(images / batch) x seeds x methods x IPCs x protocols), every network's FLOPs on the meta device (`plan_ops`),
+ceil(images / batch) x seeds x methods x IPCs x protocols), every network's FLOPs on the meta device (`ops.py`),
 the stored bytes per IPC of every method (`Method.planned_bytes`, `labelcodec.planned_bytes`: array bytes, and after
 zlib estimated on same-shape stand-ins), and the time: on the device at hand from calls timed there (when the model
 folder is here and a call is cheap) or from its measured FLOP rate, or on a named GPU from its peak at a stated
