@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 
 from . import __version__
 from .config import add_arguments, load_yaml, resolve
@@ -54,11 +55,34 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", help=f"YAML file of options (its '{name}:' section, or top level)")
         add_arguments(p, cls)
-    p = sub.add_parser("run", help="all stages from one config file", description=(
-        "Run the stages named in a YAML config, in order: " + ", ".join(STAGE_ORDER) +
-        ". Each stage reads its own section; a top-level 'run:' fills the run folder of every stage."))
-    p.add_argument("--config", required=True, help="YAML file with one section per stage")
+    intro = textwrap.fill(
+        "Run the stages named in a YAML config, in order: " + ", ".join(STAGE_ORDER) + ". Each stage reads its own "
+        "section (a list of sections runs that stage once per item, e.g. evaluate once per protocol); a top-level "
+        "'run:' fills the run folder of every stage. A top-level 'paths:' block names the inputs once (data, "
+        "model, teacher); any string in a section refers to one as ${name}. Override any value with --set, "
+        "repeated:", 79)
+    p = sub.add_parser("run", help="all stages from one config file (a recipe), or --plan its cost",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=(
+        intro + "\n"
+        "  --set paths.NAME=VALUE      a path variable (--set paths.model=/models/sd-v1-5)\n"
+        "  --set SECTION.OPTION=VALUE  an option of a stage section, in every item of a\n"
+        "                              list section (--set evaluate.seeds=1)\n"
+        "  --set run=DIR               the run folder (as --run)\n"
+        + textwrap.fill("Precedence: the stage's defaults < the file < --set. Relative paths are relative to the "
+                        "current directory. The recipes of the paper's settings are in recipes/ "
+                        "(recipes/README.md).", 79)))
+    p.add_argument("--config", required=True, help="YAML file with one section per stage (e.g. "
+                   "recipes/cifar10-sd15.yaml)")
     p.add_argument("--run", help="run folder (overrides the file's 'run:')")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of the file: paths.NAME=VALUE, SECTION.OPTION=VALUE or run=DIR (repeat)")
+    p.add_argument("--plan", action="store_true", help="print the work, stored bytes, FLOPs and estimated time of "
+                   "every stage, then stop: nothing is trained, generated or written, and no weights are needed")
+    p.add_argument("--plan-device", default="", metavar="NAME", help="with --plan: estimate the time on this GPU "
+                   "from its peak dense FLOP/s at --plan-utilization (h100, h200, a100, l40s, l4, a10, rtx4090, "
+                   "v100, t4), or on 'cpu' from a rate measured here (default: the device at hand)")
+    p.add_argument("--plan-utilization", type=float, default=0.4, metavar="U",
+                   help="with --plan-device GPU: the fraction of peak FLOP/s assumed (default: 0.4)")
     return parser
 
 
@@ -75,7 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from .pipeline import run_all
 
-            run_all(args.config, args.run)
+            if args.plan:
+                from .plan import print_plan
+
+                print_plan(args.config, args.run, args.sets, device=args.plan_device,
+                           utilization=args.plan_utilization)
+            elif args.plan_device:
+                raise UserError("--plan-device is a --plan option; add --plan (nothing runs then)")
+            else:
+                run_all(args.config, args.run, args.sets)
             return 0
         cls, fn = _load(args.command)
         flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}

@@ -21,11 +21,11 @@ import numpy as np
 from PIL import Image
 
 from .atomic import write_json
-from .config import load_yaml, make_config, opt, resolve, to_dict
+from .config import make_config, opt, resolve, to_dict
 from .errors import UserError
 
 # the stages `run` chains, in order; each reads its own section of the config file
-STAGE_ORDER = ["select", "invert", "generate", "budget", "evaluate", "report"]
+STAGE_ORDER = ["teacher", "select", "invert", "generate", "budget", "evaluate", "report"]
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -212,28 +212,76 @@ def stage(name: str) -> tuple[type, object]:
     return getattr(module, f"{name.capitalize()}Config"), getattr(module, name)
 
 
-def run_all(config_path: str, run: str | None) -> None:
-    """Run the stages the config file has sections for, in `STAGE_ORDER`, all in run folder `run`."""
-    data = load_yaml(config_path)
-    run = run or data.get("run")
-    if not run:
-        raise UserError(f"--config {config_path}: give the run folder as a top-level 'run:' or pass --run")
-    stages = [s for s in STAGE_ORDER if s in data]
-    unknown = [k for k in data if k not in STAGE_ORDER and k != "run"]
-    if unknown:
-        raise UserError(f"--config {config_path}: unknown sections {unknown}; known: {STAGE_ORDER}")
+def resolved_sections(recipe: dict, config_path: str, run: str | None) -> list[tuple[str, object, str]]:
+    """Every stage run of a loaded recipe (`runconfig.load_recipe`), in `STAGE_ORDER`, as (stage, resolved config,
+    source label); an unknown option anywhere is refused here, before any stage runs."""
+    stages = recipe["stages"]
+    run = run or recipe["run"]
     if not stages:
         raise UserError(f"--config {config_path}: no stage sections ({', '.join(STAGE_ORDER)})")
-    for name in stages:
-        cls, fn = stage(name)
-        section = dict(data[name] or {})
+    if not run and any(name != "teacher" for name in stages):
+        raise UserError(f"--config {config_path}: give the run folder as a top-level 'run:' or pass --run")
+    out = []
+    for name, items in stages.items():
+        cls, _ = stage(name)
         fields = cls.__dataclass_fields__
-        for key in ("out", "run"):
-            if key in fields and key not in section and not (name == "generate" and key == "out"):
-                section[key] = run
-        if name == "report":
-            section.setdefault("runs", run)
-        if name == "evaluate" and "report" in stages:
-            section.setdefault("report", False)  # the report section draws it once, after evaluate
-        print(f"== promptset run: {name} ==", flush=True)
-        fn(resolve(cls, section, {}, source=f"--config {config_path} [{name}]"))
+        for i, item in enumerate(items):
+            section = dict(item)
+            for key in ("out", "run"):  # teacher's out is its file; generate's out defaults to the run folder
+                skip = name == "teacher" or (name == "generate" and key == "out")
+                if key in fields and key not in section and not skip:
+                    section[key] = run
+            if name == "report":
+                section.setdefault("runs", run)
+            if name == "evaluate" and "report" in stages:
+                section.setdefault("report", False)  # the report section draws it once, after evaluate
+            source = f"--config {config_path} [{name}]" + (f"[{i}]" if len(items) > 1 else "")
+            out.append((name, resolve(cls, section, {}, source=source), source))
+    return out
+
+
+def run_all(config_path: str, run: str | None, sets: list[str] | None = None) -> None:
+    """Run the stages the config file has sections for, in `STAGE_ORDER`, all in run folder `run`; `sets` are
+    `--set KEY=VALUE` overrides (see `runconfig`). Every section is resolved and every input folder checked first."""
+    from .runconfig import check_inputs, load_recipe
+
+    recipe = load_recipe(config_path, sets, STAGE_ORDER)
+    runs = resolved_sections(recipe, config_path, run)
+    check_inputs(recipe["stages"])
+    for k, (name, cfg, source) in enumerate(runs):
+        print(f"== promptset run: {name} ({k + 1} of {len(runs)}) ==", flush=True)
+        try:
+            if name == "teacher":
+                teacher_step(cfg, source)
+            else:
+                stage(name)[1](cfg)
+        except UserError as err:
+            raise UserError(f"{source}: {err}") from None
+
+
+def teacher_step(cfg, source: str) -> None:
+    """`teacher:` in a recipe: its `out` is the teacher every later stage uses. A bare PATH is trained with
+    `promptset teacher` when missing (a file it made with these options is reused); `NAME[@SIZE]:PATH` names an
+    existing teacher (e.g. an ImageNet-pretrained ResNet-18), which is used as given and not trained."""
+    from .models.teachers import TEACHER_FORMAT, read_teacher_metadata
+
+    spec = str(cfg.out or "").strip()
+    if not spec:
+        raise UserError("'out:' is required: the teacher file to train, or NAME@SIZE:PATH of an existing one "
+                        "(in a recipe: out: ${teacher})")
+    named = ":" in spec and not Path(spec).expanduser().is_file()
+    path = Path(spec.partition(":")[2].strip() if named else spec).expanduser()
+    if named:
+        if not path.is_file():
+            raise UserError(f"teacher {spec}: {path} does not exist. Pass the weights file of that network "
+                            "(safetensors), or a bare PATH to train one here (--set paths.teacher=FILE.safetensors)")
+        print(f"teacher: using {spec} as given (an existing teacher; this section's training options are not "
+              "used)", flush=True)
+        return
+    if path.is_file() and read_teacher_metadata(path).get("format") != TEACHER_FORMAT:
+        raise UserError(f"teacher {path} exists but was not made by `promptset teacher`, so its architecture and "
+                        f"input size are unknown: name them, --set paths.teacher=NAME@SIZE:{path} (e.g. "
+                        f"resnet18@224:{path} for torchvision's ResNet-18 weights)")
+    from .stages.teacher import teacher
+
+    teacher(cfg)

@@ -125,6 +125,7 @@ class Context:
     needs_soft: bool  # P1: the teacher's logits are stored with every sample
     rounds: int
     train: RealFolder | None = None  # --train, for random-real and full
+    planned_prompt_bytes: int | None = None  # d3m's prompt bytes before prompts.safetensors exists (run --plan)
     _backend: object = None
 
     @property
@@ -214,8 +215,9 @@ def plan_generative(ctx: Context, method: str) -> dict[str, int]:
     """Stored bytes of d3m / class-prompt, known before any image is generated."""
     c, per_class = ctx.num_classes, math.ceil(ctx.ipc / ctx.factor**2)
     if method == "d3m":
+        stored = ctx.planned_prompt_bytes
         parts = {
-            "prompts": PromptSet.load(ctx.run / "prompts.safetensors").stored_bytes(),
+            "prompts": PromptSet.load(ctx.run / "prompts.safetensors").stored_bytes() if stored is None else stored,
             "class_list": class_list_bytes([x.folder for x in ctx.classes]),
         }
     else:
