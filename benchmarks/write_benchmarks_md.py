@@ -681,36 +681,62 @@ def demo_section(demo_path: Path) -> list[str]:
 
 
 def busy_machine_section() -> list[str]:
-    """From `results/busy_machine.json` (busy_machine.py): the demo idle and beside a busy loop."""
+    """From `results/thread_candidates.json` and `results/busy_machine.json`: bits and speed on a busy machine."""
+    head = ["## Bits and speed on a busy machine", ""]
+    lines = list(head)
+    cand = _load("thread_candidates.json")
+    if cand is None:
+        lines += ["Candidates not measured yet: `python benchmarks/thread_candidates.py`.", ""]
+    else:
+        lines += [
+            f"`python benchmarks/thread_candidates.py` on {cand['cpu']} ({cand['cores']} cores): {cand['workload']}, "
+            f"a fresh process per run, median of {cand['repeats']}, idle and beside one `while True: pass` process. "
+            "*same bits*: the prompts and every PNG hash the same idle and busy. *adaptive* is what promptset did "
+            "before (threads for the idle cores: 2 idle, 1 beside a busy process).",
+            "",
+            "| candidate | idle s | busy s | busy / idle | same bits idle and busy |",
+            "|---|---|---|---|---|",
+        ]
+        for name, r in cand["summary"].items():
+            lines.append(f"| {name} | {r['idle_s']:.1f} | {r['busy_s']:.1f} | {r['busy_over_idle']:.2f}x | "
+                         f"{'yes' if r['same_bits_idle_and_busy'] else 'no'} |")
+        lines += ["", "promptset now runs `2 passive`: one fixed count per process (torch's default, recorded), and "
+                  "`import promptset` sets OMP_WAIT_POLICY=passive before torch loads OpenMP.", ""]
     data = _load("busy_machine.json")
-    head = ["## The demo on a busy machine", ""]
-    if data is None:
-        return head + ["Not measured yet: `python benchmarks/busy_machine.py`.", ""]
-    cmd = "promptset demo" + (" --quick" if data.get("quick") else "")
-    lines = head + [
-        f"`python benchmarks/busy_machine.py{' --quick' if data.get('quick') else ''}`: `{cmd}` from spawn to exit "
-        f"on {data['cpu']} ({data['cores']} cores), each run in a new folder, idle and with one `while True: pass` "
-        "process started 2 s before it. *fixed* = one torch thread per core whatever the load (what promptset did "
-        f"before, `PROMPTSET_THREADS={data['cores']}`); *adaptive* = the default (threads for the idle cores, "
-        "re-checked every 3 s). *busy cores before*: the cores all processes kept busy in the 2 s before the demo "
-        "started (the busy loop included).",
+    if data is None or data.get("version") != 2:
+        return lines + ["Demo and API rows not measured yet: `python benchmarks/busy_machine.py`.", ""]
+    lines += [
+        f"`python benchmarks/busy_machine.py`: `promptset demo{' --quick' if data.get('quick') else ''}` and a "
+        f"Python-API inversion (`promptset.invert`, tiny SD, {data['api_invert']['classes']} classes, "
+        f"{data['api_invert']['steps']} steps, batch {data['api_invert']['batch_size']}, "
+        f"{data['api_invert']['size']} px) from spawn to exit on {data['cpu']} ({data['cores']} cores), no "
+        "PROMPTSET_THREADS, idle and beside one busy loop; *passive* is the default, *spinning* what a script that "
+        "imports torch before promptset gets. *busy cores before*: the cores all processes kept busy in the 2 s "
+        "before the run (the busy loop included).",
         "",
-        "| threads | machine | demo s | busy cores before | torch threads at the end |",
-        "|---|---|---|---|---|",
+        "| workload | waits | machine | seconds | busy cores before | bits (fingerprint) |",
+        "|---|---|---|---|---|---|",
     ]
-    for key in ("fixed/idle", "fixed/busy", "adaptive/idle", "adaptive/busy"):
-        r = data["rows"].get(key)
-        if r is None:
-            continue
-        secs = f"> {r['seconds']:.0f} (stopped)" if r.get("timed_out") else f"{r['seconds']:.0f}"
-        lines.append(f"| {r['threads']} | {r['load']} | {secs} | {r.get('busy_cores_before', '-')} | "
-                     f"{r.get('torch_threads_at_end', '-')} |")  # fmt: skip
-    ratios = [f"{mode}: busy/idle {'>= ' if (data['rows'].get(f'{mode}/busy') or {}).get('timed_out') else '= '}"
-              f"{data[f'{mode}_busy_over_idle']:.2f}x" for mode in ("fixed", "adaptive")
-              if f"{mode}_busy_over_idle" in data]  # fmt: skip
-    if ratios:
-        lines += ["", "; ".join(ratios) + "."]
+    for _key, r in sorted(data["rows"].items()):
+        secs = f"> {r['seconds']:.0f} (stopped)" if r.get("timed_out") else f"{r['seconds']:.1f}"
+        bits = r.get("bits") or {}
+        fp = bits.get("prompts") or "-"
+        lines.append(f"| {r['workload']} | {r['waiting']} | {r['load']} | {secs} | {r.get('busy_cores_before', '-')} "
+                     f"| prompts {fp[:8]}{', labels ' + bits['labels'][:8] if bits.get('labels') else ''} |")
+    facts = [f"{k.replace('/busy_over_idle', '')}: busy/idle {v:.2f}x" for k, v in sorted(data.items())
+             if k.endswith("busy_over_idle")]
+    facts += [f"{k.replace('/same_bits_in_every_row', '')}: same bits in every row: {'yes' if v else 'NO'}"
+              for k, v in sorted(data.items()) if k.endswith("same_bits_in_every_row")]
+    if facts:
+        lines += ["", "; ".join(facts) + "."]
     return lines + [""]
+
+
+def modes_section() -> list[str]:
+    """Modes and coverage on the CIFAR-10 world (`cifar10_modes.py`), or how to make them."""
+    return _script_section(
+        "cifar10_modes", "Modes on the CIFAR-10 world: coverage (issue 27)",
+        "Not run yet: `python benchmarks/cifar10_modes.py --cache CACHE` after `cifar10_world.py --until fidelity`.")
 
 
 DEMO_ROWS = [("p1", "d3m"), ("p1", "rded"), ("p1", "random-real"), ("p1", "random-real@d3m"), ("p2", "d3m"),
@@ -826,6 +852,7 @@ def main() -> None:
         ]
     lines += fresh_rounds_section()
     lines += codec_trade_section()
+    lines += modes_section()
     lines += performance_section()
     Path(args.out).write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {args.out}")
