@@ -146,3 +146,29 @@ def test_cli_bits_do_not_depend_on_the_load(tiny_sd, tmp_path):
 
     settings = [json.loads(load_tensors(run / "labels.safetensors")[1]["generation"]) for run in (idle, loaded)]
     assert settings[0]["cpu_threads"] == settings[1]["cpu_threads"] >= 1  # recorded, and not from the load
+
+
+def test_the_api_picks_its_threads_as_the_cli_does(tmp_path):
+    """`promptset select` and `promptset.select(...)`, each in a fresh process with no thread settings: the same
+    count, from the same source, recorded in config.yaml (and likewise with PROMPTSET_THREADS set)."""
+    import yaml
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "data" / name / "0.png")
+    data = str(tmp_path / "data")
+    for extra in ({}, {"PROMPTSET_THREADS": "3"}):
+        env = _clean_env(**extra)
+        cli, api = tmp_path / f"cli{len(extra)}", tmp_path / f"api{len(extra)}"
+        subprocess.run([sys.executable, "-m", "promptset", "select", "--data", data, "--out", str(cli), "--teacher",
+                        "none", "--resolution", "8", "--no-progress"], env=env, check=True, capture_output=True)
+        code = (f"import promptset; promptset.select(data={data!r}, out={str(api)!r}, teacher='none', resolution=8, "
+                "progress=False)")
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+        recorded = [yaml.safe_load((run / "config.yaml").read_text())["cpu_threads"]["select"] for run in (cli, api)]
+        assert recorded[0] == recorded[1]
+        assert recorded[0]["source"] == ("PROMPTSET_THREADS" if extra else "default")
+        assert recorded[0]["openmp_wait"] == "passive"
+        if extra:
+            assert recorded[0]["cpu_threads"] == 3
