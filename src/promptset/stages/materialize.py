@@ -10,7 +10,8 @@ Writes, per round r of the packed set (generate's set has one; an evaluate entry
     DIR/materialize.json                          what was checked and whether the images are the packed ones
 
 The generator's fingerprint is checked first (a different model is refused, naming the one expected, unless
-`--force`), the images are regenerated from the stored seeds with the stored settings, and their sha256 is compared
+`--force`), the images are regenerated from the stored seeds with the stored settings (a guidance interval and CADS
+included; seed selection needs no teacher here, the chosen seeds are stored), and their sha256 is compared
 with the one recorded when the set was made: on CPU at the same torch thread count they are equal bit for bit, so
 the PNGs equal generate's files byte for byte (another device, dtype or torch version is reported, not refused). With
 modes, image i of class c is drawn from the mode the stored mode weights spread it to, as generate drew it.
@@ -28,6 +29,7 @@ import torch
 from ..artifacts import PromptSet, images_sha256, save_tensors
 from ..atomic import save_image, staged_dir, write_json
 from ..backends import sampling
+from ..backends.diversity import Diversity
 from ..backends.sampling import Job, PromptConditioner
 from ..config import make_config, opt
 from ..data import quantize_pixels, to_pil
@@ -112,6 +114,7 @@ def _prepare(cfg: MaterializeConfig) -> tuple[PackedSet, object, PromptSet, Path
     packed = read_pack(cfg.file)
     expected = packed.meta["generator"]
     gen = packed.meta["generation"]
+    Diversity.from_settings(gen)  # a guidance interval or CADS it cannot read is refused before anything is written
     backend = create_backend(expected["backend"], cfg.model, device=cfg.device, dtype=gen["dtype"],
                              sampler=gen["sampler"])
     mismatch = backend.model_hash != expected["model_hash"]
@@ -141,7 +144,8 @@ def _regenerate(backend, conditioner, uncond, jobs: list[Job], gen: dict, cfg: M
         patches = sampling.generate_batch(backend, conditioner, batch, steps=int(gen["steps"]),
                                           guidance=float(gen["guidance"]), factor=int(gen["factor"]),
                                           image_size=int(gen["image_size"]), uncond=uncond,
-                                          micro_batch=int(gen["sampler_batch"]))  # (B, P, 3, S, S) in [0, 1]
+                                          micro_batch=int(gen["sampler_batch"]),
+                                          diversity=Diversity.from_settings(gen))  # (B, P, 3, S, S) in [0, 1]
         out.append(quantize_pixels(patches))  # what generate's PNGs and evaluate's rounds hold
         bar.update(len(batch))
     bar.close()
