@@ -282,7 +282,7 @@ def test_diverse_selection_sets_are_prefixes_of_larger_ones_and_resume_from_thei
         job_seed = derive_seed(0, "generate", row["class_index"], row["image"])
         assert row["seed"] == candidate_seed(job_seed, row["candidate"])
     meta = load_tensors(tmp_path / "six" / "labels.safetensors")[1]
-    assert json.loads(meta["generation"])["selection"] == "diverse:0.5"
+    assert json.loads(meta["generation"])["selection"] == "diverse:0.1"
     assert "selection" not in json.loads(load_tensors(tmp_path / "typical" / "labels.safetensors")[1]["generation"])
     shutil.copytree(tmp_path / "three", tmp_path / "grown")  # IPC 3 made, then 6: images 3-5 look back at the files
     promptset.generate(out=str(tmp_path / "grown"), ipc=6, selection="diverse", **kw)
@@ -319,8 +319,8 @@ def test_evaluate_fresh_rounds_take_the_options_grow_from_the_round_cache_and_ma
               protocol="p2", candidates=3, selection="diverse", cads="0.6,0.9", guidance_interval="0.2,0.8",
               teacher=world.teacher, device="cpu", progress=False, report=False)
     (key, entry), = promptset.evaluate(run=str(run), ipc=1, **ev)["entries"].items()
-    assert key.endswith("/best-of-3/gi0.2-0.8/cads0.6-0.9-0.25-1/diverse0.5/mixed")
-    assert entry["variant"] == "best of 3, guidance interval 0.2,0.8, CADS 0.6,0.9,0.25,1, diverse:0.5, rounds mixed"
+    assert key.endswith("/best-of-3/gi0.2-0.8/cads0.6-0.9-0.25-1/diverse0.1/mixed")
+    assert entry["variant"] == "best of 3, guidance interval 0.2,0.8, CADS 0.6,0.9,0.25,1, diverse:0.1, rounds mixed"
     assert entry["distilled"]["generation"]["cads"] == {"tau1": 0.6, "tau2": 0.9, "noise_scale": 0.25, "psi": 1.0}
     # IPC 2 after IPC 1: image 1 of each class looks back at image 0 in the round cache
     key = key.replace("/ipc1/", "/ipc2/")
@@ -346,11 +346,11 @@ def test_evaluate_follows_generates_options_unless_told_otherwise(world, tmp_pat
     ev = dict(test=str(world.data), student="convnet_tiny", epochs=1, seeds=1, ipc=1, gen_steps=2, protocol="p2",
               regen_every=0, teacher=world.teacher, device="cpu", progress=False, report=False)
     (key, entry), = promptset.evaluate(run=str(run), **ev)["entries"].items()
-    assert key.endswith("/best-of-2/gi0.2-0.8/cads0.6-0.9-0.25-1/diverse0.5")
+    assert key.endswith("/best-of-2/gi0.2-0.8/cads0.6-0.9-0.25-1/diverse0.1")
     assert entry["distilled"]["round0_reused_generated"]  # the same settings: generate's own images
     entries = promptset.evaluate(run=str(run), cads="off", guidance_interval="0,1", selection="typical",
                                  **ev)["entries"]
-    entry = entries[key.replace("/gi0.2-0.8/cads0.6-0.9-0.25-1/diverse0.5", "")]
+    entry = entries[key.replace("/gi0.2-0.8/cads0.6-0.9-0.25-1/diverse0.1", "")]
     assert not entry["distilled"]["round0_reused_generated"] and len(entries) == 2
     assert not {"cads", "guidance_interval", "selection"} & set(entry["distilled"]["generation"])
 

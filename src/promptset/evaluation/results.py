@@ -38,7 +38,7 @@ def entry_key(method: str, protocol: str, student: str, ipc: int | None, regen_e
 
 def variant_key(cfg, method: str) -> str:
     """The key suffix of what sets one entry of a method apart beyond entry_key: a P1 label codec other than fp16
-    (`/topk3`), and for generated sets seed selection (`/best-of-4`, `/diverse0.5`), a guidance interval
+    (`/topk3`), and for generated sets seed selection (`/best-of-4`, `/diverse0.1`), a guidance interval
     (`/gi0.2-0.8`) and CADS (`/cads0.6-0.9-0.25-1`). Empty for the defaults."""
     parts = []
     codec = str(getattr(cfg, "label_codec", "fp16")).strip().lower()
@@ -73,7 +73,7 @@ def _diversity(cfg, method: str) -> dict[str, str]:
 
 
 def variant_label(cfg, method: str) -> str:
-    """`variant_key` for people: 'topk:3', 'best of 4', 'topk:3, best of 4, diverse:0.5' ('' for the defaults)."""
+    """`variant_key` for people: 'topk:3', 'best of 4', 'topk:3, best of 4, diverse:0.1' ('' for the defaults)."""
     parts = []
     codec = str(getattr(cfg, "label_codec", "fp16")).strip().lower()
     if cfg.protocol == "p1" and codec != "fp16":

@@ -8,6 +8,8 @@ completed, not redone. `labels.safetensors` records the settings themselves, so 
 images are the ones it would make. With modes (`invert --modes K`), image i of class c is drawn from the mode
 `modes.mode_of` spreads it to by the stored mode weights (every prefix of a class's images is spread in proportion
 to its modes' training images); the manifest names each image's mode, and the folders stay one per class.
+`--guidance-interval`, `--cads` and `--selection diverse` widen the set without storing anything
+(`backends.diversity`); they are part of the generation settings only when on.
 
 Under torchrun every process takes a contiguous share of the (class, index) jobs (`sampling.rank_share`, as `evaluate`
 shares its fresh rounds), so any class count keeps every process busy. PNGs are encoded and written on a writer
@@ -84,7 +86,7 @@ class GenerateConfig:
                           "it costs G-1 extra generations and no byte (1 = off; default 0 = auto: "
                           f"{AUTO_CANDIDATES} with --teacher, else 1; BENCHMARKS.md measures the gain)")
     selection: str = opt("typical", "which of the --candidates the teacher keeps: typical = the lowest cross-entropy; "
-                         "diverse[:MARGIN] = among those within MARGIN nats of it (default 0.5), the farthest in the "
+                         "diverse[:MARGIN] = among those within MARGIN nats of it (default 0.1), the farthest in the "
                          "teacher's penultimate features from the class's earlier images (image i depends on images "
                          "0..i-1 of its class only, so a smaller IPC is a prefix; under torchrun each process takes "
                          "whole classes)")
