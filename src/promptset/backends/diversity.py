@@ -63,8 +63,8 @@ def parse_guidance_interval(text: str, flag: str = "--guidance-interval") -> tup
     """`LO,HI` -> (LO, HI), or None for every step ('' or `0,1`)."""
     if not str(text).strip():
         return None
-    form = ("LO,HI, two fractions of the sampling steps with 0 <= LO < HI <= 1, e.g. 0.2,0.8 (guidance on the "
-            "steps from 20% to 80% of the way); omit it, or pass 0,1, for guidance on every step")
+    form = ("LO,HI, two fractions of the sampling steps with 0 <= LO < HI <= 1, e.g. 0.3,1 (no guidance on the "
+            "first 30% of the steps, from pure noise); omit it, or pass 0,1, for guidance on every step")
     lo, hi = _numbers(text, flag, (2, 2), form)
     if not 0 <= lo < hi <= 1:
         raise UserError(f"{flag} {text!r}: expected {form}")

@@ -92,8 +92,8 @@ class GenerateConfig:
                          "whole classes)")
     guidance_interval: str = opt("", "LO,HI: classifier-free guidance only on the steps k whose position k/steps lies "
                                  "in [LO, HI) (0 = the first step, from pure noise), the conditional prediction alone "
-                                 "(its unconditional pass skipped) on the others, e.g. 0.2,0.8 (Kynkaanniemi et al. "
-                                 "2024); default: every step")
+                                 "(its unconditional pass skipped) on the others, e.g. 0.3,1: none on the first 30% "
+                                 "(Kynkaanniemi et al. 2024); default: every step")
     cads: str = opt("", "TAU1,TAU2[,S[,PSI]]: condition-annealed sampling (CADS, Sadat et al. 2024): Gaussian noise "
                     "of scale S (default 0.25) on the prompt's states, all of it at diffusion time t >= TAU2, none at "
                     "t <= TAU1 (t = 1 - k/steps), rescaled to their mean and std with weight PSI (default 1), each "
