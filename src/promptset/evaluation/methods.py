@@ -121,7 +121,7 @@ class Context:
     ipc: int
     factor: int
     gen: dict  # backend, model, resolution, steps, guidance, sampler, seed, sampler_batch, dtype (resolved),
-    # model_config, prediction_type
+    # model_config, prediction_type; guidance_interval, cads, selection only when on (`Diversity.settings`)
     teacher: torch.nn.Module | None
     needs_soft: bool  # P1: the teacher's logits are stored with every sample
     rounds: int
