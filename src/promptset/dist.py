@@ -140,12 +140,13 @@ def gradient_group(device: torch.device):
     return _NCCL_GROUPS[key]
 
 
-def all_gather_rows(part: torch.Tensor, total: int) -> torch.Tensor:
-    """Concatenate every rank's `span` slice (this rank's is `part`) of a (total, ...) tensor, on every rank."""
+def all_gather_rows(part: torch.Tensor, total: int, spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    """Concatenate every rank's `span` slice (this rank's is `part`) of a (total, ...) tensor, on every rank;
+    `spans`: every rank's [lo, hi) when the slices are not `span`'s (contiguous, in rank order, covering total)."""
     rank, world = ddp_world()
     if world == 1:
         return part
-    spans = [span(total, r, world) for r in range(world)]
+    spans = spans or [span(total, r, world) for r in range(world)]
     width = max(hi - lo for lo, hi in spans)
     buf = torch.zeros((width, *part.shape[1:]), dtype=part.dtype)
     buf[: len(part)] = part.cpu()

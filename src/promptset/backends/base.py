@@ -417,11 +417,14 @@ class DiffusionBackend:
         steps: int,
         guidance: float,
         generators: list[torch.Generator],
+        diversity=None,
     ) -> torch.Tensor:
         """Denoise `noise` (B, c, h, w) under conditioning states `cond` (B, L, D) with classifier-free guidance.
 
         A stochastic sampler (ddpm) draws each image's step noise from that image's generator (B of them), so an
         image depends on its seed alone, never on the other images of the batch or on global random state.
+        `diversity` (`backends.diversity.Diversity`, default none): guidance on an interval of the steps only (the
+        unconditional pass skipped elsewhere) and CADS noise on `cond`, drawn from the same generators.
         Returns images in [0, 1], (B, 3, H, W) fp32 on the backend's device.
         """
         if len(generators) != noise.shape[0]:
@@ -431,13 +434,19 @@ class DiffusionBackend:
         step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
         latents = to_device(noise, self.device).float() * scheduler.init_noise_sigma
         use_cfg = uncond is not None and guidance != 1.0
-        states = torch.cat([uncond, cond]) if use_cfg else cond
-        states = states.to(self.dtype)
-        for t in scheduler.timesteps:
-            model_in = torch.cat([latents] * 2) if use_cfg else latents
+        both = torch.cat([uncond, cond]).to(self.dtype) if use_cfg else None  # (2B, L, D)
+        cond = cond.to(self.dtype)
+        n = len(scheduler.timesteps)
+        for k, t in enumerate(scheduler.timesteps):
+            guided = use_cfg and (diversity is None or diversity.guided(k, n))
+            states = both if guided else cond
+            if diversity is not None and diversity.cads is not None:  # new noise on the condition at every step
+                annealed = diversity.condition(cond, k, n, generators)
+                states = torch.cat([both[: len(cond)], annealed]) if guided else annealed
+            model_in = torch.cat([latents] * 2) if guided else latents
             model_in = scheduler.scale_model_input(model_in, t)
             pred = self.unet(model_in.to(self.dtype), t, encoder_hidden_states=states).sample.float()
-            if use_cfg:
+            if guided:
                 pred_uncond, pred_cond = pred.chunk(2)
                 pred = pred_uncond + guidance * (pred_cond - pred_uncond)
             latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample

@@ -105,7 +105,8 @@ def class_prompts(names: list[str], template: str = "a photo of a {name}") -> li
 
 
 def sample_images(backend, conditioner, jobs: list[Job], *, steps: int, guidance: float,
-                  uncond: torch.Tensor | None, micro_batch: int | None = SAMPLER_BATCH) -> torch.Tensor:
+                  uncond: torch.Tensor | None, micro_batch: int | None = SAMPLER_BATCH,
+                  diversity=None) -> torch.Tensor:
     """Images for `jobs`, (B, 3, H, W) in [0, 1] on the backend's device, in padded micro-batches.
 
     The denoiser always sees exactly `micro_batch` images: the last chunk is padded with copies of its last job and
@@ -122,20 +123,22 @@ def sample_images(backend, conditioner, jobs: list[Job], *, steps: int, guidance
         generators = image_generators([j.seed for j in part])
         noise = backend.initial_noise(generators)  # (b, c, h, w)
         neg = uncond.expand(len(part), -1, -1) if uncond is not None else None
-        images = backend.sample(cond, neg, noise, steps=steps, guidance=guidance, generators=generators)
+        images = backend.sample(cond, neg, noise, steps=steps, guidance=guidance, generators=generators,
+                                diversity=diversity)
         parts.append(images[:real].float())  # (real, 3, H, W)
     return torch.cat(parts)
 
 
 def generate_batch(backend, conditioner, jobs: list[Job], *, steps: int, guidance: float, factor: int,
                    image_size: int, uncond: torch.Tensor | None, micro_batch: int | None = SAMPLER_BATCH,
-                   to_cpu: bool = True) -> torch.Tensor:
-    """`sample_images` cut into patches: (B, k*k, 3, size, size) in [0, 1] (on CPU unless `to_cpu=False`)."""
+                   to_cpu: bool = True, diversity=None) -> torch.Tensor:
+    """`sample_images` cut into patches: (B, k*k, 3, size, size) in [0, 1] (on CPU unless `to_cpu=False`).
+    `diversity`: `backends.diversity.Diversity` (guidance interval, CADS), or None for neither."""
     chunk = len(jobs) if micro_batch is None else micro_batch
     parts = []
     for s in range(0, len(jobs), chunk):  # one micro batch at a time, so memory holds one batch of full images
         images = sample_images(backend, conditioner, jobs[s : s + chunk], steps=steps, guidance=guidance,
-                               uncond=uncond, micro_batch=micro_batch)
+                               uncond=uncond, micro_batch=micro_batch, diversity=diversity)
         parts.append(cut_patches(images.cpu() if to_cpu else images, factor, image_size))
     return torch.cat(parts)  # (B, k*k, 3, size, size)
 
@@ -148,11 +151,12 @@ def generation_key(settings: dict) -> str:
 def generation_settings(*, prompts_hash: str, template: str, model_hash: str, steps: int, guidance: float,
                         sampler: str, seed: int, resolution: int, factor: int, image_size: int, dtype: str,
                         sampler_batch: int, compile: bool, mode_rule: str = "",
-                        cpu_threads: int | None = None) -> dict:
+                        cpu_threads: int | None = None, diversity=None) -> dict:
     """Everything that changes a pixel of a generated image, as `generate` records it and `evaluate` compares it.
 
     cpu_threads: torch's CPU thread count when the images are made on CPU (kernels split reductions by thread, so it
-    can change the last bits; `threads.py`), None on a GPU."""
+    can change the last bits; `threads.py`), None on a GPU. diversity: `backends.diversity.Diversity`, whose options
+    are recorded only when on."""
     settings = {"prompts": prompts_hash, "template": template, "model": model_hash, "steps": int(steps),
                 "guidance": float(guidance), "sampler": sampler, "seed": int(seed), "resolution": int(resolution),
                 "factor": int(factor), "image_size": int(image_size), "dtype": dtype,
@@ -163,6 +167,8 @@ def generation_settings(*, prompts_hash: str, template: str, model_hash: str, st
         settings["mode_rule"] = mode_rule
     if cpu_threads is not None:
         settings["cpu_threads"] = int(cpu_threads)
+    if diversity is not None:  # guidance interval, CADS: keys of runs without them unchanged
+        settings.update(diversity.settings())
     return settings
 
 

@@ -23,13 +23,14 @@ from ..accounting import SEED_BYTES, check_stored_bytes, class_list_bytes, compr
 from ..artifacts import PromptSet, image_digests, images_sha256, load_tensors, made_with, save_tensors, sha256_bytes
 from ..atomic import read_jsonl
 from ..backends import sampling
+from ..backends.diversity import Diversity, job_shares
 from ..backends.sampling import Job, PromptConditioner, TextConditioner, class_prompts, generation_settings, jobs_for
 from ..backends.selection import best_of_candidates
 from ..data import ImageFolderIndex, cut_patches, load_class_images, load_image, scan_image_folder, to_tensor
 from ..dist import all_gather_rows, ddp_world, span
 from ..errors import UserError
 from ..labelcodec import LabelCodec, decode_soft_labels, encode_labels, parse_codec, planned_bytes
-from ..models import label_pixels
+from ..models import label_pixels, teacher_features
 from ..modes import MODE_RULE
 from ..progress import progress_bar
 from ..runfolder import ClassInfo, check_same_classes
@@ -120,7 +121,7 @@ class Context:
     ipc: int
     factor: int
     gen: dict  # backend, model, resolution, steps, guidance, sampler, seed, sampler_batch, dtype (resolved),
-    # model_config, prediction_type
+    # model_config, prediction_type; guidance_interval, cads, selection only when on (`Diversity.settings`)
     teacher: torch.nn.Module | None
     needs_soft: bool  # P1: the teacher's logits are stored with every sample
     rounds: int
@@ -165,7 +166,7 @@ class Context:
             guidance=self.gen["guidance"], sampler=self.gen["sampler"], seed=self.gen["seed"],
             resolution=self.gen["resolution"] or self.backend().resolution, factor=self.factor,
             image_size=self.image_size, dtype=self.gen["dtype"], sampler_batch=self.gen["sampler_batch"],
-            compile=False, mode_rule=mode_rule,
+            compile=False, mode_rule=mode_rule, diversity=Diversity.from_settings(self.gen),
             cpu_threads=threads.current() if self.device.type == "cpu" else None,
         ) | self.selection()
 
@@ -344,7 +345,8 @@ def _generate_round(ctx: Context, method: str, stage: str, conditioning, jobs: l
     todo = cache.missing(jobs) if cache is not None else jobs
     if todo:
         conditioner, uncond = conditioning()
-        patches, chosen = _generate_jobs(ctx, conditioner, uncond, todo)
+        earlier = None if cache is None else (lambda k, idx: cache.get([jobs[k * per_class + i] for i in idx])[0])
+        patches, chosen = _generate_jobs(ctx, conditioner, uncond, todo, earlier)
         if cache is not None:
             cache.add(todo, chosen, patches)
     if cache is not None:
@@ -368,17 +370,21 @@ def _cache_key(ctx: Context, method: str, stage: str) -> dict:
             "classes": [x.folder for x in ctx.classes]}  # fmt: skip
 
 
-def _generate_jobs(ctx: Context, conditioner, uncond, jobs: list) -> tuple[torch.Tensor, list]:
+def _generate_jobs(ctx: Context, conditioner, uncond, jobs: list, earlier=None) -> tuple[torch.Tensor, list]:
     """The patches of `jobs`, (N, P, 3, S, S) uint8, and the jobs with the seeds used (with --candidates G, each
-    the chosen candidate's); each rank makes its share (an image depends on its seed only) and every rank gets all."""
+    the chosen candidate's); each rank makes its share (an image depends on its seed only) and every rank gets all.
+    `earlier`: --selection diverse's source of a class's earlier images that are not among `jobs` (the round cache)."""
     p = ctx.factor**2
     rank, world = ddp_world()
-    lo, hi = sampling.rank_share(jobs, rank, world)  # as generate shares its (class, index) jobs
+    diversity = Diversity.from_settings(ctx.gen)
+    spans = job_shares(jobs, world, whole_classes=diversity.selection is not None)  # as generate shares its jobs
+    lo, hi = spans[rank]
     patches, seeds = [], []
     kw = dict(steps=ctx.gen["steps"], guidance=ctx.gen["guidance"], factor=ctx.factor, image_size=ctx.image_size,
-              uncond=uncond, micro_batch=ctx.gen["sampler_batch"])
+              uncond=uncond, micro_batch=ctx.gen["sampler_batch"], diversity=diversity)
     g = int(ctx.cfg.candidates)
     chunk = ctx.gen["sampler_batch"] * p  # the teacher scores fixed batches: a score never depends on the grouping
+    spread = diversity.spread(lambda px: teacher_features(ctx.teacher, px, chunk), earlier)  # None: typical
 
     def logits_of(pixels: torch.Tensor) -> torch.Tensor:
         return label_pixels(ctx.teacher, pixels, chunk)
@@ -386,14 +392,14 @@ def _generate_jobs(ctx: Context, conditioner, uncond, jobs: list) -> tuple[torch
     for s in range(lo, hi, ctx.cfg.gen_batch_size):
         batch = jobs[s : min(s + ctx.cfg.gen_batch_size, hi)]
         if g > 1:
-            batch, out, _ = best_of_candidates(ctx.backend(), conditioner, batch, g, logits_of, **kw)
+            batch, out, *_ = best_of_candidates(ctx.backend(), conditioner, batch, g, logits_of, spread=spread, **kw)
         else:
             out = to_uint8(sampling.generate_batch(ctx.backend(), conditioner, batch, **kw))  # (B, P, 3, S, S)
         patches.append(out)
         seeds += [j.seed for j in batch]
     mine = torch.cat(patches) if patches else torch.zeros(0, p, 3, ctx.image_size, ctx.image_size).byte()
-    every = all_gather_rows(mine, len(jobs))
-    chosen = all_gather_rows(torch.tensor(seeds, dtype=torch.int64), len(jobs)).tolist()
+    every = all_gather_rows(mine, len(jobs), spans)
+    chosen = all_gather_rows(torch.tensor(seeds, dtype=torch.int64), len(jobs), spans).tolist()
     return every, [Job(j.cls, j.index, int(seed)) for j, seed in zip(jobs, chosen)]
 
 

@@ -38,7 +38,8 @@ def entry_key(method: str, protocol: str, student: str, ipc: int | None, regen_e
 
 def variant_key(cfg, method: str) -> str:
     """The key suffix of what sets one entry of a method apart beyond entry_key: a P1 label codec other than fp16
-    (`/topk3`), and seed selection (`/best-of-4`) for generated sets. Empty for the defaults."""
+    (`/topk3`), and for generated sets seed selection (`/best-of-4`, `/diverse0.1`), a guidance interval
+    (`/gi0.2-0.8`) and CADS (`/cads0.6-0.9-0.25-1`). Empty for the defaults."""
     parts = []
     codec = str(getattr(cfg, "label_codec", "fp16")).strip().lower()
     if cfg.protocol == "p1" and codec != "fp16":
@@ -46,6 +47,9 @@ def variant_key(cfg, method: str) -> str:
     candidates = int(getattr(cfg, "candidates", 1) or 1)
     if candidates > 1 and method.partition("@")[0] in GENERATIVE:
         parts.append(f"best-of-{candidates}")
+    on = _diversity(cfg, method)
+    parts += [f"{k}{on[k].replace(',', '-')}" for k in ("gi", "cads") if k in on]
+    parts += [on["selection"].replace(":", "")] if "selection" in on else []
     if _mixed_rounds(cfg, method):
         parts.append("mixed")
     return "".join(f"/{p}" for p in parts)
@@ -58,8 +62,18 @@ def _mixed_rounds(cfg, method: str) -> bool:
             and getattr(cfg, "round_order", "sequential") == "mixed")  # fmt: skip
 
 
+def _diversity(cfg, method: str) -> dict[str, str]:
+    """evaluate's --guidance-interval (`gi`), --cads and --selection that are on, as their resolved canonical text;
+    none for a method that generates nothing."""
+    if method.partition("@")[0] not in GENERATIVE:
+        return {}
+    texts = {"gi": getattr(cfg, "guidance_interval", ""), "cads": getattr(cfg, "cads", ""),
+             "selection": getattr(cfg, "selection", "")}
+    return {k: str(v) for k, v in texts.items() if v not in ("", None, "typical")}
+
+
 def variant_label(cfg, method: str) -> str:
-    """`variant_key` for people: 'topk:3', 'best of 4', 'topk:3, best of 4' ('' for the defaults)."""
+    """`variant_key` for people: 'topk:3', 'best of 4', 'topk:3, best of 4, diverse:0.1' ('' for the defaults)."""
     parts = []
     codec = str(getattr(cfg, "label_codec", "fp16")).strip().lower()
     if cfg.protocol == "p1" and codec != "fp16":
@@ -67,6 +81,9 @@ def variant_label(cfg, method: str) -> str:
     candidates = int(getattr(cfg, "candidates", 1) or 1)
     if candidates > 1 and method.partition("@")[0] in GENERATIVE:
         parts.append(f"best of {candidates}")
+    on = _diversity(cfg, method)
+    parts += [f"{name}{on[k]}" for k, name in (("gi", "guidance interval "), ("cads", "CADS "), ("selection", ""))
+              if k in on]
     if _mixed_rounds(cfg, method):
         parts.append("rounds mixed")
     return ", ".join(parts)

@@ -42,6 +42,7 @@ import torch
 from ..accounting import fmt_bytes, png_bytes, real_bytes
 from ..atomic import append_jsonl, locked, write_json
 from ..backends.base import PREDICTION_TYPES
+from ..backends.diversity import Diversity, parse_cads, parse_guidance_interval, parse_selection
 from ..backends.sampling import SAMPLER_BATCH, SAMPLERS
 from ..backends.selection import AUTO_CANDIDATES
 from ..config import make_config, opt
@@ -143,6 +144,14 @@ class EvaluateConfig:
                           "keeps the most typical of its class (lowest cross-entropy), only its seed is stored "
                           "(1 = off; round 0 reuses generate's images when generate used the same G; default 0 = "
                           f"auto: generate's G, else {AUTO_CANDIDATES} when a teacher is needed or given, else 1)")
+    selection: str = opt("", "d3m/class-prompt with --candidates G > 1: typical = keep the lowest cross-entropy; "
+                         "diverse[:MARGIN] = spread each class's images (see generate --selection) (default: "
+                         "generate's, else typical)")
+    guidance_interval: str = opt("", "LO,HI: classifier-free guidance only on the steps k with LO <= k/steps < HI "
+                                 "(see generate --guidance-interval); 0,1 = every step (default: generate's, else "
+                                 "every step)")
+    cads: str = opt("", "TAU1,TAU2[,S[,PSI]]: condition-annealed sampling (see generate --cads); off = none (default: "
+                    "generate's, else off)")
     gen_batch_size: int = opt(32, "images per progress step while regenerating (does not change the images)")
     round_cache: bool = opt(True, "keep generated rounds in <run>/eval/rounds/ (uint8 patches with their seeds), so a "
                             "rerun or resumed evaluate takes them from there instead of denoising them again")
@@ -319,6 +328,10 @@ def _validate(cfg: EvaluateConfig) -> tuple[list[str], list[int]]:
             raise UserError(f"--{name.replace('_', '-')} must not be negative")
     if cfg.guidance is not None and cfg.guidance < 0:
         raise UserError(f"--guidance {cfg.guidance} must not be negative (1 = no guidance)")
+    parse_guidance_interval(cfg.guidance_interval)  # bad text is refused before anything loads
+    parse_cads(cfg.cads)
+    if cfg.selection:
+        parse_selection(cfg.selection)
     if cfg.lr <= 0 or cfg.temperature < 0 or cfg.cutmix < 0 or not 0 <= cfg.crop_scale <= 1:
         raise UserError("--lr must be positive, --temperature and --cutmix not negative, --crop-scale in [0, 1]")
     return list(dict.fromkeys(methods)), ipcs
@@ -356,7 +369,7 @@ def _equal_bytes_builder(ctx: Context, target: str, build):
 def _context(cfg: EvaluateConfig, methods: list[str]) -> Context:
     """The run's classes, sizes, generator settings and teacher, from the flags and what earlier stages recorded."""
     from ..models import load_teacher
-    from ..models.teachers import require_input_size
+    from ..models.teachers import penultimate_layer, require_input_size
 
     run = Path(cfg.run)
     classes = require_classes(run)
@@ -399,6 +412,7 @@ def _context(cfg: EvaluateConfig, methods: list[str]) -> Context:
             cfg.candidates = 1  # nothing is generated
         else:
             cfg.candidates = int(recorded or (AUTO_CANDIDATES if cfg.protocol in ("p1", "p3") or cfg.teacher else 1))
+    gen.update(_diversity(cfg, generation, gen["guidance"]).settings())  # recorded only when on
     needs_teacher = cfg.protocol in ("p1", "p3") or cfg.candidates > 1
     if needs_teacher and (not spec or spec == "none"):
         why = f"--protocol {cfg.protocol} needs a teacher for its soft labels" if cfg.protocol != "p2" else \
@@ -430,6 +444,8 @@ def _context(cfg: EvaluateConfig, methods: list[str]) -> Context:
         if needs_teacher:
             require_input_size(teacher, "evaluate --candidates" if cfg.protocol == "p2" else
                                f"evaluate --protocol {cfg.protocol}")  # fed at its own size
+        if "selection" in gen:
+            penultimate_layer(teacher)  # --selection diverse measures distances in its penultimate features
         if teacher.num_classes != len(classes):
             raise UserError(
                 f"teacher {spec} predicts {teacher.num_classes} classes but classes.json lists "
@@ -449,6 +465,21 @@ def _context(cfg: EvaluateConfig, methods: list[str]) -> Context:
     rounds = math.ceil(cfg.epochs / cfg.regen_every) if cfg.regen_every else 1
     return Context(cfg=cfg, run=run, classes=classes, device=device, image_size=image_size, ipc=ipc, factor=factor,
                    gen=gen, teacher=teacher, needs_soft=cfg.protocol == "p1", rounds=rounds)
+
+
+def _diversity(cfg: EvaluateConfig, recorded: dict, guidance: float) -> Diversity:
+    """--guidance-interval, --cads and --selection, each given or else generate's (`recorded`: its generation
+    settings); written back into `cfg` in canonical form (results keys and labels name them). An inherited interval
+    is dropped under --guidance 1, and inherited diverse selection without candidates: there is nothing to restrict or
+    choose from; given ones are refused (`Diversity.parse`)."""
+    was = Diversity.from_settings(recorded).texts()
+    interval = cfg.guidance_interval or ("" if guidance == 1.0 else was["guidance_interval"])
+    selection = cfg.selection or (was["selection"] if cfg.candidates > 1 else "typical")
+    diversity = Diversity.parse(interval, cfg.cads or was["cads"], selection, guidance=guidance,
+                                candidates=cfg.candidates)
+    texts = diversity.texts()
+    cfg.guidance_interval, cfg.cads, cfg.selection = texts["guidance_interval"], texts["cads"], texts["selection"]
+    return diversity
 
 
 def _generator_dtype(flag: str, recorded: str | None, device: torch.device) -> str:

@@ -8,6 +8,8 @@ completed, not redone. `labels.safetensors` records the settings themselves, so 
 images are the ones it would make. With modes (`invert --modes K`), image i of class c is drawn from the mode
 `modes.mode_of` spreads it to by the stored mode weights (every prefix of a class's images is spread in proportion
 to its modes' training images); the manifest names each image's mode, and the folders stay one per class.
+`--guidance-interval`, `--cads` and `--selection diverse` widen the set without storing anything
+(`backends.diversity`); they are part of the generation settings only when on.
 
 Under torchrun every process takes a contiguous share of the (class, index) jobs (`sampling.rank_share`, as `evaluate`
 shares its fresh rounds), so any class count keeps every process busy. PNGs are encoded and written on a writer
@@ -30,6 +32,7 @@ from ..artifacts import PromptSet, image_digests, images_sha256, made_with, save
 from ..atomic import BackgroundWriter, append_jsonl, read_jsonl, save_image, write_text
 from ..backends import sampling
 from ..backends.base import PREDICTION_TYPES
+from ..backends.diversity import Diversity, job_shares
 from ..backends.sampling import SAMPLERS, Job, PromptConditioner, generation_key, generation_settings, jobs_for
 from ..backends.selection import AUTO_CANDIDATES, best_of_candidates, candidate_seeds
 from ..config import make_config, opt, to_dict
@@ -39,7 +42,7 @@ from ..dist import all_gather_rows, barrier, prepared_everywhere, rank_world
 from ..errors import UserError
 from ..grids import labeled_grid
 from ..labelcodec import CODEC_HELP, encode_labels, parse_codec
-from ..models import label_pixels
+from ..models import label_pixels, teacher_features
 from ..modes import MODE_RULE
 from ..progress import progress_bar
 from ..runfolder import (
@@ -82,6 +85,19 @@ class GenerateConfig:
                           "finds most typical of its class (lowest cross-entropy); only the chosen seed is stored, so "
                           "it costs G-1 extra generations and no byte (1 = off; default 0 = auto: "
                           f"{AUTO_CANDIDATES} with --teacher, else 1; BENCHMARKS.md measures the gain)")
+    selection: str = opt("typical", "which of the --candidates the teacher keeps: typical = the lowest cross-entropy; "
+                         "diverse[:MARGIN] = among those within MARGIN nats of it (default 0.1), the farthest in the "
+                         "teacher's penultimate features from the class's earlier images (image i depends on images "
+                         "0..i-1 of its class only, so a smaller IPC is a prefix; under torchrun each process takes "
+                         "whole classes)")
+    guidance_interval: str = opt("", "LO,HI: classifier-free guidance only on the steps k whose position k/steps lies "
+                                 "in [LO, HI) (0 = the first step, from pure noise), the conditional prediction alone "
+                                 "(its unconditional pass skipped) on the others, e.g. 0.3,1: none on the first 30% "
+                                 "(Kynkaanniemi et al. 2024); default: every step")
+    cads: str = opt("", "TAU1,TAU2[,S[,PSI]]: condition-annealed sampling (CADS, Sadat et al. 2024): Gaussian noise "
+                    "of scale S (default 0.25) on the prompt's states, all of it at diffusion time t >= TAU2, none at "
+                    "t <= TAU1 (t = 1 - k/steps), rescaled to their mean and std with weight PSI (default 1), each "
+                    "image's noise from its own seed; e.g. 0.6,0.9 (the paper's); default off")
     device: str = opt("auto", "torch device")
     dtype: str = opt("auto", "model dtype: auto = bf16 on GPUs of compute capability 8.0+, fp16 on older GPUs, fp32 "
                      "on CPU (recorded resolved, so evaluate can reuse these images)", choices=DTYPE_CHOICES)
@@ -109,14 +125,17 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> Path:
         remove_stale_tmp(gen_dir)  # left by a killed run; nobody writes here before the barrier below
         _say_image_size(plan, cfg)
     every = jobs_for(list(range(len(classes))), per_class, cfg.seed)  # (class, index) order
-    lo, hi = sampling.rank_share(every, rank, world)
+    spans = job_shares(every, world, whole_classes=plan.diversity.selection is not None)  # diverse: classes whole
+    lo, hi = spans[rank]
     jobs = every[lo:hi]  # this process's share
     done = _finished_images(gen_dir, classes, jobs, key, factor, cfg.ipc, image_size, cfg.candidates)
     todo = [j for j in jobs if (j.cls, j.index) not in done]
     if rank == 0 and done:
-        share = "" if world == 1 else " (this process's share)"
-        print(f"generate: {len(done)} of {len(jobs)} images{share} already made with these settings; "
+        mine = "" if world == 1 else " (this process's share)"
+        print(f"generate: {len(done)} of {len(jobs)} images{mine} already made with these settings; "
               f"making {len(todo)}", flush=True)
+    if rank == 0 and plan.diversity.describe(cfg.guidance, cfg.steps):
+        print(f"generate: {plan.diversity.describe(cfg.guidance, cfg.steps)}", flush=True)
     barrier()
 
     labels = None
@@ -126,6 +145,10 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> Path:
     conditioner = PromptConditioner(backend, plan.prompts)
     with torch.no_grad():
         uncond = backend.encode_prompts([""]) if cfg.guidance != 1.0 else None
+    chunk = cfg.sampler_batch * factor**2  # --selection diverse: a class's images an earlier run made, from files
+    selector = plan.diversity.spread(lambda px: teacher_features(plan.teacher, px, chunk),
+                                     lambda c, idx: _stored_pixels(gen_dir, classes, [Job(c, i, 0) for i in idx],
+                                                                   factor, cfg.ipc, image_size))
     part = gen_dir / f".manifest.rank{rank}.jsonl"
     bar = progress_bar(total=len(jobs), initial=len(jobs) - len(todo), desc="generate", unit="img",
                disable=not (cfg.progress and rank == 0))
@@ -133,7 +156,7 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> Path:
         for s in range(0, len(todo), cfg.batch_size):
             batch = todo[s : s + cfg.batch_size]
             # (B, P, 3, S, S) uint8, what the PNGs hold; with --candidates the jobs carry the chosen seeds
-            batch, pixels, extras = _make_images(plan, cfg, conditioner, uncond, batch)
+            batch, pixels, extras = _make_images(plan, cfg, conditioner, uncond, batch, selector)
             if labels is not None:
                 labels.add(batch, pixels)
             writer.submit(_write_images, gen_dir, classes, batch, pixels, factor, cfg.ipc, part, key, extras)
@@ -142,13 +165,13 @@ def generate(cfg: GenerateConfig | None = None, **overrides) -> Path:
     if world > 1:
         print(f"generate: process {rank} made {len(todo)} of its {len(jobs)} images (jobs {lo}-{hi - 1} of "
               f"{len(every)} in (class, index) order)", flush=True)
-    logits = None if labels is None else all_gather_rows(labels.logits, len(every))  # (N, P, C) on every rank
+    logits = None if labels is None else all_gather_rows(labels.logits, len(every), spans)  # (N, P, C) everywhere
     barrier()
     if rank == 0:
         _finish(plan, cfg, gen_dir, per_class, logits)
         what = "seeds and the teacher's soft labels" if cfg.soft_labels else "seeds"
-        best = (f", each the teacher's pick of {cfg.candidates} candidates (--candidates 1: no seed selection)"
-                if cfg.candidates > 1 else "")
+        best = (f", each the teacher's pick of {cfg.candidates} candidates ({plan.diversity.texts()['selection']}; "
+                "--candidates 1: no seed selection)" if cfg.candidates > 1 else "")
         spread = (f", each class's images spread over its modes ({plan.prompts.num_prompts} prompts) in proportion "
                   "to their training images" if plan.prompts.has_modes else "")
         print(f"generate: {len(classes) * cfg.ipc} images ({len(classes)} classes x {cfg.ipc}, "
@@ -169,19 +192,21 @@ def _write_images(gen_dir: Path, classes, batch: list[Job], pixels: torch.Tensor
         append_jsonl(manifest, {"class_index": job.cls, "image": job.index, "seed": job.seed, "key": key, **extra})
 
 
-def _make_images(plan: _Plan, cfg: GenerateConfig, conditioner, uncond, batch: list[Job],
+def _make_images(plan: _Plan, cfg: GenerateConfig, conditioner, uncond, batch: list[Job], spread,
                  ) -> tuple[list[Job], torch.Tensor, list[dict]]:
     """(jobs as stored, their patches (B, P, 3, S, S) uint8, manifest extras): the jobs' own images, or with
-    --candidates G the best of G candidates per job (the job then carries the chosen candidate's seed)."""
+    --candidates G the best of G candidates per job (the job then carries the chosen candidate's seed); `spread`:
+    --selection diverse's `SpreadSelection`, or None."""
     kw = dict(steps=cfg.steps, guidance=cfg.guidance, factor=plan.factor, image_size=plan.image_size, uncond=uncond,
-              micro_batch=cfg.sampler_batch)
+              micro_batch=cfg.sampler_batch, diversity=plan.diversity)
     if cfg.candidates == 1:
         patches = sampling.generate_batch(plan.backend, conditioner, batch, **kw)  # (B, P, 3, S, S) in [0, 1]
         return batch, quantize_pixels(patches), [{} for _ in batch]
     chunk = cfg.sampler_batch * plan.factor**2  # fixed teacher batches: a score never depends on the grouping
-    chosen, pixels, ce = best_of_candidates(plan.backend, conditioner, batch, cfg.candidates,
-                                            lambda px: label_pixels(plan.teacher, px, chunk), **kw)
-    extras = [{"candidate": int(e.argmin()), "teacher_ce": round(float(e.min()), 6)} for e in ce]
+    chosen, pixels, ce, best = best_of_candidates(plan.backend, conditioner, batch, cfg.candidates,
+                                                  lambda px: label_pixels(plan.teacher, px, chunk), spread=spread,
+                                                  **kw)
+    extras = [{"candidate": int(g), "teacher_ce": round(float(e[g]), 6)} for e, g in zip(ce, best)]
     return chosen, pixels, extras
 
 
@@ -215,12 +240,17 @@ class _Labels:
         """Label images an earlier run made, read back from their PNGs."""
         for s in range(0, len(jobs), 64):
             batch = jobs[s : s + 64]
-            pixels = torch.zeros(len(batch), self.factor**2, 3, image_size, image_size, dtype=torch.uint8)
-            for b, job in enumerate(batch):
-                for q, idx in enumerate(_patch_indices(job, self.factor, self.ipc)):
-                    with load_image(gen_dir / classes[job.cls].folder / f"{idx:05d}.png") as image:
-                        pixels[b, q] = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-            self.add(batch, pixels)
+            self.add(batch, _stored_pixels(gen_dir, classes, batch, self.factor, self.ipc, image_size))
+
+
+def _stored_pixels(gen_dir: Path, classes, jobs: list[Job], factor: int, ipc: int, image_size: int) -> torch.Tensor:
+    """The saved patches of the jobs' images (B, P, 3, S, S) uint8; patches past `ipc` (not saved) stay zero."""
+    pixels = torch.zeros(len(jobs), factor**2, 3, image_size, image_size, dtype=torch.uint8)
+    for b, job in enumerate(jobs):
+        for q, idx in enumerate(_patch_indices(job, factor, ipc)):
+            with load_image(gen_dir / classes[job.cls].folder / f"{idx:05d}.png") as image:
+                pixels[b, q] = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+    return pixels
 
 
 @dataclass
@@ -236,6 +266,7 @@ class _Plan:
     factor: int
     image_size: int
     settings: dict  # everything that changes a pixel (`generation_settings`)
+    diversity: Diversity  # guidance interval, CADS, selection (`backends.diversity`)
 
     @property
     def key(self) -> str:
@@ -270,15 +301,19 @@ def _prepare(cfg: GenerateConfig) -> _Plan:
         raise UserError("--candidates needs --teacher: the teacher scores the candidate images")
     if cfg.soft_labels and not cfg.teacher:
         raise UserError("--soft-labels needs --teacher PATH.safetensors (from `promptset teacher`) or NAME:PATH")
+    diversity = Diversity.parse(cfg.guidance_interval, cfg.cads, cfg.selection, guidance=cfg.guidance,
+                                candidates=cfg.candidates)
     teacher = None
     if cfg.soft_labels or cfg.candidates > 1:  # checked before the model loads; it labels on the model's device
         from ..models import load_teacher
-        from ..models.teachers import require_input_size
+        from ..models.teachers import penultimate_layer, require_input_size
 
         teacher = load_teacher(cfg.teacher, num_classes=len(classes), device="cpu",
                                class_folders=[c.folder for c in classes])
         # it labels (and scores) every patch at the size it expects
         require_input_size(teacher, "generate --soft-labels" if cfg.soft_labels else "generate --candidates")
+        if diversity.selection is not None:
+            penultimate_layer(teacher)  # --selection diverse measures distances in its penultimate features
     if absolute_paths({"model": model})["model"] == invert_cfg.get("model"):  # load it as invert did
         cfg.model_config = cfg.model_config or invert_cfg.get("model_config") or ""
         cfg.prediction_type = cfg.prediction_type or invert_cfg.get("prediction_type") or ""
@@ -299,11 +334,11 @@ def _prepare(cfg: GenerateConfig) -> _Plan:
         model_hash=backend.model_hash, steps=cfg.steps, guidance=cfg.guidance, sampler=cfg.sampler, seed=cfg.seed,
         resolution=backend.resolution, factor=factor, image_size=image_size, dtype=cfg.dtype,
         sampler_batch=cfg.sampler_batch, compile=cfg.compile, mode_rule=MODE_RULE if prompts.has_modes else "",
-        cpu_threads=threads.current() if backend.device.type == "cpu" else None,
+        cpu_threads=threads.current() if backend.device.type == "cpu" else None, diversity=diversity,
     )
     if cfg.candidates > 1:  # another image is kept: part of what the stored set is (keys of G = 1 runs unchanged)
         settings.update({"candidates": cfg.candidates, "selection_teacher": teacher.weights_sha256})
-    return _Plan(run, out, classes, backend, prompts, teacher, factor, image_size, settings)
+    return _Plan(run, out, classes, backend, prompts, teacher, factor, image_size, settings, diversity)
 
 
 def _finished_images(gen_dir: Path, classes, jobs: list[Job], key: str, factor: int, ipc: int,

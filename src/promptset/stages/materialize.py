@@ -10,13 +10,14 @@ Writes, per round r of the packed set (generate's set has one; an evaluate entry
     DIR/materialize.json                          what was checked and whether the images are the packed ones
 
 The generator's fingerprint is checked first (a different model is refused, naming the one expected, unless
-`--force`), the images are regenerated from the stored seeds with the stored settings, the CPU thread count they were
-made with replayed (it can change the last bits; `threads.py`), and their sha256 is compared with the one recorded
-when the set was made: on the same CPU model and torch they are equal bit for bit, so the PNGs equal generate's files
-byte for byte. When they are not, the report says how far (how many images differ, from each image's recorded short
-hash; with `--reference` the set's own images, the largest difference in uint8 levels and the share of pixels) and
-why (each recorded condition that differs now: model forced, dtype, device or CPU model, torch version, thread count),
-in the printed line and in `materialize.json`; another device, dtype or torch version is reported, not refused. With
+`--force`), the images are regenerated from the stored seeds with the stored settings (a guidance interval and CADS
+included; seed selection needs no teacher here, the chosen seeds are stored), the CPU thread count they were made with
+replayed (it can change the last bits; `threads.py`), and their sha256 is compared with the one recorded when the set
+was made: on the same CPU model and torch they are equal bit for bit, so the PNGs equal generate's files byte for
+byte. When they are not, the report says how far (how many images differ, from each image's recorded short hash;
+with `--reference` the set's own images, the largest difference in uint8 levels and the share of pixels) and why
+(each recorded condition that differs now: model forced, dtype, device or CPU model, torch version, thread count), in
+the printed line and in `materialize.json`; another device, dtype or torch version is reported, not refused. With
 modes, image i of class c is drawn from the mode the stored mode weights spread it to, as generate drew it.
 Everything is written under a temporary name and moved into place at the end: bad input, or a crash, leaves nothing.
 """
@@ -34,6 +35,7 @@ from .. import threads
 from ..artifacts import PromptSet, image_digests, images_sha256, made_with, save_tensors
 from ..atomic import save_image, staged_dir, write_json
 from ..backends import sampling
+from ..backends.diversity import Diversity
 from ..backends.sampling import Job, PromptConditioner
 from ..config import make_config, opt
 from ..data import load_image, quantize_pixels, to_pil
@@ -131,6 +133,7 @@ def _prepare(cfg: MaterializeConfig) -> tuple[PackedSet, object, PromptSet, Path
     if cfg.reference and not Path(cfg.reference).is_dir():
         raise UserError(f"--reference {cfg.reference} is not a folder; pass RUN/generated or an earlier materialize "
                         "--out")
+    Diversity.from_settings(gen)  # a guidance interval or CADS it cannot read is refused before anything is written
     backend = create_backend(expected["backend"], cfg.model, device=cfg.device, dtype=cfg.dtype or gen["dtype"],
                              sampler=gen["sampler"])
     mismatch = backend.model_hash != expected["model_hash"]
@@ -160,7 +163,8 @@ def _regenerate(backend, conditioner, uncond, jobs: list[Job], gen: dict, cfg: M
         patches = sampling.generate_batch(backend, conditioner, batch, steps=int(gen["steps"]),
                                           guidance=float(gen["guidance"]), factor=int(gen["factor"]),
                                           image_size=int(gen["image_size"]), uncond=uncond,
-                                          micro_batch=int(gen["sampler_batch"]))  # (B, P, 3, S, S) in [0, 1]
+                                          micro_batch=int(gen["sampler_batch"]),
+                                          diversity=Diversity.from_settings(gen))  # (B, P, 3, S, S) in [0, 1]
         out.append(quantize_pixels(patches))  # what generate's PNGs and evaluate's rounds hold
         bar.update(len(batch))
     bar.close()
