@@ -12,9 +12,11 @@ at 10 and 50 images per class, always beside a random real set of the same size.
 only how images are drawn from a run's prompts (e.g. guidance 2, a guidance interval, CADS, seed selection typical or
 diverse: `--sampling g5,gi,cads,typ,div`), with no stored byte changed.
 
-Steps: K prompts share the world's samples per step, so a mode token sees 1/K of what a class token sees at equal
-steps. Each run trains `max(300, 15 * prompts)` steps (the world's 300 for K = 1; 300, 750, 1500 for K = 2, 5, 10 on
-ten classes): every prompt sees at least 300 samples (the world's class prompt sees 600).
+Steps: invert trains its prompts in groups of (batch) 20, each group for `--steps` steps, so a prompt sees steps x 20
+/ (prompts in its group) samples: the world's one prompt per class (10 in one group, 300 steps) sees 600. By default
+a modes run trains `max(300, 15 * prompts)` steps per group (300 for K = 2: 300 samples per prompt; 750 for K = 5:
+750), and `--invert-steps` sets it (K = 10 was run with 300: 300 samples per prompt, five groups, for CPU time). Each
+row records its steps per group; compare rows knowing that a prompt trained longer may also be drawn narrower.
 
 `--students PROTOCOL:IPC:RUN` trains students on a run with the world's recipe for that row (`evaluate`, ConvNet-3,
 300 epochs, 3 seeds, 10 fresh rounds, mixed order, soft labels fp16 under P1), and adds each entry to
@@ -79,15 +81,16 @@ def stage_section(run: Path, stage: str) -> dict:
     return {k: v for k, v in stage_config(run, stage).items() if k in fields and k != "progress"}
 
 
-def modes_run(world: Path, root: Path, k: int, feature: str, teacher: str, progress: bool) -> Path:
+def modes_run(world: Path, root: Path, k: int, feature: str, teacher: str, progress: bool, steps: int = 0) -> Path:
     """A run folder with K prompts per class learned on the world's collages (K = 1: the world's run itself)."""
     if k == 1:
         return world
     run = root / f"k{k}-{feature}"
     inv = stage_section(world, "invert")
     classes = len(json.loads((world / "classes.json").read_text()))
+    steps = steps or steps_for(classes * k)
     inv.update(out=str(run), data=str(world / "collages"), modes=k, mode_features=feature,
-               steps=steps_for(classes * k), checkpoint_every=max(60, steps_for(classes * k) // 5), overwrite=False)
+               steps=steps, checkpoint_every=max(60, steps // 5), overwrite=False)
     if feature == "teacher":
         inv["teacher"] = teacher
     t = time.time()
@@ -150,20 +153,21 @@ def write_md(data: dict) -> None:
     lines = ["## Modes on the CIFAR-10 world (issue 27)", "",
              "`python benchmarks/cifar10_modes.py --cache CACHE` (after `cifar10_world.py --scale cpu --until "
              "fidelity`): K prompts per class learned on the world's collages (`invert --modes K --mode-features F`, "
-             f"{data.get('steps_rule', '')} steps at the world's batch 20), the world's IPC 50 set generated from "
+             "steps per group of 20 prompts at the world's batch 20), the world's IPC 50 set generated from "
              "them (guidance 5, no seed selection, soft labels), measured with `promptset coverage` in ResNet-20's "
              "penultimate features against each class's official test images (k = 5), averaged over classes; every "
              "set beside a random real set of the same size drawn from the same test images (the first 10 / 50 "
              f"images per class of each set). Machine: {(data.get('machine') or {}).get('cpu', '?')}, one thread.", ""]
     for per_class in sorted({r["per_class"] for r in data["rows"].values()}):
         lines += [f"### Coverage, {per_class} images per class", "",
-                  "| set | prompts/class | prompt bytes | precision | recall | density | coverage | pairwise cos | "
-                  "teacher top-1 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| set | prompts/class | invert steps per group | prompt bytes | precision | recall | density | "
+                  "coverage | pairwise cos | teacher top-1 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         rows = [r for r in data["rows"].values() if r["per_class"] == per_class]
         for r in sorted(rows, key=lambda r: (r["k"], r["feature"], r["sampling"])):
-            lines.append(f"| {r['label']} | {r['k']} | {r.get('prompt_bytes', '')} | {_fmt(r['images'])} |")
+            lines.append(f"| {r['label']} | {r['k']} | {r.get('invert_steps_per_group', '')} | "
+                         f"{r.get('prompt_bytes', '')} | {_fmt(r['images'])} |")
         if rows:
-            lines.append(f"| random real ({per_class}/class) | | | {_fmt(rows[0]['reference'])} |")
+            lines.append(f"| random real ({per_class}/class) | | | | {_fmt(rows[0]['reference'])} |")
         lines.append("")
     students = [r for r in student_rows() if r["entry"]["ipc"] == 50]
     if students:
@@ -220,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--students", default="", help="PROTOCOL:IPC:RUN rows to train, e.g. p1:50:k5-latent")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=300)
+    ap.add_argument("--invert-steps", type=int, default=0, help="inversion steps per group of prompts (0: the rule "
+                    "in the docstring)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="rewrite cifar10_modes.md from the JSON files")
     args = ap.parse_args(argv)
@@ -247,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for k in [int(x) for x in args.ks.split(",") if x.strip()]:
         for feature in ([f.strip() for f in args.features.split(",")] if k > 1 else ["-"]):
-            run = modes_run(world, root, k, feature if k > 1 else "latent", teacher, progress)
+            run = modes_run(world, root, k, feature if k > 1 else "latent", teacher, progress, args.invert_steps)
+            from promptset.runfolder import stage_config
+
+            inv = stage_config(run, "invert")
             prompts = promptset.PromptSet.load(run / "prompts.safetensors")
             for sampling in [s.strip() for s in args.sampling.split(",") if s.strip()]:
                 images = generated(run, world, 50, sampling, progress)
@@ -261,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                         ("" if sampling == "g5" else f", {sampling}")
                     data["rows"][name] = {"k": k, "feature": feature, "sampling": sampling, "per_class": per_class,
                                           "label": label, "run": str(run), "prompts": int(prompts.embeddings.shape[0]),
+                                          "invert_steps_per_group": int(inv["steps"]),
+                                          "invert_batch": int(inv["batch_size"]),
                                           "prompt_bytes": int(prompts.embeddings.numel() * 4),
                                           "images": overall(cov, "set"), "reference": overall(cov, "reference"),
                                           "coverage_json": str(cov_path), "seconds": round(time.time() - t, 1)}
