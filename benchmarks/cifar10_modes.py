@@ -157,7 +157,10 @@ def write_md(data: dict) -> None:
              "them (guidance 5, no seed selection, soft labels), measured with `promptset coverage` in ResNet-20's "
              "penultimate features against each class's official test images (k = 5), averaged over classes; every "
              "set beside a random real set of the same size drawn from the same test images (the first 10 / 50 "
-             f"images per class of each set). Machine: {(data.get('machine') or {}).get('cpu', '?')}, one thread.", ""]
+             f"images per class of each set). Machine: {(data.get('machine') or {}).get('cpu', '?')}, one thread. "
+             "Sampling rows change only how images are drawn (nothing stored): "
+             + "; ".join(f"`{k}` = {', '.join(f'{a} {b}' for a, b in v.items())}" for k, v in SAMPLING.items()
+                         if any(r["sampling"] == k for r in data["rows"].values())) + ".", ""]
     for per_class in sorted({r["per_class"] for r in data["rows"].values()}):
         lines += [f"### Coverage, {per_class} images per class", "",
                   "| set | prompts/class | invert steps per group | prompt bytes | precision | recall | density | "
