@@ -8,7 +8,8 @@ Each row runs one workload in a fresh process, timed from spawn to exit, with no
   tiny random Stable Diffusion model: 8 classes, 64 steps, batch 8, 16 px, the case issue 29 measured);
 - waiting: `passive` (the default since `import promptset` sets OMP_WAIT_POLICY=passive before torch loads) or
   `spinning` (OMP_WAIT_POLICY=active: libgomp's default, what a program that imports torch first gets);
-- load: `idle`, or `busy` (a `while True: pass` process started 2 s before and killed after the run).
+- load: `idle`, or `busy` (a `while True: pass` process started 2 s before and killed after the run; with
+  `--busy-external`, a process already running, e.g. a long student job, whose load is measured and recorded).
 Every row records a fingerprint of what it wrote (the demo: prompts, labels and every student's final accuracy per
 seed; the inversion: the prompts file), so the JSON says whether idle and busy runs gave the same bits, and
 `<workload>/<waiting>/busy_over_idle`. Rows are written as they finish; a rerun skips rows already there (`--redo`).
@@ -91,7 +92,7 @@ def fingerprint(workload: str, out: Path) -> dict:
             "students_final_top1": accuracies}
 
 
-def run_row(key: str, quick: bool, timeout: float, work: Path, log: Path) -> dict:
+def run_row(key: str, quick: bool, timeout: float, work: Path, log: Path, external: bool = False) -> dict:
     workload, waiting, load = key.split("/")
     drop = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PROMPTSET_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
     env = {k: v for k, v in os.environ.items() if k not in drop}
@@ -103,11 +104,11 @@ def run_row(key: str, quick: bool, timeout: float, work: Path, log: Path) -> dic
     else:
         model, data = api_inputs(work)
         cmd = [sys.executable, __file__, "--_api-invert", str(model), str(data), str(out)]
-    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load == "busy" else None
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load == "busy" and not external else None
     try:
         busy = busy_cores()
         for _ in range(60):  # an idle row waits (up to 2 minutes) for the machine to be idle
-            if spin is not None or busy < 0.2:
+            if load == "busy" or busy < 0.2:
                 break
             busy = busy_cores()
         print(f"[busy_machine] {key}: {' '.join(cmd)} (log {log}, busy cores before {busy})", flush=True)
@@ -126,6 +127,8 @@ def run_row(key: str, quick: bool, timeout: float, work: Path, log: Path) -> dic
             spin.kill()
             spin.wait()
     row = {"workload": workload, "waiting": waiting, "load": load, "seconds": seconds, "timed_out": timed_out,
+           "busy_process": ("an external one already running (--busy-external)" if external else "while True: pass")
+           if load == "busy" else None,
            "returncode": rc, "busy_cores_before": busy, "log": str(log), "bits": fingerprint(workload, out)}
     demo_json = out / "demo.json"
     if demo_json.is_file():
@@ -159,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default=",".join(ROWS), help="rows, e.g. api-invert/passive/busy,demo/passive/idle")
     ap.add_argument("--redo", action="store_true", help="run rows again that the JSON already has")
     ap.add_argument("--work", default="", help="folder for the runs (default: a new temporary folder)")
+    ap.add_argument("--busy-external", action="store_true", help="busy rows: another process already keeps one core "
+                    "busy (e.g. a long job), so start no busy loop; its load is recorded as measured")
     args = ap.parse_args(argv)
     path = Path(args.json)
     data = json.loads(path.read_text()) if path.is_file() else {}
@@ -174,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--rows: unknown row {key!r}; rows are {', '.join(ROWS)}")
         if key in data["rows"] and not args.redo:
             continue
-        data["rows"][key] = run_row(key, args.quick, args.timeout, work, work / f"{key.replace('/', '-')}.log")
+        data["rows"][key] = run_row(key, args.quick, args.timeout, work, work / f"{key.replace('/', '-')}.log",
+                                    args.busy_external)
         summarize(data)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
