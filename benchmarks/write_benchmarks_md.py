@@ -720,7 +720,8 @@ def busy_machine_section() -> list[str]:
     for _key, r in sorted(data["rows"].items()):
         secs = f"> {r['seconds']:.0f} (stopped)" if r.get("timed_out") else f"{r['seconds']:.1f}"
         bits = r.get("bits") or {}
-        fp = f"prompts {(bits.get('prompts') or '-')[:8]}" + (f", labels {bits['labels'][:8]}" if bits.get("labels") else "")
+        fp = f"prompts {(bits.get('prompts') or '-')[:8]}"
+        fp += f", labels {bits['labels'][:8]}" if bits.get("labels") else ""
         lines.append(f"| {r['workload']} | {r['waiting']} | {r['load']} | {secs} | {r.get('busy_cores_before', '-')} "
                      f"| {r.get('busy_process') or '-'} | {fp} |")
     facts = [f"{k.replace('/busy_over_idle', '')}: busy/idle {v:.2f}x" for k, v in sorted(data.items())
