@@ -96,11 +96,17 @@ def test_import_order_decides_the_wait_policy():
             "    threads.ensure()\n"
             "print(os.environ.get('OMP_WAIT_POLICY'), '|', threads.wait_policy(), '|', len(w))")
     first = subprocess.run([sys.executable, "-c", code.format(first="")], env=_clean_env(), capture_output=True,
-                           text=True, check=True).stdout.strip()
+                           text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
     assert first == "passive | passive | 0"
     late = subprocess.run([sys.executable, "-c", code.format(first="import torch")], env=_clean_env(),
-                          capture_output=True, text=True, check=True).stdout.strip()
+                          capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
     assert late.startswith("None | spinning") and late.endswith("| 1")
+
+
+def _run(cmd: list[str], env: dict, cwd: Path) -> None:
+    """A subprocess in a folder that exists (not whatever the test process's cwd is), its stderr shown on failure."""
+    done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(cmd[:4])} failed ({done.returncode}):\n{done.stderr[-3000:]}"
 
 
 def _files_hash(folder: Path, pattern: str) -> dict[str, str]:
@@ -121,11 +127,11 @@ def test_cli_bits_do_not_depend_on_the_load(tiny_sd, tmp_path):
 
     def run(out: Path) -> None:
         base = [sys.executable, "-m", "promptset"]
-        subprocess.run([*base, "invert", "--backend", "sd", "--model", str(tiny_sd), "--data", str(tmp_path / "data"),
-                        "--out", str(out), "--steps", "24", "--batch-size", "8", "--resolution", "16",
-                        "--device", "cpu", "--no-progress"], env=env, check=True, capture_output=True)
-        subprocess.run([*base, "generate", "--run", str(out), "--ipc", "3", "--steps", "4", "--device", "cpu",
-                        "--no-progress"], env=env, check=True, capture_output=True)
+        _run([*base, "invert", "--backend", "sd", "--model", str(tiny_sd), "--data", str(tmp_path / "data"),
+              "--out", str(out), "--steps", "24", "--batch-size", "8", "--resolution", "16", "--device", "cpu",
+              "--no-progress"], env, tmp_path)
+        _run([*base, "generate", "--run", str(out), "--ipc", "3", "--steps", "4", "--device", "cpu", "--no-progress"],
+             env, tmp_path)
 
     run(tmp_path / "idle")
     spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
@@ -161,11 +167,11 @@ def test_the_api_picks_its_threads_as_the_cli_does(tmp_path):
     for extra in ({}, {"PROMPTSET_THREADS": "3"}):
         env = _clean_env(**extra)
         cli, api = tmp_path / f"cli{len(extra)}", tmp_path / f"api{len(extra)}"
-        subprocess.run([sys.executable, "-m", "promptset", "select", "--data", data, "--out", str(cli), "--teacher",
-                        "none", "--resolution", "8", "--no-progress"], env=env, check=True, capture_output=True)
+        _run([sys.executable, "-m", "promptset", "select", "--data", data, "--out", str(cli), "--teacher", "none",
+              "--resolution", "8", "--no-progress"], env, tmp_path)
         code = (f"import promptset; promptset.select(data={data!r}, out={str(api)!r}, teacher='none', resolution=8, "
                 "progress=False)")
-        subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+        _run([sys.executable, "-c", code], env, tmp_path)
         recorded = [yaml.safe_load((run / "config.yaml").read_text())["cpu_threads"]["select"] for run in (cli, api)]
         assert recorded[0] == recorded[1]
         assert recorded[0]["source"] == ("PROMPTSET_THREADS" if extra else "default")
