@@ -512,6 +512,38 @@ def test_generated_rounds_are_cached_on_disk_keyed_by_what_changes_a_pixel(world
     assert "round_cache" not in off.info and torch.equal(off.rounds[2].images, first.rounds[2].images)
 
 
+def test_rounds_denoised_together_equal_rounds_denoised_one_by_one(world, tmp_path, monkeypatch):
+    """Fresh rounds are denoised as one job list (one padded tail per group of rounds, not one per round); the
+    images and chosen seeds are bit for bit those of rounds denoised one at a time, and fewer images are denoised."""
+    from promptset.backends import base
+    from promptset.evaluation import methods, rounds
+
+    run = tmp_path / "run"
+    shutil.copytree(world.run, run, ignore=shutil.ignore_patterns("eval"))
+    denoised = []
+    sample = base.DiffusionBackend.sample
+
+    def counting(self, cond, *args, **kwargs):
+        denoised.append(len(cond))
+        return sample(self, cond, *args, **kwargs)
+
+    monkeypatch.setattr(base.DiffusionBackend, "sample", counting)
+    cfg = _cfg(world, run=str(run), regen_every=1, epochs=4, gen_steps=2, round_cache=False, sampler_batch=4)
+    together = build_generative(_context(cfg, ["d3m"]), "d3m")  # 4 rounds x 3 classes x IPC jobs in one list
+    assert not together.info["round0_reused_generated"]  # another sampler batch than generate's: round 0 too
+    n_together = sum(denoised)
+    methods._ROUNDS.clear()
+    denoised.clear()
+    monkeypatch.setattr(rounds, "GROUP_IMAGES", 1)  # every round its own group
+    alone = build_generative(_context(cfg, ["d3m"]), "d3m")
+    methods._ROUNDS.clear()
+    assert n_together == -(-4 * 3 * IPC // 4) * 4 < sum(denoised) == 4 * (-(-3 * IPC // 4) * 4)
+    for a, b in zip(together.rounds, alone.rounds):
+        assert torch.equal(a.images, b.images) and torch.equal(a.logits, b.logits)
+    assert together.info["labels_file"] == alone.info["labels_file"]
+    assert rounds.job_step(32, 64, 4) == 32 and rounds.job_step(32, 64, 1) == 64 and rounds.job_step(5, 8, 3) == 8
+
+
 def test_round_cache_keeps_images_another_process_stored_meanwhile(tmp_path):
     """Two evaluate calls on one run (P1 and P2 side by side): each one's store merges the file the other wrote
     since it was read, instead of overwriting it."""

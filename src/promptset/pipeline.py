@@ -70,6 +70,9 @@ def write_digits(root: Path, size: int) -> dict[str, Path]:
     return splits
 
 
+DEMO_SAMPLER_BATCH = 100
+
+
 def demo(cfg: DemoConfig | None = None, **overrides) -> dict:
     """Run pretrain -> select -> invert -> generate -> evaluate on digits; print and return the results table."""
     cfg = make_config(DemoConfig, cfg, overrides, "demo")
@@ -134,8 +137,10 @@ def demo(cfg: DemoConfig | None = None, **overrides) -> dict:
 
     stage("generate")
     gen_steps = 10 if quick else 25
-    generate(run=str(run), ipc=cfg.ipc, steps=gen_steps, guidance=3.0, batch_size=50, seed=cfg.seed,
-             soft_labels=True, teacher=teacher, device=str(device), progress=cfg.progress)
+    # 100 images per denoiser call (evaluate's fresh rounds inherit it): at 8 px a call of 8 is per-call overhead,
+    # and 100 jobs x 4 seed candidates fill whole calls (the images depend on this setting; it is recorded)
+    generate(run=str(run), ipc=cfg.ipc, steps=gen_steps, guidance=3.0, batch_size=50, sampler_batch=DEMO_SAMPLER_BATCH,
+             seed=cfg.seed, soft_labels=True, teacher=teacher, device=str(device), progress=cfg.progress)
     done("generate")
 
     common = dict(run=str(run), test=str(splits["test"]), train=str(splits["train"]), student="convnet3",

@@ -23,20 +23,18 @@ from ..accounting import SEED_BYTES, check_stored_bytes, class_list_bytes, compr
 from ..artifacts import PromptSet, image_digests, images_sha256, load_tensors, made_with, save_tensors, sha256_bytes
 from ..atomic import read_jsonl
 from ..backends import sampling
-from ..backends.diversity import Diversity, job_shares
+from ..backends.diversity import Diversity
 from ..backends.sampling import Job, PromptConditioner, TextConditioner, class_prompts, generation_settings, jobs_for
-from ..backends.selection import best_of_candidates
 from ..data import ImageFolderIndex, cut_patches, load_class_images, load_image, scan_image_folder, to_tensor
 from ..dist import all_gather_rows, ddp_world, span
 from ..errors import UserError
 from ..labelcodec import LabelCodec, decode_soft_labels, encode_labels, parse_codec, planned_bytes
-from ..models import label_pixels, teacher_features
 from ..modes import MODE_RULE
 from ..progress import progress_bar
 from ..runfolder import ClassInfo, check_same_classes
 from ..seeding import derive_seed
 from .results import GENERATIVE
-from .round_cache import RoundCache
+from .rounds import generate_rounds, to_uint8  # noqa: F401 (to_uint8: evaluation's uint8 rounding, used by benchmarks)
 from .student import TrainSet
 
 
@@ -87,10 +85,6 @@ def load_real_folder(
         while len(_FOLDERS) > REAL_CACHE_SIZE:
             _FOLDERS.popitem(last=False)
     return _FOLDERS[key]
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    return x.clamp(0, 1).mul(255).round().to(torch.uint8)
 
 
 @dataclass
@@ -247,8 +241,8 @@ def build_generative(ctx: Context, method: str) -> Distilled:
         return made[0]
 
     show = ctx.cfg.progress and ddp_world()[0] == 0
-    bar = progress_bar(range(ctx.rounds), desc=f"{method}: images", unit="round", disable=not show, leave=False)
-    for r in bar:
+    plan = []  # per round: [stage, jobs, images or None (to generate), memo key]
+    for r in range(ctx.rounds):
         stage = "generate" if r == 0 else f"eval-round{r}"
         jobs = jobs_for(list(range(c)), per_class, ctx.gen["seed"], stage)
         images = None
@@ -260,9 +254,14 @@ def build_generative(ctx: Context, method: str) -> Distilled:
         if images is None and memo in _ROUNDS:  # made by an earlier evaluate call in this process (other protocol)
             _ROUNDS.move_to_end(memo)
             images, jobs = _ROUNDS[memo]
-        if images is None:
-            images, jobs = _generate_round(ctx, method, stage, conditioning, jobs, cache_stats)  # (C*K, 3, S, S)
-            _remember_round(memo, images, jobs)
+        plan.append([stage, jobs, images, memo])
+    todo = [entry for entry in plan if entry[2] is None]
+    generated = generate_rounds(ctx, [(stage, jobs) for stage, jobs, _, _ in todo], conditioning,
+                                lambda stage: _cache_key(ctx, method, stage), cache_stats, show, f"{method}: images")
+    for entry, (images, jobs) in zip(todo, generated):
+        entry[1:3] = jobs, images
+        _remember_round(entry[3], images, jobs)
+    for _, jobs, images, _ in plan:
         hashes.append((images_sha256(images), image_digests(images)))  # the round's, and each image's
         images = images.to(ctx.device)
         if ctx.teacher is not None and (ctx.needs_soft or ctx.teacher.image_size):  # only at the size it expects
@@ -334,29 +333,6 @@ def _conditioning(ctx: Context, method: str):
     return conditioner, uncond
 
 
-def _generate_round(ctx: Context, method: str, stage: str, conditioning, jobs: list,
-                    stats: dict) -> tuple[torch.Tensor, list]:
-    """One round's patches, (C*K, 3, S, S) uint8 in ImageFolder order, and the jobs as stored (with --candidates G,
-    each carries its chosen candidate's seed). Images already in the round cache are taken from it; the others are
-    generated (`_generate_jobs`) and added to it."""
-    c, p = ctx.num_classes, ctx.factor**2
-    per_class = math.ceil(ctx.ipc / p)
-    cache = RoundCache(ctx.run, _cache_key(ctx, method, stage)) if ctx.cfg.round_cache else None
-    todo = cache.missing(jobs) if cache is not None else jobs
-    if todo:
-        conditioner, uncond = conditioning()
-        earlier = None if cache is None else (lambda k, idx: cache.get([jobs[k * per_class + i] for i in idx])[0])
-        patches, chosen = _generate_jobs(ctx, conditioner, uncond, todo, earlier)
-        if cache is not None:
-            cache.add(todo, chosen, patches)
-    if cache is not None:
-        patches, chosen = cache.get(jobs)
-    stats["generated"] += len(todo)
-    stats["reused"] += len(jobs) - len(todo)
-    per_image = patches.view(c, per_class * p, 3, ctx.image_size, ctx.image_size)
-    return per_image[:, : ctx.ipc].reshape(c * ctx.ipc, 3, ctx.image_size, ctx.image_size), chosen
-
-
 def _cache_key(ctx: Context, method: str, stage: str) -> dict:
     """Everything that changes a pixel of a job's patches in this round (see round_cache.py)."""
     path = ctx.run / "prompts.safetensors"
@@ -368,39 +344,6 @@ def _cache_key(ctx: Context, method: str, stage: str) -> dict:
         settings |= {"prompts": class_prompt_strings(ctx), "template": ""}
     return {"method": method, "stage": stage, "settings": settings,
             "classes": [x.folder for x in ctx.classes]}  # fmt: skip
-
-
-def _generate_jobs(ctx: Context, conditioner, uncond, jobs: list, earlier=None) -> tuple[torch.Tensor, list]:
-    """The patches of `jobs`, (N, P, 3, S, S) uint8, and the jobs with the seeds used (with --candidates G, each
-    the chosen candidate's); each rank makes its share (an image depends on its seed only) and every rank gets all.
-    `earlier`: --selection diverse's source of a class's earlier images that are not among `jobs` (the round cache)."""
-    p = ctx.factor**2
-    rank, world = ddp_world()
-    diversity = Diversity.from_settings(ctx.gen)
-    spans = job_shares(jobs, world, whole_classes=diversity.selection is not None)  # as generate shares its jobs
-    lo, hi = spans[rank]
-    patches, seeds = [], []
-    kw = dict(steps=ctx.gen["steps"], guidance=ctx.gen["guidance"], factor=ctx.factor, image_size=ctx.image_size,
-              uncond=uncond, micro_batch=ctx.gen["sampler_batch"], diversity=diversity)
-    g = int(ctx.cfg.candidates)
-    chunk = ctx.gen["sampler_batch"] * p  # the teacher scores fixed batches: a score never depends on the grouping
-    spread = diversity.spread(lambda px: teacher_features(ctx.teacher, px, chunk), earlier)  # None: typical
-
-    def logits_of(pixels: torch.Tensor) -> torch.Tensor:
-        return label_pixels(ctx.teacher, pixels, chunk)
-
-    for s in range(lo, hi, ctx.cfg.gen_batch_size):
-        batch = jobs[s : min(s + ctx.cfg.gen_batch_size, hi)]
-        if g > 1:
-            batch, out, *_ = best_of_candidates(ctx.backend(), conditioner, batch, g, logits_of, spread=spread, **kw)
-        else:
-            out = to_uint8(sampling.generate_batch(ctx.backend(), conditioner, batch, **kw))  # (B, P, 3, S, S)
-        patches.append(out)
-        seeds += [j.seed for j in batch]
-    mine = torch.cat(patches) if patches else torch.zeros(0, p, 3, ctx.image_size, ctx.image_size).byte()
-    every = all_gather_rows(mine, len(jobs), spans)
-    chosen = all_gather_rows(torch.tensor(seeds, dtype=torch.int64), len(jobs), spans).tolist()
-    return every, [Job(j.cls, j.index, int(seed)) for j, seed in zip(jobs, chosen)]
 
 
 ROUNDS_CACHE_BYTES = 256 << 20  # generated rounds kept per process, so P1 and P2 of one run generate them once
