@@ -19,6 +19,7 @@ from torch import nn
 from ..devices import dtype_name, resolve_device, resolve_dtype, to_device
 from ..errors import UserError
 from ..precision import check_finite
+from .attention import reuse_attention
 
 __all__ = ["DiffusionBackend", "resolve_device", "resolve_dtype", "denoising_objective", "image_generators"]
 
@@ -175,6 +176,7 @@ class DiffusionBackend:
         self.use_attention_mask = use_attention_mask
         self.zero_padding_states = zero_padding_states
         self._slot_override: tuple[int, torch.Tensor] | None = None
+        self.reuse_attention = True  # `sample` projects cross-attention keys/values once per call (attention.py)
         self.token_embedding: nn.Embedding = self.text_encoder.get_input_embeddings()
         self.token_embedding.register_forward_hook(self._inject_slots)
         self.prediction_type = getattr(noise_scheduler.config, "prediction_type", "epsilon")
@@ -425,10 +427,21 @@ class DiffusionBackend:
         image depends on its seed alone, never on the other images of the batch or on global random state.
         `diversity` (`backends.diversity.Diversity`, default none): guidance on an interval of the steps only (the
         unconditional pass skipped elsewhere) and CADS noise on `cond`, drawn from the same generators.
-        Returns images in [0, 1], (B, 3, H, W) fp32 on the backend's device.
+        Returns images in [0, 1], (B, 3, H, W) fp32 on the backend's device. Within the call the cross-attention
+        keys/values of a conditioning tensor are projected once (`attention.reuse_attention`; `reuse_attention =
+        False` turns that off), which changes no bit.
         """
         if len(generators) != noise.shape[0]:
             raise ValueError(f"{len(generators)} generators for {noise.shape[0]} images; pass one per image")
+        # inference mode: nothing here is differentiated (same kernels, less bookkeeping per op); the images are
+        # cloned outside it, so callers get an ordinary tensor they may modify in place
+        with torch.inference_mode(), reuse_attention(self.unet, enabled=self.reuse_attention):
+            images = self._denoise(cond, uncond, noise, steps=steps, guidance=guidance, generators=generators,
+                                   diversity=diversity)
+        return images.clone()
+
+    def _denoise(self, cond, uncond, noise, *, steps, guidance, generators, diversity) -> torch.Tensor:
+        """`sample`'s loop: the same update as diffusers' StableDiffusionPipeline.__call__."""
         scheduler = type(self.sample_scheduler).from_config(self.sample_scheduler.config)
         scheduler.set_timesteps(steps, device=self.device)
         step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
@@ -442,7 +455,8 @@ class DiffusionBackend:
             states = both if guided else cond
             if diversity is not None and diversity.cads is not None:  # new noise on the condition at every step
                 annealed = diversity.condition(cond, k, n, generators)
-                states = torch.cat([both[: len(cond)], annealed]) if guided else annealed
+                if annealed is not cond:  # else (no annealing at this step) `states` already holds these values
+                    states = torch.cat([both[: len(cond)], annealed]) if guided else annealed
             model_in = torch.cat([latents] * 2) if guided else latents
             model_in = scheduler.scale_model_input(model_in, t)
             pred = self.unet(model_in.to(self.dtype), t, encoder_hidden_states=states).sample.float()
