@@ -1,13 +1,14 @@
 """Speed and bits on a busy machine: `promptset demo` and a Python-API inversion, idle and beside one busy process.
 
-    .venv/bin/python benchmarks/busy_machine.py [--quick] [--rows api-invert/passive/idle,...] [--json PATH]
+    .venv/bin/python benchmarks/busy_machine.py [--quick] [--rows api-invert/default/idle,...] [--json PATH]
 
 Each row runs one workload in a fresh process, timed from spawn to exit, with no PROMPTSET_THREADS or OMP_NUM_THREADS
 (promptset's default: torch's thread count, fixed for the whole process whatever the load):
 - workloads: `demo` (`promptset demo`, or `--quick`) and `api-invert` (`promptset.invert(...)` called from Python on a
   tiny random Stable Diffusion model: 8 classes, 64 steps, batch 8, 16 px, the case issue 29 measured);
-- waiting: `passive` (the default since `import promptset` sets OMP_WAIT_POLICY=passive before torch loads) or
-  `spinning` (OMP_WAIT_POLICY=active: libgomp's default, what a program that imports torch first gets);
+- waiting: `default` (no wait setting: `import promptset` chooses OMP_WAIT_POLICY before torch loads, `active` when
+  the other processes leave the cores idle at start, `passive` when they keep a core busy), `spinning`
+  (OMP_WAIT_POLICY=active whatever the load) or `passive` (OMP_WAIT_POLICY=passive whatever the load);
 - load: `idle`, or `busy` (a `while True: pass` process started 2 s before and killed after the run; with
   `--busy-external`, a process already running, e.g. a long student job, whose load is measured and recorded).
 Every row records a fingerprint of what it wrote (the demo: prompts, labels and every student's final accuracy per
@@ -34,7 +35,8 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 from cpuinfo import cpu_model  # noqa: E402
 
-ROWS = [f"{w}/{p}/{load}" for w in ("api-invert", "demo") for p in ("passive", "spinning")
+WAITING = ("default", "spinning", "passive")
+ROWS = [f"{w}/{p}/{load}" for w in ("api-invert", "demo") for p in ("default", "spinning")
         for load in ("idle", "busy")]
 API_INVERT = dict(classes=8, steps=64, batch_size=8, size=16, images_per_class=8)
 
@@ -94,10 +96,11 @@ def fingerprint(workload: str, out: Path) -> dict:
 
 def run_row(key: str, quick: bool, timeout: float, work: Path, log: Path, external: bool = False) -> dict:
     workload, waiting, load = key.split("/")
-    drop = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PROMPTSET_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+    drop = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PROMPTSET_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
+            "KMP_BLOCKTIME", "PROMPTSET_OMP_WAIT")
     env = {k: v for k, v in os.environ.items() if k not in drop}
-    if waiting == "spinning":
-        env["OMP_WAIT_POLICY"] = "active"
+    if waiting != "default":
+        env["OMP_WAIT_POLICY"] = {"spinning": "active", "passive": "passive"}[waiting]
     out = Path(tempfile.mkdtemp(prefix=f"promptset-busy-{workload}-", dir=work)) / "out"
     if workload == "demo":
         cmd = [sys.executable, "-m", "promptset", "demo", "--out", str(out), "--no-progress", *(["--quick"] * quick)]
@@ -142,7 +145,7 @@ def run_row(key: str, quick: bool, timeout: float, work: Path, log: Path, extern
 def summarize(data: dict) -> None:
     rows = data["rows"]
     for workload in ("api-invert", "demo"):
-        for waiting in ("passive", "spinning"):
+        for waiting in WAITING:
             idle, busy = rows.get(f"{workload}/{waiting}/idle"), rows.get(f"{workload}/{waiting}/busy")
             if idle and busy:
                 data[f"{workload}/{waiting}/busy_over_idle"] = round(busy["seconds"] / idle["seconds"], 2)
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=str(BENCH_DIR / "results" / "busy_machine.json"), help="output file")
     ap.add_argument("--quick", action="store_true", help="promptset demo --quick (a smoke run of every stage)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="stop a run after this many seconds")
-    ap.add_argument("--rows", default=",".join(ROWS), help="rows, e.g. api-invert/passive/busy,demo/passive/idle")
+    ap.add_argument("--rows", default=",".join(ROWS), help="rows, e.g. api-invert/default/busy,demo/passive/idle")
     ap.add_argument("--redo", action="store_true", help="run rows again that the JSON already has")
     ap.add_argument("--work", default="", help="folder for the runs (default: a new temporary folder)")
     ap.add_argument("--busy-external", action="store_true", help="busy rows: another process already keeps one core "

@@ -75,13 +75,24 @@ def test_replay_sets_and_restores(restore_threads):
         assert torch.get_num_threads() == 1
 
 
-def test_passive_waiting_is_set_only_where_it_can_act():
+def test_the_wait_policy_follows_the_load_at_start_only_where_it_can_act(monkeypatch):
+    monkeypatch.setattr(threads, "_CHOSEN", threads._CHOSEN)  # choose_waiting records its choice: restored after
+    monkeypatch.setattr(threads, "_TORCH_FIRST", False)  # as in a process that imported promptset first
     env: dict[str, str] = {}
-    assert threads.prefer_passive_waiting(env, modules={}) and env["OMP_WAIT_POLICY"] == "passive"
-    env = {"GOMP_SPINCOUNT": "100"}
-    assert not threads.prefer_passive_waiting(env, modules={}) and "OMP_WAIT_POLICY" not in env
+    assert threads.choose_waiting(env, modules={}, busy_cores=lambda: 0.1) == "active"
+    assert env == {"OMP_WAIT_POLICY": "active", "PROMPTSET_OMP_WAIT": "active"}
+    assert threads.wait_policy(env) == "active (idle at start)"
+    # a child of that process, started while another process keeps a core busy, chooses again
+    assert threads.choose_waiting(env, modules={}, busy_cores=lambda: 1.0) == "passive"
+    assert env["OMP_WAIT_POLICY"] == "passive" and threads.wait_policy(env) == "passive (busy at start)"
     env = {}
-    assert not threads.prefer_passive_waiting(env, modules={"torch": object()}) and env == {}
+    assert threads.choose_waiting(env, modules={}, busy_cores=lambda: None) == "passive"  # load unknown: safe side
+    for user in ({"GOMP_SPINCOUNT": "100"}, {"OMP_WAIT_POLICY": "active"}, {"KMP_BLOCKTIME": "0"}):
+        env = dict(user)
+        assert threads.choose_waiting(env, modules={}, busy_cores=lambda: 1.0) is None and env == user
+        assert threads.wait_policy(env).startswith("user: ")
+    env = {}
+    assert threads.choose_waiting(env, modules={"torch": object()}, busy_cores=lambda: 0.0) is None and env == {}
 
 
 def _clean_env(**extra) -> dict:
@@ -97,7 +108,8 @@ def test_import_order_decides_the_wait_policy():
             "print(os.environ.get('OMP_WAIT_POLICY'), '|', threads.wait_policy(), '|', len(w))")
     first = subprocess.run([sys.executable, "-c", code.format(first="")], env=_clean_env(), capture_output=True,
                            text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
-    assert first == "passive | passive | 0"
+    policy, described, warned = (x.strip() for x in first.split("|"))
+    assert policy in ("active", "passive") and described.startswith(policy + " (") and warned == "0"
     late = subprocess.run([sys.executable, "-c", code.format(first="import torch")], env=_clean_env(),
                           capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
     assert late.startswith("None | spinning") and late.endswith("| 1")
@@ -175,6 +187,6 @@ def test_the_api_picks_its_threads_as_the_cli_does(tmp_path):
         recorded = [yaml.safe_load((run / "config.yaml").read_text())["cpu_threads"]["select"] for run in (cli, api)]
         assert recorded[0] == recorded[1]
         assert recorded[0]["source"] == ("PROMPTSET_THREADS" if extra else "default")
-        assert recorded[0]["openmp_wait"] == "passive"
+        assert recorded[0]["openmp_wait"].split()[0] in ("active", "passive")
         if extra:
             assert recorded[0]["cpu_threads"] == 3

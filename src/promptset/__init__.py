@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import importlib
 
-from .threads import prefer_passive_waiting as _prefer_passive_waiting
+from .threads import choose_waiting as _choose_waiting
 
-# before anything loads torch (and OpenMP): waiting threads sleep instead of spinning (threads.py)
-_prefer_passive_waiting()
+# before anything loads torch (and OpenMP): waiting threads spin on an idle machine, sleep on a busy one (threads.py)
+_choose_waiting()
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,5 @@
 """CPU threads: one count per process, fixed before any torch work, so the bits a stage writes do not depend on how
-busy the machine is; OpenMP threads that wait passively, so a busy machine costs about its share of the cores.
+busy the machine is; OpenMP threads that spin on an idle machine and sleep on a busy one, chosen at start.
 
 Why a fixed count: torch's CPU kernels split their work (and reductions) by thread, so the same arithmetic at another
 thread count rounds differently in the last bits (measured: a 64-step inversion differed by up to 3.5e-7, and 15 of
@@ -8,14 +8,19 @@ before, made the bits depend on what else ran. The count is therefore a property
 never of the load, and it is recorded with everything that changes a pixel (`cpu_threads` in the generation
 settings), so `materialize` and `evaluate` can replay it.
 
-Why passive waiting: after every parallel operation torch's OpenMP threads meet at a barrier. By default libgomp's
-waiting threads spin for a while first; with two threads on two cores and one competing process, the spinning
-thread takes the core its partner needs, and small operations slowed down 2-8x (BENCHMARKS.md, "Bits and speed on a
-busy machine"). With `OMP_WAIT_POLICY=passive` a waiting thread sleeps at once, the descheduled partner gets the core,
-and a competitor costs about the share of the cores it takes. OpenMP reads the policy once, when torch loads it, so
-`import promptset` sets it (unless the user set `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT`) when torch is not yet
-imported. A program that imports torch first keeps spinning waits (same bits, slower under load); `wait_policy()`
-says which one a process has and the verbs warn once.
+How OpenMP threads wait: after every parallel operation torch's OpenMP threads meet at a barrier. Spinning
+waiters (`OMP_WAIT_POLICY=active`) are fastest on an idle machine, but with two threads on two cores and a competing
+process a spinning thread takes the core its partner needs; sleeping waiters (`passive`) give the core up at once,
+so a competitor costs about its share, but every wake-up costs time, and on an idle machine small operations ran
+up to 2x slower (measured, BENCHMARKS.md "Bits and speed on a busy machine": a tiny inversion 11.2 s spinning vs
+16.6 s passive idle, 21.0 s vs 13.6 s beside a busy loop; `promptset demo` 462 s passive idle). libgomp's default
+(spin a while, then sleep) was the worst beside a busy process (5-25x). OpenMP reads the policy once, when torch
+loads it, so `import promptset` chooses it then from how busy the other processes keep the cores over 50 ms:
+`active` when they are idle, `passive` when they keep at least half a core busy. The wait policy never changes a
+bit (only the thread count does), so choosing it from the load is safe; it is recorded (`describe()`). A policy the
+user set (`OMP_WAIT_POLICY`, `GOMP_SPINCOUNT`, `KMP_BLOCKTIME`) is kept; a child process re-chooses the one its
+promptset parent chose (`PROMPTSET_OMP_WAIT` marks it). A program that imports torch first keeps libgomp's default
+(same bits, slower under load); `wait_policy()` says which one a process has and the verbs warn once.
 
 The count: `set_threads(n)` (a caller that says so) > `PROMPTSET_THREADS` > `OMP_NUM_THREADS` > torch's own count
 when promptset first configures (its default, one thread per core of this machine, unless the caller changed it).
@@ -33,37 +38,58 @@ import warnings
 from collections.abc import Mapping, MutableMapping
 
 _WAIT_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
-_PASSIVE_SET_BY_PROMPTSET = False
+_MARK = "PROMPTSET_OMP_WAIT"  # the policy a promptset process chose (children re-choose it)
+_CHOSEN: str | None = None  # 'active' or 'passive' when this process chose OMP_WAIT_POLICY
 _TORCH_FIRST = False
+BUSY_THRESHOLD = 0.5  # cores other processes keep busy at start from which threads wait passively
+PROBE_SECONDS = 0.05
 
 
-def prefer_passive_waiting(env: MutableMapping[str, str] | None = None, modules: Mapping | None = None) -> bool:
-    """Set OMP_WAIT_POLICY=passive for this process (and its children) if it can still take effect.
+def _others_busy_now(seconds: float = PROBE_SECONDS) -> float | None:
+    """Cores other processes keep busy over the next `seconds` (None where /proc/stat cannot be read)."""
+    before = sample()
+    if before is None:
+        return None
+    time.sleep(seconds)
+    after = sample()
+    return None if after is None else others_busy_cores(before, after)
 
-    Returns True when it was set here; False when the user chose a wait policy or torch (and OpenMP) already loaded.
-    """
-    global _PASSIVE_SET_BY_PROMPTSET, _TORCH_FIRST
+
+def choose_waiting(env: MutableMapping[str, str] | None = None, modules: Mapping | None = None,
+                   busy_cores=_others_busy_now) -> str | None:
+    """Set OMP_WAIT_POLICY for this process (and its children) if it can still take effect: 'active' when the other
+    processes leave the cores idle now, 'passive' when they keep at least `BUSY_THRESHOLD` cores busy (or the load
+    cannot be read). Returns the policy set here, or None when the user chose one or torch (and OpenMP) already
+    loaded. `busy_cores()` -> cores the others keep busy (tests pass their own)."""
+    global _CHOSEN, _TORCH_FIRST
     env = os.environ if env is None else env
     modules = sys.modules if modules is None else modules
-    if any(env.get(name) for name in _WAIT_ENV):
-        return False
+    inherited = env.get(_MARK) and env.get("OMP_WAIT_POLICY") == env.get(_MARK)  # a promptset parent's choice
+    if not inherited and any(env.get(name) for name in _WAIT_ENV):
+        return None
     if "torch" in modules:
         _TORCH_FIRST = True
-        return False
-    env["OMP_WAIT_POLICY"] = "passive"
-    _PASSIVE_SET_BY_PROMPTSET = True
-    return True
+        return None
+    busy = busy_cores()
+    _CHOSEN = "active" if busy is not None and busy < BUSY_THRESHOLD else "passive"
+    env["OMP_WAIT_POLICY"] = env[_MARK] = _CHOSEN
+    return _CHOSEN
+
+
+prefer_passive_waiting = choose_waiting  # the name of earlier releases
 
 
 def wait_policy(env: Mapping[str, str] | None = None) -> str:
-    """How this process's OpenMP threads wait: 'passive', 'user: NAME=VALUE' or 'spinning (torch imported first)'."""
+    """How this process's OpenMP threads wait: 'active (idle at start)', 'passive (busy at start)', 'user: NAME=VALUE',
+    'spinning (torch imported before promptset)' or 'default'."""
     env = os.environ if env is None else env
     if _TORCH_FIRST:
         return "spinning (torch imported before promptset)"
+    if _CHOSEN is not None and env.get("OMP_WAIT_POLICY") == _CHOSEN:
+        return f"{_CHOSEN} ({'idle' if _CHOSEN == 'active' else 'busy'} at start)"
     for name in _WAIT_ENV:
         if env.get(name):
-            ours = _PASSIVE_SET_BY_PROMPTSET and name == "OMP_WAIT_POLICY"
-            return "passive" if ours else f"user: {name}={env[name]}"
+            return f"user: {name}={env[name]}"
     return "default"
 
 
