@@ -342,6 +342,35 @@ def test_training_is_deterministic_on_cpu():
     assert out["optimizer_steps"] == 9
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
+def test_foreach_optimizers_step_exactly_as_the_per_parameter_loop(optimizer):
+    """make_optimizer's multi-tensor (foreach) updates give bit for bit the weights of torch's per-parameter loop."""
+    from promptset.evaluation.student import make_optimizer, param_groups
+
+    recipe = _recipe(optimizer=optimizer)
+    weights = []
+    for foreach in (True, False):
+        torch.manual_seed(0)
+        model = create_student("convnet_tiny", 3, SIZE)
+        opt = make_optimizer(model, recipe)
+        if not foreach:
+            groups = param_groups(model, recipe.weight_decay)
+            opt = {"sgd": lambda: torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, foreach=False),
+                   "adam": lambda: torch.optim.Adam(groups, lr=recipe.lr, foreach=False),
+                   "adamw": lambda: torch.optim.AdamW(groups, lr=recipe.lr, betas=(0.9, 0.999), foreach=False)}[
+                optimizer]()
+        assert all(g.get("foreach") is foreach for g in opt.param_groups)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            x = torch.rand(6, 3, SIZE, SIZE, generator=g)
+            loss = torch.nn.functional.cross_entropy(model(x), torch.arange(6) % 3)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+
+
 def random_resized_crop_flip(x, g, min_scale, flip):
     return warp(x, crop_flip_params(len(x), g, min_scale, flip))
 

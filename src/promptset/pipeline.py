@@ -36,7 +36,7 @@ class DemoConfig:
     quick: bool = opt(False, "a much smaller run (about a minute) that checks every stage works")
     image_size: int = opt(8, "side of the digit images in pixels (8 = the native digits resolution)")
     pretrain_steps: int = opt(0, "generator training steps (0 = 400, or 100 with --quick)")
-    invert_steps: int = opt(0, "inversion steps (0 = 300, or 20 with --quick)")
+    invert_steps: int = opt(0, "inversion steps (0 = 200, or 20 with --quick)")
     ipc: int = opt(10, "images per class for every method")
     epochs: int = opt(0, "student epochs under P1 and P2 (0 = 300, or 3 with --quick)")
     regen_every: int = opt(0, "d3m: fresh images every N epochs (0 = 30, or 1 with --quick)")
@@ -86,7 +86,7 @@ def demo(cfg: DemoConfig | None = None, **overrides) -> dict:
 
     quick = cfg.quick
     pretrain_steps = cfg.pretrain_steps or (100 if quick else 400)
-    invert_steps = cfg.invert_steps or (20 if quick else 300)
+    invert_steps = cfg.invert_steps or (20 if quick else 200)
     epochs = cfg.epochs or (3 if quick else 300)
     regen_every = cfg.regen_every or (1 if quick else 30)
     seeds = cfg.seeds or (1 if quick else 3)
@@ -119,7 +119,7 @@ def demo(cfg: DemoConfig | None = None, **overrides) -> dict:
     pretrain(out=str(model), data=str(splits["foundation"]), vae="identity", resolution=size, unet_size="tiny",
              steps=pretrain_steps, batch_size=64, lr=1e-3, warmup_steps=min(100, pretrain_steps // 5),
              checkpoint_every=max(50, pretrain_steps // 5), teacher=teacher, teacher_size=size,
-             eval_samples=5 if quick else 20, sample_steps=10 if quick else 25, guidance=3.0, flip=False,
+             eval_samples=5 if quick else 20, sample_steps=10 if quick else 15, guidance=3.0, flip=False,
              seed=cfg.seed, device=str(device), progress=cfg.progress)
     done("pretrain the mini generator on the foundation split")
 
@@ -136,7 +136,7 @@ def demo(cfg: DemoConfig | None = None, **overrides) -> dict:
     done("invert")
 
     stage("generate")
-    gen_steps = 10 if quick else 25
+    gen_steps = 10 if quick else 15  # DDIM steps; 15 keep the 8 px digits (the demo's time budget is 5 minutes)
     # 100 images per denoiser call (evaluate's fresh rounds inherit it): at 8 px a call of 8 is per-call overhead,
     # and 100 jobs x 4 seed candidates fill whole calls (the images depend on this setting; it is recorded)
     generate(run=str(run), ipc=cfg.ipc, steps=gen_steps, guidance=3.0, batch_size=50, sampler_batch=DEMO_SAMPLER_BATCH,
