@@ -355,10 +355,12 @@ def test_foreach_optimizers_step_exactly_as_the_per_parameter_loop(optimizer):
         opt = make_optimizer(model, recipe)
         if not foreach:
             groups = param_groups(model, recipe.weight_decay)
-            opt = {"sgd": lambda: torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, foreach=False),
-                   "adam": lambda: torch.optim.Adam(groups, lr=recipe.lr, foreach=False),
-                   "adamw": lambda: torch.optim.AdamW(groups, lr=recipe.lr, betas=(0.9, 0.999), foreach=False)}[
-                optimizer]()
+            if optimizer == "sgd":
+                opt = torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, foreach=False)
+            elif optimizer == "adam":
+                opt = torch.optim.Adam(groups, lr=recipe.lr, foreach=False)
+            else:
+                opt = torch.optim.AdamW(groups, lr=recipe.lr, betas=(0.9, 0.999), foreach=False)
         assert all(g.get("foreach") is foreach for g in opt.param_groups)
         g = torch.Generator().manual_seed(1)
         for _ in range(5):
