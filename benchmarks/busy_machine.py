@@ -11,8 +11,9 @@ Each row runs one workload in a fresh process, timed from spawn to exit, with no
   (OMP_WAIT_POLICY=active whatever the load) or `passive` (OMP_WAIT_POLICY=passive whatever the load);
 - load: `idle`, or `busy` (a `while True: pass` process started 2 s before and killed after the run; with
   `--busy-external`, a process already running, e.g. a long student job, whose load is measured and recorded).
-Every row records a fingerprint of what it wrote (the demo: prompts, labels and every student's final accuracy per
-seed; the inversion: the prompts file), so the JSON says whether idle and busy runs gave the same bits, and
+Every row records a fingerprint of what it wrote (the demo: the tensors of the prompts and labels files and every
+student's final accuracy per seed; the inversion: the prompts' tensors; metadata, which names the run's folder, is
+left out), so the JSON says whether idle and busy runs gave the same bits, and
 `<workload>/<waiting>/busy_over_idle`. Rows are written as they finish; a rerun skips rows already there (`--redo`).
 An idle row first waits (up to 2 minutes) for the other processes to leave the cores idle, and records how busy they
 were. Benchmarks report numbers, they assert nothing.
@@ -58,7 +59,23 @@ def busy_cores(seconds: float = 2.0) -> float:
 
 
 def sha(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+    """A hash of a safetensors file's tensors (names, dtypes, shapes, bytes): what was computed, not its metadata,
+    which names the run's own folder (two runs in two folders write equal tensors with different paths)."""
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    h = hashlib.sha256()
+    for name, t in sorted(load_file(str(path)).items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.contiguous().view(-1).view(torch_uint8()).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def torch_uint8():
+    import torch
+
+    return torch.uint8
 
 
 def api_inputs(root: Path) -> tuple[Path, Path]:
@@ -132,7 +149,8 @@ def run_row(key: str, quick: bool, timeout: float, work: Path, log: Path, extern
     row = {"workload": workload, "waiting": waiting, "load": load, "seconds": seconds, "timed_out": timed_out,
            "busy_process": ("an external one already running (--busy-external)" if external else "while True: pass")
            if load == "busy" else None,
-           "returncode": rc, "busy_cores_before": busy, "log": str(log), "bits": fingerprint(workload, out)}
+           "returncode": rc, "busy_cores_before": busy, "log": str(log), "out": str(out),
+           "bits": fingerprint(workload, out)}
     demo_json = out / "demo.json"
     if demo_json.is_file():
         demo = json.loads(demo_json.read_text())
@@ -177,9 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     data.setdefault("rows", {})
     work = Path(args.work or tempfile.mkdtemp(prefix="promptset-busy-"))
     work.mkdir(parents=True, exist_ok=True)
-    for key in [k.strip() for k in args.rows.split(",") if k.strip()]:
-        if key not in ROWS:
-            ap.error(f"--rows: unknown row {key!r}; rows are {', '.join(ROWS)}")
+    known = [f"{w}/{p}/{load}" for w in ("api-invert", "demo") for p in WAITING for load in ("idle", "busy")]
+    keys = [k.strip() for k in args.rows.split(",") if k.strip()]
+    for key in keys:
+        if key not in known:
+            ap.error(f"--rows: unknown row {key!r}; rows are {', '.join(known)}")
+    for key in keys:
         if key in data["rows"] and not args.redo:
             continue
         data["rows"][key] = run_row(key, args.quick, args.timeout, work, work / f"{key.replace('/', '-')}.log",

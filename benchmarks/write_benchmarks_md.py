@@ -98,7 +98,8 @@ def performance_section() -> list[str]:
         lines += [
             "### Generation: `promptset generate` vs diffusers' `StableDiffusionPipeline.__call__`",
             "",
-            "Command: `python benchmarks/bench_generate.py --quick --threads 1 --compile --json "
+            "Command: `python benchmarks/bench_generate.py --quick --threads 1"
+            f"{' --compile' if any(m.get('compile_s') for r in gen['rows'] for m in r['methods']) else ''} --json "
             "benchmarks/results/bench_generate.json`."
             f" Machine: {_machine(gen['machine'])}. Same model, DDIM {s['steps']} steps, guidance {s['guidance']}, "
             f"batch {s['batch_size']}, per-image generators, fp32. Both run in one process in alternating timed "
@@ -194,11 +195,12 @@ def performance_section() -> list[str]:
         )
         lines += [
             "",
-            f"End to end {stu['speedup']:.2f}x the diffusers-regenerated variant. evaluate pads a round's last "
-            "chunk to the full sampler batch, so that a regenerated image is the same whatever the batch or process "
-            "count; with 50 images per round and a sampler batch of 8 it denoises 56 images where the pipeline "
-            "denoises 50. `promptset evaluate --sampler-batch` (default: generate's, else 8) trades that "
-            "reproducibility setting for speed.",
+            f"End to end {stu['speedup']:.2f}x the diffusers-regenerated variant. evaluate pads its last micro "
+            "batch to the full sampler batch, so that a regenerated image is the same whatever the batch or process "
+            "count, and denoises the jobs of all its rounds as one list (`evaluation/rounds.py`): with 2 rounds of "
+            "50 images and a sampler batch of 8 it denoises 104 images where the pipeline, round by round with a "
+            "short last call, denoises 100. The rest of the lead is per call: text keys and values projected once "
+            "per sampling call, attention processors called directly, inference mode (the same bits).",
             "",
         ]
     lines += class_count_section()
@@ -700,8 +702,12 @@ def busy_machine_section() -> list[str]:
         for name, r in cand["summary"].items():
             lines.append(f"| {name} | {r['idle_s']:.1f} | {r['busy_s']:.1f} | {r['busy_over_idle']:.2f}x | "
                          f"{'yes' if r['same_bits_idle_and_busy'] else 'no'} |")
-        lines += ["", "promptset now runs `2 passive`: one fixed count per process (torch's default, recorded), and "
-                  "`import promptset` sets OMP_WAIT_POLICY=passive before torch loads OpenMP.", ""]
+        lines += ["", "promptset runs `2 promptset`: one fixed count per process (torch's default, recorded), and "
+                  "`import promptset` sets OMP_WAIT_POLICY before torch loads OpenMP: `active` when the other "
+                  "processes leave the cores idle at start, `passive` when they keep half a core or more busy. "
+                  "`2 passive` (every process, the first choice) cost up to 1.5x idle on these small operations; the "
+                  "spin counts were the slowest beside a busy loop. The wait policy never changes a bit, the thread "
+                  "count does (`1 thread` vs the others).", ""]
     data = _load("busy_machine.json")
     if data is None or data.get("version") != 2:
         return lines + ["Demo and API rows not measured yet: `python benchmarks/busy_machine.py`.", ""]
@@ -710,9 +716,9 @@ def busy_machine_section() -> list[str]:
         f"Python-API inversion (`promptset.invert`, tiny SD, {data['api_invert']['classes']} classes, "
         f"{data['api_invert']['steps']} steps, batch {data['api_invert']['batch_size']}, "
         f"{data['api_invert']['size']} px) from spawn to exit on {data['cpu']} ({data['cores']} cores), no "
-        "PROMPTSET_THREADS, idle and beside one busy loop; *passive* is the default, *spinning* what a script that "
-        "imports torch before promptset gets. *busy cores before*: the cores all processes kept busy in the 2 s "
-        "before the run (the busy loop included).",
+        "PROMPTSET_THREADS, idle and beside one busy loop; *default* is promptset's choice at start (active idle, "
+        "passive busy), *spinning* OMP_WAIT_POLICY=active and *passive* OMP_WAIT_POLICY=passive whatever the load. "
+        "*busy cores before*: the cores all processes kept busy in the 2 s before the run (the busy loop included).",
         "",
         "| workload | waits | machine | seconds | busy cores before | busy process | bits (fingerprint) |",
         "|---|---|---|---|---|---|---|",
