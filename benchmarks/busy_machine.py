@@ -22,7 +22,6 @@ were. Benchmarks report numbers, they assert nothing.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -59,23 +58,15 @@ def busy_cores(seconds: float = 2.0) -> float:
 
 
 def sha(path: Path) -> str | None:
-    """A hash of a safetensors file's tensors (names, dtypes, shapes, bytes): what was computed, not its metadata,
-    which names the run's own folder (two runs in two folders write equal tensors with different paths)."""
+    """promptset's hash of a safetensors file's tensors (`artifacts.tensors_hash`): what was computed, not its
+    metadata, which names the run's own folder (two runs in two folders write equal tensors with other paths)."""
     if not path.is_file():
         return None
     from safetensors.torch import load_file
 
-    h = hashlib.sha256()
-    for name, t in sorted(load_file(str(path)).items()):
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.contiguous().view(-1).view(torch_uint8()).numpy().tobytes())
-    return h.hexdigest()[:16]
+    from promptset.artifacts import tensors_hash
 
-
-def torch_uint8():
-    import torch
-
-    return torch.uint8
+    return tensors_hash(load_file(str(path)))[:16]
 
 
 def api_inputs(root: Path) -> tuple[Path, Path]:

@@ -76,9 +76,6 @@ def choose_waiting(env: MutableMapping[str, str] | None = None, modules: Mapping
     return _CHOSEN
 
 
-prefer_passive_waiting = choose_waiting  # the name of earlier releases
-
-
 def wait_policy(env: Mapping[str, str] | None = None) -> str:
     """How this process's OpenMP threads wait: 'active (idle at start)', 'passive (busy at start)', 'user: NAME=VALUE',
     'spinning (torch imported before promptset)' or 'default'."""

@@ -34,7 +34,7 @@ from ..progress import progress_bar
 from ..runfolder import ClassInfo, check_same_classes
 from ..seeding import derive_seed
 from .results import GENERATIVE
-from .rounds import generate_rounds, to_uint8  # noqa: F401 (to_uint8: evaluation's uint8 rounding, used by benchmarks)
+from .rounds import generate_rounds, to_uint8
 from .student import TrainSet
 
 
