@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 # public name -> (module, attribute)
 _EXPORTS = {
     **{verb: (f"promptset.stages.{verb}", verb)
-       for verb in ("select", "invert", "generate", "export", "budget", "evaluate", "report", "pretrain",
+       for verb in ("select", "invert", "generate", "export", "budget", "evaluate", "report", "caption", "pretrain",
                     "teacher", "pack", "materialize", "coverage")},
     "demo": ("promptset.pipeline", "demo"),
     "create_backend": ("promptset.backends", "create_backend"),

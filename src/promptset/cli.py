@@ -23,6 +23,7 @@ COMMANDS = {
     "budget": "stored bytes of a run vs real images at IPC k",
     "export": "prompts as diffusers textual-inversion files",
     "report": "Markdown table and accuracy-vs-bytes plot of runs",
+    "caption": "a caption per image from its pixels (colours, size, texture, ...), for pretrain --captions",
     "pretrain": "train the small offline mini generator",
     "teacher": "train a teacher classifier (for select, soft labels, P3) on an ImageFolder",
     "pack": "the distilled set as one self-describing, checksummed file",

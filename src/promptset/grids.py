@@ -33,3 +33,23 @@ def labeled_grid(rows: list[torch.Tensor], names: list[str], min_width: int = MI
             tile = to_pil(image).resize((w * scale, h * scale), Image.NEAREST)
             grid.paste(tile, (label_w + i * w * scale, top))
     return grid
+
+
+def captioned_grid(images: list[torch.Tensor], captions: list[str], columns: int = 2, scale: int = 3,
+                   text_width: int = 300) -> Image.Image:  # fmt: skip
+    """Images (3, H, W) in [0, 1], each enlarged `scale` times with its caption wrapped beside it, in `columns`."""
+    import textwrap
+
+    font = ImageFont.load_default()
+    h, w = images[0].shape[-2:]
+    chars = max(10, text_width // 6)
+    cell_w, cell_h = w * scale + text_width + 3 * _PAD, max(h * scale, 14) + 2 * _PAD
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
+    pen = ImageDraw.Draw(grid)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        left, top = (i % columns) * cell_w, (i // columns) * cell_h
+        grid.paste(to_pil(image).resize((w * scale, h * scale), Image.NEAREST), (left + _PAD, top + _PAD))
+        pen.multiline_text((left + w * scale + 2 * _PAD, top + _PAD), textwrap.fill(caption, chars), fill="black",
+                           font=font, spacing=2)  # fmt: skip
+    return grid

@@ -68,6 +68,7 @@ from ..devices import resolve_device
 from ..errors import TrainingDiverged, UserError
 from ..evaluation.generator import generator_quality, sample_grid
 from ..progress import progress_bar
+from ..captions import file_sha256, read_captions
 from ..runfolder import resolve_class_names
 from ..seeding import derive_seed
 
@@ -80,7 +81,7 @@ _OWNED = ("unet", "scheduler", "vae", "checkpoints", "cache", "samples", MODEL_F
 _IDENTITY = ("vae", "resolution", "unet_size", "batch_size", "lr", "warmup_steps", "weight_decay", "max_grad_norm",
              "ema_decay", "cfg_dropout", "templates", "flip", "max_length", "seed", "first_image",
              "max_images_per_class", "conditioning", "prediction_type", "timestep_spacing", "sample_clip",
-             "snr_gamma")  # fmt: skip
+             "snr_gamma", "template_prob")  # fmt: skip
 
 
 @dataclass
@@ -123,6 +124,14 @@ class PretrainConfig:
         "", "caption templates separated by '|', each with {} for the class name; '' = the 4 built in"
     )
     class_names: str = opt("", "file with display names (JSON {folder: name} or one per line); default: folder names")
+    captions: str = opt(
+        "", "a caption per image: JSONL ({\"path\": \"CLASS/FILE\", \"caption\": ...} per line, paths relative to "
+        "--data) or CSV with a path,caption header (`promptset caption` writes one); default: the class-name templates"
+    )
+    template_prob: float = opt(
+        0.2, "with --captions: the probability that an image is shown with a class-name template caption instead of "
+        "its own, so the short class prompt stays in the model's text space"
+    )
     first_image: int = opt(0, "skip the first N images (sorted by file name) of each class")
     max_images_per_class: int = opt(0, "use at most N images per class after --first-image; 0 = all")
     flip: bool = opt(True, "also train on mirrored images (encoded once more into the latent cache)")
@@ -158,6 +167,14 @@ def _templates(cfg: PretrainConfig) -> list[str]:
         if t.count("{}") != 1:
             raise UserError(f"--templates: {t!r} must hold '{{}}' (the class name) once, e.g. 'a photo of a {{}}'")
     return templates
+
+
+def _token_counts(tokenizer, captions: list[str]) -> list[int]:
+    """Tokens per caption, [CLS] and [SEP] included (batched: a caption per image may mean thousands)."""
+    counts = []
+    for s in range(0, len(captions), 4096):
+        counts += [len(ids) for ids in tokenizer(captions[s : s + 4096]).input_ids]
+    return counts
 
 
 def _lr_at(step: int, cfg: PretrainConfig) -> float:
@@ -202,12 +219,16 @@ def _validate(cfg: PretrainConfig) -> None:
         raise UserError(f"--lr must be positive, got {cfg.lr}")
     if cfg.sample_clip < 0 or cfg.snr_gamma < 0:
         raise UserError("--sample-clip and --snr-gamma must be >= 0 (0 turns them off)")
+    if not 0.0 <= cfg.template_prob <= 1.0:
+        raise UserError(f"--template-prob must be in [0, 1], got {cfg.template_prob}")
     if cfg.eval_every and not cfg.teacher:
         raise UserError("--eval-every needs --teacher NAME:PATH.safetensors (the classifier that measures samples)")
 
 
-def _identity(cfg: PretrainConfig, split_hash: str, text_fp: str) -> dict:
+def _identity(cfg: PretrainConfig, split_hash: str, text_fp: str, captions_hash: str | None) -> dict:
     values = {k: getattr(cfg, k) for k in _IDENTITY}
+    if not cfg.captions:
+        values.pop("template_prob")  # only captions use it: models trained before it existed keep their identity
     kind, path = parse_vae_spec(cfg.vae)
     values["vae"] = kind  # the folder may move; the weights' fingerprint is checked separately
     if cfg.init_from:
@@ -215,6 +236,8 @@ def _identity(cfg: PretrainConfig, split_hash: str, text_fp: str) -> dict:
             values["init_from"] = model_fingerprint(cfg.init_from)
         except UserError as err:
             raise UserError(f"--init-from: {err}") from err
+    if captions_hash:
+        values["captions"] = captions_hash  # the file's content, not its path
     return values | {"data_split_hash": split_hash, "text_encoder": text_fp}
 
 
@@ -241,7 +264,7 @@ def pretrain(cfg: PretrainConfig | None = None, **overrides) -> Path:
     if vae_kind == "taef2" and cfg.resolution % 8:
         raise UserError(f"--resolution {cfg.resolution} must be a multiple of 8 for --vae taef2 (latents at H/8)")
     vae_fp = taef2_fingerprint(vae_source) if vae_kind == "taef2" else None
-    index = scan_image_folder(cfg.data, flag="--data")
+    index = full_index = scan_image_folder(cfg.data, flag="--data")
     if cfg.first_image or cfg.max_images_per_class:
         stop = cfg.first_image + cfg.max_images_per_class if cfg.max_images_per_class else 1 << 62
         index = index.subset(cfg.first_image, stop)
@@ -249,7 +272,11 @@ def pretrain(cfg: PretrainConfig | None = None, **overrides) -> Path:
     templates = _templates(cfg)
     source = text_encoder_source(cfg.text_encoder)
     source["fingerprint"] = text_encoder_fingerprint(text_encoder_dir(source))
-    identity = _identity(cfg, index.split_hash(), source["fingerprint"])
+    image_captions, captions_hash = None, None
+    if cfg.captions:
+        image_captions = read_captions(cfg.captions, index.root, index.files, all_files=full_index.files)
+        captions_hash = file_sha256(cfg.captions)
+    identity = _identity(cfg, index.split_hash(), source["fingerprint"], captions_hash)
     info = _prepare_out(out, cfg, identity)
     teacher = None
     if cfg.teacher:
@@ -260,11 +287,21 @@ def pretrain(cfg: PretrainConfig | None = None, **overrides) -> Path:
     tokenizer, text_encoder = load_text_encoder(source)
     if cfg.max_length > tokenizer.model_max_length:
         raise UserError(f"--max-length {cfg.max_length} exceeds the text encoder's {tokenizer.model_max_length}")
-    captions = [t.format(n) for n in names for t in templates] + [""]  # class c, template j -> c * T + j; "" last
-    for caption in captions:
-        n_tokens = len(tokenizer(caption).input_ids)
+    # caption table: class c, template j -> c * T + j; then each distinct image caption once; "" last
+    captions = [t.format(n) for n in names for t in templates]
+    caption_of = None  # per image of index.files (class by class), its row in the caption table
+    if image_captions is not None:
+        distinct = sorted({c for row in image_captions for c in row})
+        row_of = {c: len(captions) + i for i, c in enumerate(distinct)}
+        caption_of = [[row_of[c] for c in row] for row in image_captions]
+        captions += distinct
+    captions.append("")
+    lengths = _token_counts(tokenizer, captions)
+    for caption, n_tokens in zip(captions, lengths):
         if n_tokens > cfg.max_length:
-            raise UserError(f"caption {caption!r} is {n_tokens} tokens, over --max-length {cfg.max_length}; raise it")
+            where = f" in --captions {cfg.captions}" if caption not in captions[: len(names) * len(templates)] else ""
+            raise UserError(f"caption {caption!r}{where} is {n_tokens} tokens, over --max-length {cfg.max_length}; "
+                            "raise --max-length or shorten it")  # fmt: skip
     if vae_kind == "taef2":
         autoencoder = TAEF2Autoencoder.from_dir(vae_source, 1.0)  # raw latents until the scale is measured
     else:
@@ -293,7 +330,7 @@ def pretrain(cfg: PretrainConfig | None = None, **overrides) -> Path:
     start = _checkpoint_step(ckpt_path)
     print(
         f"pretrain mini: {index.num_images} images x {views} views in {index.num_classes} classes, "
-        f"{len(captions)} captions; latents {autoencoder.latent_channels}x{sample_size}x{sample_size}; "
+        f"{len(captions)} captions{' (one per image, template share ' + str(cfg.template_prob) + ')' if caption_of else ''}; latents {autoencoder.latent_channels}x{sample_size}x{sample_size}; "
         f"UNet {cfg.unet_size} {num_params / 1e6:.2f}M parameters; batch {cfg.batch_size}; "
         f"steps {start}->{cfg.steps} on {device}",
         flush=True,
@@ -309,14 +346,17 @@ def pretrain(cfg: PretrainConfig | None = None, **overrides) -> Path:
     latents = labels = None
     if start < cfg.steps:
         raw, labels = _latent_cache(backend, index, cfg, out, vae_fp)  # (M, c, h, w), (M,)
+        if caption_of is not None:  # the cache holds, per class, its images and then (flip) their mirror images
+            views = len(raw) // index.num_images
+            image_caption = torch.cat([torch.tensor(row).repeat(views) for row in caption_of])  # (M,)
         scaling = info.get("scaling_factor") or init_scaling or (float(raw.std()) if vae_kind == "taef2" else 1.0)
         latents = (raw / scaling).to(device)
         del raw
     else:
         scaling = info["scaling_factor"]
     autoencoder.scaling_factor = float(scaling)
-    with torch.no_grad():
-        text_states = backend.encode_prompts(captions)  # (K, L, 384)
+    with torch.no_grad():  # every distinct caption once, in chunks: (K, L, 384)
+        text_states = torch.cat([backend.encode_prompts(captions[s : s + 1024]) for s in range(0, len(captions), 1024)])
 
     previous = info.get("training", {})
     info.update(model_info(
@@ -325,6 +365,9 @@ def pretrain(cfg: PretrainConfig | None = None, **overrides) -> Path:
         unet_size=cfg.unet_size, unet_params=num_params, conditioning=cfg.conditioning,
         prediction_type=cfg.prediction_type, class_folders=index.classes, class_names=names, templates=templates,
     ))  # fmt: skip
+    if caption_of is not None:
+        info["captions"] = {"file": Path(cfg.captions).name, "sha256": captions_hash, "template_prob": cfg.template_prob,
+                            "distinct": len(captions) - len(names) * len(templates) - 1}  # fmt: skip
     info["training"] = previous | {
         "identity": identity, "config": to_dict(cfg), "images": index.num_images, "step": start,
         "complete": bool(previous.get("complete")) and start >= cfg.steps,
@@ -339,7 +382,8 @@ def pretrain(cfg: PretrainConfig | None = None, **overrides) -> Path:
         train_seconds = _load_checkpoint(ckpt_path, run)
         _truncate_metrics(out / "metrics.jsonl", start)
     if start < cfg.steps:
-        train_seconds = _train(run, latents, labels, text_states, len(templates), start, train_seconds, teacher)
+        train_seconds = _train(run, latents, labels, text_states, len(templates), start, train_seconds, teacher,
+                               image_caption if caption_of is not None else None)  # fmt: skip
         del latents  # the latent cache in <out>/cache stays, so training on to more steps does not re-encode
 
     # ---- samples and quality -----------------------------------------------------------------------------------
@@ -430,9 +474,13 @@ class _Run:
 
 
 def _train(
-    run: _Run, latents, labels, text_states, num_templates: int, start: int, train_seconds: float, teacher=None
+    run: _Run, latents, labels, text_states, num_templates: int, start: int, train_seconds: float, teacher=None,
+    image_caption: torch.Tensor | None = None,
 ) -> float:
-    """Steps `start` .. `cfg.steps` on cached latents (M, c, h, w) and caption states (K, L, D); returns seconds."""
+    """Steps `start` .. `cfg.steps` on cached latents (M, c, h, w) and caption states (K, L, D); returns seconds.
+
+    `image_caption` (M,): each latent's own caption row (--captions); without it every caption is a template.
+    """
     cfg, out, unet, ema, optimizer, generator = run.cfg, run.out, run.unet, run.ema, run.optimizer, run.generator
     noise_scheduler = run.backend.noise_scheduler
     device = latents.device
@@ -457,7 +505,11 @@ def _train(
         drop = torch.rand(b, generator=generator) < cfg.cfg_dropout  # (B,)
         noise = torch.randn(shape, generator=generator).to(device)  # (B, c, h, w)
         t = torch.randint(0, num_timesteps, (b,), generator=generator).to(device)  # (B,)
-        caption = torch.where(drop, empty, labels[pick] * num_templates + template)  # (B,)
+        caption = labels[pick] * num_templates + template  # (B,)
+        if image_caption is not None:  # its own caption, or with p = template_prob a class-name template
+            own = torch.rand(b, generator=generator) >= cfg.template_prob  # (B,)
+            caption = torch.where(own, image_caption[pick], caption)
+        caption = torch.where(drop, empty, caption)  # (B,)
         x0 = latents[pick.to(device)]  # (B, c, h, w)
         states = text_states[caption.to(device)]  # (B, L, 384)
 
