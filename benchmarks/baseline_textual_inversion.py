@@ -1,6 +1,6 @@
 """Baseline for `bench_invert.py`: one concept per run, each step as diffusers' textual-inversion example does it.
 
-Mirrors `examples/textual_inversion/textual_inversion.py` (diffusers, commit 000280f5; PAPER_NOTES.md section 7):
+Mirrors `examples/textual_inversion/textual_inversion.py` (diffusers, commit 000280f5; docs/PAPER_NOTES.md section 7):
 `tokenizer.add_tokens` + `resize_token_embeddings`, a Dataset that opens, resizes, flips and tokenizes every sample on
 every step, a VAE encode of every batch, AdamW over the *whole* token-embedding matrix, and the non-placeholder rows
 written back after every optimizer step. One process trains one class; the benchmark starts one process per class.

@@ -1,4 +1,4 @@
-"""The offline CIFAR-10 benchmark world (DESIGN.md section 7), end to end, in one resumable command.
+"""The offline CIFAR-10 benchmark world (docs/DESIGN.md section 7), end to end, in one resumable command.
 
     .venv/bin/python benchmarks/cifar10_world.py --scale cpu [--cache /tmp/pscache] [--device cpu] [--threads 1]
 

@@ -1,6 +1,6 @@
 """Shared pieces of the benchmarks: machine description, GPU peak FLOP/s, synthetic data, model folders, JSON output.
 
-Benchmarks report numbers, they assert nothing (STYLE.md). Every script writes its figures with `--json PATH`.
+Benchmarks report numbers, they assert nothing (docs/STYLE.md). Every script writes its figures with `--json PATH`.
 """
 
 from __future__ import annotations

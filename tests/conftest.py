@@ -36,7 +36,8 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    """The project's ../shared folder (data and weights); tests that need it skip when it is absent."""
+    """The project's ../shared folder (data and weights, docs/DESIGN.md section 7); tests that need it skip when it is
+    absent."""
     path = Path(os.environ.get("PROMPTSET_SHARED", REPO.parent / "shared"))
     if not (path / "weights").is_dir():
         pytest.skip(f"shared folder not found at {path} (set PROMPTSET_SHARED)")

@@ -175,7 +175,8 @@ def test_taef2_model_is_self_contained_and_refuses_missing_weights(shared_dir, t
     with pytest.raises(UserError, match="differ"):
         load_mini(model, device="cpu", vae_path=other)
 
-    # a relative vae.source is read relative to the model folder (how a committed model finds ../shared/weights)
+    # a relative vae.source is read relative to the model folder (how a committed model finds ../shared/weights,
+    # the CIFAR-10 world's assets: docs/DESIGN.md section 7)
     info["vae"]["source"] = os.path.relpath(shared_dir / "weights", model)
     (model / MODEL_FILE).write_text(json.dumps(info))
     assert load_mini(model, device="cpu").model_hash == backend.model_hash

@@ -1,6 +1,6 @@
 """Modes: several learned prompts per class (`invert --modes K`), and the one rule that spreads images over them.
 
-One prompt per class draws a narrow slice of the class (DESIGN.md section 9). With modes, each class's training
+One prompt per class draws a narrow slice of the class (docs/DESIGN.md section 9). With modes, each class's training
 images are split into K_c = min(K, images) groups by seeded k-means (k-means++ init, Lloyd iterations, ties to the
 lowest index) on one feature per image, and one token is learned per group. Everything downstream reads the modes
 from the prompts file alone: `mode_class` (M,) names each prompt's class, `mode_weight` (M,) its number of training

@@ -7,7 +7,8 @@ benchmark world: a foundation split trains the `mini` generator, a disjoint spli
 tests the students; `promptset teacher` trains the teacher on foundation + distilled split (the paper's teachers see
 the whole training set). The students are evaluated under the paper's main protocol, P1 (stored soft labels, fresh
 images every `regen_every` epochs, 300 epochs: with soft labels students converge slowly), next to P2 (one-hot labels
-with augmentation). Nothing is downloaded and `../shared` is not needed.
+with augmentation). Nothing is downloaded, and the CIFAR-10 world's assets (`../shared`, docs/DESIGN.md section 7)
+are not needed.
 """
 
 from __future__ import annotations

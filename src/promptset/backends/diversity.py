@@ -1,5 +1,6 @@
-"""Sampling options that widen the diversity of generated images and store nothing (DESIGN.md section 9): guidance on
-an interval of the steps, condition-annealed sampling (CADS), and a seed selection that spreads a class's images.
+"""Sampling options that widen the diversity of generated images and store nothing (docs/DESIGN.md section 9):
+guidance on an interval of the steps, condition-annealed sampling (CADS), and a seed selection that spreads a class's
+images.
 
 With n sampling steps, step k = 0 .. n-1 (k = 0 starts from pure noise) sits at position k/n of the trajectory:
 

@@ -1,4 +1,4 @@
-"""The `mini` backend: a small text-to-image latent diffusion model that runs offline (DESIGN section 5).
+"""The `mini` backend: a small text-to-image latent diffusion model that runs offline (docs/DESIGN.md section 5).
 
 Frozen all-MiniLM-L6-v2 (a 6-layer BERT, 384-d token states) is the text encoder, frozen TAEF2 (or plain pixels) the
 autoencoder, and a diffusers `UNet2DConditionModel` trained by `promptset pretrain` the denoiser. A model is a folder:
@@ -138,7 +138,8 @@ def load_autoencoder(
     if vae_path:
         candidates = [Path(vae_path).expanduser()]
     else:
-        # a relative source is relative to the model folder (a committed model points at ../shared/weights)
+        # a relative source is relative to the model folder (a committed model points at ../shared/weights,
+        # the CIFAR-10 world's assets: docs/DESIGN.md section 7)
         candidates = [model_folder / VAE_DIR] + ([model_folder / vae["source"]] if vae.get("source") else [])
     found = next((c for c in candidates if taef2_files(c) is not None), None)
     if found is None:

@@ -1,5 +1,6 @@
 """`promptset coverage`: how much of each class's real images a set of images covers, beside a random real set of the
-same size, in a teacher's penultimate features (DESIGN.md section 9): a cheap signal before any student is trained.
+same size, in a teacher's penultimate features (docs/DESIGN.md section 9): a cheap signal before any student is
+trained.
 
 Per class c, with m_c the set's images of c (all, or the first `--per-class` in file-name order):
 

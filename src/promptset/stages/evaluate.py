@@ -1,6 +1,6 @@
 """Train students on a distilled set (D3M prompts or a baseline) and test them on the real test split.
 
-Protocols (DESIGN.md section 6; PAPER_NOTES.md section 2-3):
+Protocols (docs/DESIGN.md section 6; docs/PAPER_NOTES.md sections 2-3):
 - P1 (D3M's): stored soft labels, no augmentation. Each training sample x carries the teacher's logits t(x), stored
   once (fp16 by default) and counted in the budget; the loss is KL(softmax(t/T) || softmax(s(x)/T)). "Fresh
   variations": ceil(epochs / regen_every) rounds of images are drawn from the prompts with new seeds and labelled by

@@ -23,7 +23,7 @@ How this run is organised, and why:
 - A checkpoint (vectors, AdamW moments, RNG state, step) is written atomically every `checkpoint_every` steps;
   rerunning the same command resumes from it bit-for-bit. A loss that turns NaN or inf stops the run (exit 3)
   before a checkpoint could store the bad state.
-- Modes (`--modes K`, DESIGN.md section 9): rank 0 splits each class's images into min(K, images) modes by seeded
+- Modes (`--modes K`, docs/DESIGN.md section 9): rank 0 splits each class's images into min(K, images) modes by seeded
   k-means (`modes.assign_modes`, recorded in `<run>/modes.json`), and every (class, mode) becomes a row trained
   exactly like a class above, on its members only, from the class's initializer word: groups, teams, checkpoints and
   resume work on rows. K = 1 is the run above, bit for bit.

@@ -1,4 +1,4 @@
-"""`promptset pretrain`: train the `mini` backend's UNet on captioned class images (DESIGN sections 5 and 7).
+"""`promptset pretrain`: train the `mini` backend's UNet on captioned class images (docs/DESIGN.md sections 5 and 7).
 
 A latent diffusion model (Rombach et al. 2022) learns eps_theta by minimising
 
