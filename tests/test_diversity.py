@@ -409,3 +409,49 @@ def test_prompt_conditioner_images_follow_the_stored_seed_with_cads(world):
     for n, job in enumerate(jobs):
         torch.manual_seed(n)  # the global random state plays no part
         assert torch.equal(generate_batch(backend, conditioner, [job], **kw)[0], every[n])
+
+
+def test_described_prompts_draw_words_from_the_seed_alone(tiny_sd):
+    from promptset.captions import DESCRIBE_WORDS, described_prompt
+
+    texts = [described_prompt("{token}", s) for s in range(40)]
+    assert texts == [described_prompt("{token}", s) for s in range(40)] and len(set(texts)) > 30
+    assert all(t.startswith("a photo of ") and t.count("{token}") == 1 for t in texts)
+    assert {w for t in texts for w in DESCRIBE_WORDS["object"] if f" {w} {{token}}" in t} >= {"red", "blue"}
+    backend = create_backend("sd", str(tiny_sd), device="cpu", sampler="ddim")
+    cond = TextConditioner(backend, ["a photo of a car", "a photo of a cat", "a photo of a dog"], names=list(CLASSES))
+    kw = dict(steps=3, guidance=5.0, factor=1, image_size=backend.resolution, uncond=backend.encode_prompts([""]),
+              micro_batch=2)
+    a, b, c = Job(0, 0, 11), Job(1, 0, 12), Job(2, 0, 13)
+    plain = generate_batch(backend, cond, [a], **kw)
+    diversity = Diversity.parse("", "", "typical", guidance=5.0, candidates=1, describe="random")
+    alone = generate_batch(backend, cond, [a], diversity=diversity, **kw)
+    together = generate_batch(backend, cond, [b, a, c], diversity=diversity, **kw)
+    assert torch.equal(alone[0], together[1]) and not torch.equal(alone, plain)
+    states = cond(torch.tensor([0, 0]), torch.tensor([0, 1]), torch.tensor([11, 11]))
+    assert torch.equal(states[0], states[1])  # the same seed: the same words
+    assert Diversity.from_settings(diversity.settings()) == diversity and "describe" in diversity.settings()
+    with pytest.raises(UserError, match="--describe"):
+        Diversity.parse("", "", "typical", guidance=5.0, candidates=1, describe="sometimes")
+    with pytest.raises(UserError, match="does not know"):
+        Diversity.from_settings({"describe": "pixel-words-99"})
+
+
+def test_described_generate_packs_materializes_and_evaluate_follows(world, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(world.run, run)
+    promptset.generate(run=str(run), ipc=2, steps=3, candidates=1, guidance=5.0, describe="random", device="cpu",
+                       teacher=world.teacher, soft_labels=True, progress=False)
+    settings = json.loads(load_tensors(run / "labels.safetensors")[1]["generation"])
+    assert settings["describe"] == "pixel-words-1"
+    packed = tmp_path / "set.safetensors"
+    promptset.pack(run=str(run), out=str(packed))
+    report = promptset.materialize(file=str(packed), model=str(world.sd), out=str(tmp_path / "data"), device="cpu",
+                                   progress=False)
+    assert report["rounds"][0]["equal"]
+    ev = dict(test=str(world.data), student="convnet_tiny", epochs=1, seeds=1, ipc=2, gen_steps=3, protocol="p2",
+              regen_every=0, teacher=world.teacher, device="cpu", progress=False, report=False)
+    (key, entry), = promptset.evaluate(run=str(run), **ev)["entries"].items()
+    assert key.endswith("/described") and entry["distilled"]["round0_reused_generated"]
+    entries = promptset.evaluate(run=str(run), describe="off", **ev)["entries"]
+    assert key.removesuffix("/described") in entries

@@ -31,6 +31,13 @@ import torch
 from .errors import UserError
 
 MAX_CAPTION_CHARS = 1000
+COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "white", "grey", "black")
+# `--describe random`: each attribute's words, one drawn uniformly per image ("" = the attribute is not named); the
+# same words `promptset caption` writes. The version is recorded in the generation settings: another vocabulary or
+# rule is another name, and a reader refuses a name it does not know.
+DESCRIBE_VERSION = "pixel-words-1"
+DESCRIBE_WORDS = {"size": ("", "distant", "close-up"), "object": COLOURS, "height": ("", "at the top", "at the bottom"),
+                  "texture": ("", "plain", "busy"), "background": COLOURS, "brightness": ("", "", "dark", "bright")}  # fmt: skip
 
 # (name, hue range in degrees) for saturated colours; brown, white, grey and black are decided first
 _HUES = (("red", 0, 15), ("orange", 15, 40), ("yellow", 40, 70), ("green", 70, 170), ("blue", 170, 260),
@@ -124,6 +131,16 @@ def compose_caption(word: str, attrs: dict[str, str]) -> str:
     if attrs.get("looks_like"):
         text += f", looks like {article(attrs['looks_like'])} {attrs['looks_like']}"
     return text
+
+
+def described_prompt(noun: str, seed: int) -> str:
+    """`--describe random`: the caption pattern around `noun` (a class name, or `{token}`) with attribute words drawn
+    from `seed` alone (an image's own seed), e.g. "a photo of a distant grey {token} on a busy blue background"."""
+    from .seeding import derive_seed
+
+    g = torch.Generator().manual_seed(derive_seed(seed, "describe"))
+    attrs = {k: words[int(torch.randint(len(words), (1,), generator=g))] for k, words in DESCRIBE_WORDS.items()}
+    return compose_caption(noun, attrs)
 
 
 def attribute_words(attrs: PixelAttributes) -> list[dict[str, str]]:

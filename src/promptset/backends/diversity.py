@@ -24,6 +24,12 @@ With n sampling steps, step k = 0 .. n-1 (k = 0 starts from pure noise) sits at 
   the images already chosen for c (mean over its patches of the Euclidean distance, in the teacher's penultimate
   features, to the nearest patch of images 0..i-1 of c); image 0 keeps its lowest cross-entropy, as `typical`.
 
+- `--describe random`: each image's prompt is the caption pattern `promptset caption` writes, around the class's
+  token (or name), with attribute words (sizes, colours, height, texture, brightness) drawn uniformly from the
+  image's own seed (`captions.described_prompt`): for a generator trained on per-image captions (`pretrain
+  --captions`), whose text space has directions inside a class. The words are a function of the seed, so nothing is
+  stored.
+
 Each option is recorded in the generation settings only when it changes something, so the keys, caches and stored
 sets made without them stay as they were.
 """
@@ -37,6 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from ..dist import span
+from ..captions import DESCRIBE_VERSION, described_prompt
 from ..errors import UserError
 from .sampling import Job, rank_share
 
@@ -93,6 +100,15 @@ class Cads:
         return dict(zip(CADS_KEYS, (self.tau1, self.tau2, self.noise_scale, self.psi)))
 
 
+def parse_describe(text: str, flag: str = "--describe") -> bool:
+    """`random` -> True; '', `off` -> False."""
+    value = str(text).strip().lower()
+    if value not in ("", "off", "none", "random"):
+        raise UserError(f"{flag} {text!r}: expected 'random' (words drawn from each image's seed around its prompt) "
+                        "or 'off'")
+    return value == "random"
+
+
 def parse_cads(text: str, flag: str = "--cads") -> Cads | None:
     """`TAU1,TAU2[,S[,PSI]]` -> Cads, or None ('', `off`)."""
     if str(text).strip().lower() in ("", "off", "none"):
@@ -108,15 +124,17 @@ def parse_cads(text: str, flag: str = "--cads") -> Cads | None:
 
 @dataclass(frozen=True)
 class Diversity:
-    """The three options: the sampler reads the first two (`DiffusionBackend.sample`), seed selection the third."""
+    """The options: the sampler reads the first two (`DiffusionBackend.sample`), seed selection the third, the
+    conditioners the fourth (`sampling.sample_images`)."""
 
     guidance_interval: tuple[float, float] | None = None  # None: guidance on every step
     cads: Cads | None = None  # None: the condition as it is
     selection: float | None = None  # `--selection diverse`'s margin in nats; None: typical (or no selection)
+    described: bool = False  # `--describe random`: each image's prompt with words drawn from its seed
 
     @classmethod
     def parse(cls, guidance_interval: str, cads: str, selection: str, *, guidance: float,
-              candidates: int) -> Diversity:
+              candidates: int, describe: str = "") -> Diversity:
         """From the flags' text; refuses bad values, an interval without guidance to restrict, and diverse selection
         without candidates to choose from."""
         interval = parse_guidance_interval(guidance_interval)
@@ -127,16 +145,20 @@ class Diversity:
         if margin is not None and candidates <= 1:
             raise UserError(f"--selection {selection} chooses among the candidates the teacher scores: pass --teacher "
                             "and --candidates 2 or more (or leave --candidates at 0, auto), or --selection typical")
-        return cls(interval, parse_cads(cads), margin)
+        return cls(interval, parse_cads(cads), margin, parse_describe(describe))
 
     @classmethod
     def from_settings(cls, settings: dict) -> Diversity:
         """From generation settings (`settings()`'s keys; absent keys are the defaults)."""
         interval, cads = settings.get("guidance_interval"), settings.get("cads")
         where = "the recorded generation settings"
+        described = settings.get("describe")
+        if described not in (None, DESCRIBE_VERSION):
+            raise UserError(f"{where} describe prompts with {described!r}, which this promptset does not know (it "
+                            f"knows {DESCRIBE_VERSION!r}); use the promptset version that made them")
         return cls(None if interval is None else parse_guidance_interval(",".join(map(str, interval)), where),
                    None if cads is None else parse_cads(",".join(str(cads[k]) for k in CADS_KEYS), where),
-                   parse_selection(settings.get("selection", "typical"), where))
+                   parse_selection(settings.get("selection", "typical"), where), described is not None)
 
     def settings(self) -> dict:
         """What changes a pixel, for `generation_settings`: only the options that are on."""
@@ -147,6 +169,8 @@ class Diversity:
             out["cads"] = self.cads.settings()
         if self.selection is not None:  # only with `candidates` > 1 (`parse` refuses it otherwise)
             out["selection"] = selection_text(self.selection)
+        if self.described:
+            out["describe"] = DESCRIBE_VERSION
         return out
 
     def texts(self) -> dict[str, str]:
@@ -154,7 +178,7 @@ class Diversity:
         gi, cads = self.guidance_interval, self.cads
         return {"guidance_interval": "" if gi is None else f"{gi[0]:g},{gi[1]:g}",
                 "cads": "" if cads is None else ",".join(f"{v:g}" for v in cads.settings().values()),
-                "selection": selection_text(self.selection)}
+                "selection": selection_text(self.selection), "describe": "random" if self.described else "off"}
 
     def spread(self, features_of: Callable, earlier: Callable | None = None) -> SpreadSelection | None:
         """`--selection diverse`'s `SpreadSelection` (its arguments there), None for typical."""
@@ -175,6 +199,9 @@ class Diversity:
             c = self.cads
             parts.append(f"CADS: condition noised for t > {c.tau1:g}, fully for t >= {c.tau2:g} (s {c.noise_scale:g}, "
                          f"psi {c.psi:g})")
+        if self.described:
+            parts.append("prompts described with words drawn from each image's seed (--describe random), e.g. "
+                         f"{described_prompt('<token>', 0)!r}")
         return "; ".join(parts)
 
     @torch.no_grad()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..artifacts import PromptSet, sha256_bytes
+from ..captions import described_prompt
 from ..data import cut_patches
 from ..dist import span
 from ..errors import UserError
@@ -76,28 +77,48 @@ class PromptConditioner:
         self.prompts = prompts
         self.layout = backend.layout(prompts.template, prompts.num_vectors)
         self.vectors = prompts.embeddings.to(backend.device)  # (M, V, D)
+        self.described: dict[str, object] = {}  # `--describe`: template -> layout, tokenized once
 
     @torch.no_grad()
-    def __call__(self, classes: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, classes: torch.Tensor, indices: torch.Tensor | None = None,
+                 seeds: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """States (B, L, D_text) of each image's prompt; with `seeds` (`--describe random`) each image's own words
+        around its token, encoded one image at a time so that its states never depend on its batch."""
         if self.prompts.has_modes:
             if indices is None:
                 raise ValueError("prompts with modes need each image's index to pick its mode")
             rows = torch.tensor([self.prompts.row_of(c, i) for c, i in zip(classes.tolist(), indices.tolist())])
         else:
             rows = classes
-        return self.backend.encode_placeholder_prompts(self.layout, self.vectors[rows])  # (B, L, D_text)
+        if seeds is None:
+            return self.backend.encode_placeholder_prompts(self.layout, self.vectors[rows])  # (B, L, D_text)
+        states = []
+        for row, seed in zip(rows.tolist(), seeds.tolist()):
+            template = described_prompt("{token}", seed)
+            if template not in self.described:
+                self.described[template] = self.backend.layout(template, self.prompts.num_vectors)
+            states.append(self.backend.encode_placeholder_prompts(self.described[template], self.vectors[row : row + 1]))
+        return torch.cat(states)  # (B, L, D_text)
 
 
 class TextConditioner:
     """Conditioning states from plain text prompts, one per class (the engineered `class-prompt` baseline)."""
 
-    def __init__(self, backend, prompts: list[str]):
+    def __init__(self, backend, prompts: list[str], names: list[str] | None = None):
         self.backend = backend
+        self.names = names  # `--describe`: the class names the described prompts are built around
         with torch.no_grad():
             self.states = backend.encode_prompts(prompts)  # (C, L, D_text)
 
-    def __call__(self, classes: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
-        return self.states[classes.to(self.states.device)]
+    @torch.no_grad()
+    def __call__(self, classes: torch.Tensor, indices: torch.Tensor | None = None,
+                 seeds: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        if seeds is None:
+            return self.states[classes.to(self.states.device)]
+        if self.names is None:
+            raise ValueError("described prompts need the class names (TextConditioner(..., names=...))")
+        return torch.cat([self.backend.encode_prompts([described_prompt(self.names[c], s)])
+                          for c, s in zip(classes.tolist(), seeds.tolist())])  # fmt: skip
 
 
 def class_prompts(names: list[str], template: str = "a photo of a {name}") -> list[str]:
@@ -119,7 +140,11 @@ def sample_images(backend, conditioner, jobs: list[Job], *, steps: int, guidance
         part = jobs[s : s + chunk]
         real = len(part)
         part = part + [part[-1]] * (chunk - real)  # pad to the fixed shape
-        cond = conditioner(torch.tensor([j.cls for j in part]), torch.tensor([j.index for j in part]))  # (b, L, D)
+        classes, indices = torch.tensor([j.cls for j in part]), torch.tensor([j.index for j in part])
+        if diversity is not None and diversity.described:  # each image's own words, from its own seed
+            cond = conditioner(classes, indices, torch.tensor([j.seed for j in part]))  # (b, L, D)
+        else:
+            cond = conditioner(classes, indices)  # (b, L, D)
         generators = image_generators([j.seed for j in part])
         noise = backend.initial_noise(generators)  # (b, c, h, w)
         neg = uncond.expand(len(part), -1, -1) if uncond is not None else None

@@ -327,7 +327,7 @@ def _conditioning(ctx: Context, method: str):
         prompts.check_backend(backend, ctx.run / "prompts.safetensors")
         conditioner = PromptConditioner(backend, prompts)
     else:
-        conditioner = TextConditioner(backend, class_prompt_strings(ctx))
+        conditioner = TextConditioner(backend, class_prompt_strings(ctx), names=[x.name for x in ctx.classes])
     with torch.no_grad():
         uncond = backend.encode_prompts([""]) if ctx.gen["guidance"] != 1.0 else None
     return conditioner, uncond

@@ -39,7 +39,7 @@ def entry_key(method: str, protocol: str, student: str, ipc: int | None, regen_e
 def variant_key(cfg, method: str) -> str:
     """The key suffix of what sets one entry of a method apart beyond entry_key: a P1 label codec other than fp16
     (`/topk3`), and for generated sets seed selection (`/best-of-4`, `/diverse0.1`), a guidance interval
-    (`/gi0.2-0.8`) and CADS (`/cads0.6-0.9-0.25-1`). Empty for the defaults."""
+    (`/gi0.2-0.8`), CADS (`/cads0.6-0.9-0.25-1`) and described prompts (`/described`). Empty for the defaults."""
     parts = []
     codec = str(getattr(cfg, "label_codec", "fp16")).strip().lower()
     if cfg.protocol == "p1" and codec != "fp16":
@@ -50,6 +50,7 @@ def variant_key(cfg, method: str) -> str:
     on = _diversity(cfg, method)
     parts += [f"{k}{on[k].replace(',', '-')}" for k in ("gi", "cads") if k in on]
     parts += [on["selection"].replace(":", "")] if "selection" in on else []
+    parts += ["described"] if "describe" in on else []
     if _mixed_rounds(cfg, method):
         parts.append("mixed")
     return "".join(f"/{p}" for p in parts)
@@ -68,8 +69,8 @@ def _diversity(cfg, method: str) -> dict[str, str]:
     if method.partition("@")[0] not in GENERATIVE:
         return {}
     texts = {"gi": getattr(cfg, "guidance_interval", ""), "cads": getattr(cfg, "cads", ""),
-             "selection": getattr(cfg, "selection", "")}
-    return {k: str(v) for k, v in texts.items() if v not in ("", None, "typical")}
+             "selection": getattr(cfg, "selection", ""), "describe": getattr(cfg, "describe", "")}
+    return {k: str(v) for k, v in texts.items() if v not in ("", None, "typical", "off")}
 
 
 def variant_label(cfg, method: str) -> str:
@@ -82,7 +83,8 @@ def variant_label(cfg, method: str) -> str:
     if candidates > 1 and method.partition("@")[0] in GENERATIVE:
         parts.append(f"best of {candidates}")
     on = _diversity(cfg, method)
-    parts += [f"{name}{on[k]}" for k, name in (("gi", "guidance interval "), ("cads", "CADS "), ("selection", ""))
+    parts += [f"{name}{on[k]}" for k, name in (("gi", "guidance interval "), ("cads", "CADS "), ("selection", ""),
+                                               ("describe", "described "))
               if k in on]
     if _mixed_rounds(cfg, method):
         parts.append("rounds mixed")

@@ -152,6 +152,8 @@ class EvaluateConfig:
                                  "every step)")
     cads: str = opt("", "TAU1,TAU2[,S[,PSI]]: condition-annealed sampling (see generate --cads); off = none (default: "
                     "generate's, else off)")
+    describe: str = opt("", "random: d3m/class-prompt images with attribute words drawn from each image's seed "
+                        "around its prompt (see generate --describe); off = none (default: generate's, else off)")
     gen_batch_size: int = opt(32, "images per progress step while regenerating (does not change the images)")
     round_cache: bool = opt(True, "keep generated rounds in <run>/eval/rounds/ (uint8 patches with their seeds), so a "
                             "rerun or resumed evaluate takes them from there instead of denoising them again")
@@ -468,7 +470,7 @@ def _context(cfg: EvaluateConfig, methods: list[str]) -> Context:
 
 
 def _diversity(cfg: EvaluateConfig, recorded: dict, guidance: float) -> Diversity:
-    """--guidance-interval, --cads and --selection, each given or else generate's (`recorded`: its generation
+    """--guidance-interval, --cads, --selection and --describe, each given or else generate's (`recorded`: its generation
     settings); written back into `cfg` in canonical form (results keys and labels name them). An inherited interval
     is dropped under --guidance 1, and inherited diverse selection without candidates: there is nothing to restrict or
     choose from; given ones are refused (`Diversity.parse`)."""
@@ -476,9 +478,10 @@ def _diversity(cfg: EvaluateConfig, recorded: dict, guidance: float) -> Diversit
     interval = cfg.guidance_interval or ("" if guidance == 1.0 else was["guidance_interval"])
     selection = cfg.selection or (was["selection"] if cfg.candidates > 1 else "typical")
     diversity = Diversity.parse(interval, cfg.cads or was["cads"], selection, guidance=guidance,
-                                candidates=cfg.candidates)
+                                candidates=cfg.candidates, describe=cfg.describe or was["describe"])
     texts = diversity.texts()
     cfg.guidance_interval, cfg.cads, cfg.selection = texts["guidance_interval"], texts["cads"], texts["selection"]
+    cfg.describe = texts["describe"]
     return diversity
 
 

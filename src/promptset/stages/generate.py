@@ -98,6 +98,10 @@ class GenerateConfig:
                     "of scale S (default 0.25) on the prompt's states, all of it at diffusion time t >= TAU2, none at "
                     "t <= TAU1 (t = 1 - k/steps), rescaled to their mean and std with weight PSI (default 1), each "
                     "image's noise from its own seed; e.g. 0.6,0.9 (the paper's); default off")
+    describe: str = opt("off", "random: each image's prompt gets attribute words drawn from its own seed around its "
+                        "token ('a photo of a distant grey <token> on a busy blue background'; sizes, colours, height, "
+                        "texture, brightness, as `promptset caption` writes them), for generators trained on "
+                        "per-image captions (pretrain --captions); stores nothing; off = the prompts' template")
     device: str = opt("auto", "torch device")
     dtype: str = opt("auto", "model dtype: auto = bf16 on GPUs of compute capability 8.0+, fp16 on older GPUs, fp32 "
                      "on CPU (recorded resolved, so evaluate can reuse these images)", choices=DTYPE_CHOICES)
@@ -302,7 +306,7 @@ def _prepare(cfg: GenerateConfig) -> _Plan:
     if cfg.soft_labels and not cfg.teacher:
         raise UserError("--soft-labels needs --teacher PATH.safetensors (from `promptset teacher`) or NAME:PATH")
     diversity = Diversity.parse(cfg.guidance_interval, cfg.cads, cfg.selection, guidance=cfg.guidance,
-                                candidates=cfg.candidates)
+                                candidates=cfg.candidates, describe=cfg.describe)
     teacher = None
     if cfg.soft_labels or cfg.candidates > 1:  # checked before the model loads; it labels on the model's device
         from ..models import load_teacher
