@@ -37,6 +37,7 @@ import torch  # noqa: E402
 torch.set_flush_denormal(True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cli_common  # noqa: E402
 import common  # noqa: E402
 
 
@@ -309,17 +310,7 @@ def measure(args, model: str, dtype: str, names: list[str]) -> dict:
 # parent
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="CPU, tiny model, 4 classes x 4 images, 25 DDIM steps")
-    p.add_argument("--json", default="", help="write all figures here")
-    p.add_argument(
-        "--device", default="cpu", help="cpu or cuda[:i]; cuda defaults to an SD-1.5-shaped model at 512 px"
-    )
-    p.add_argument(
-        "--size", default="", choices=["", "tiny", "sd15"], help="model shape (default tiny on CPU, sd15 on GPU)"
-    )
-    p.add_argument("--model", default="", help="existing diffusers SD folder instead of building one")
-    p.add_argument("--dtype", default="", help="comma-separated dtypes (default fp32 on CPU, bf16 on GPU)")
-    p.add_argument("--resolution", type=int, default=0, help="image side in pixels (default: the model's native)")
+    cli_common.add_common_flags(p, quick="CPU, tiny model, 4 classes x 4 images, 25 DDIM steps")
     p.add_argument(
         "--conditioner",
         default="prompt",
@@ -340,33 +331,20 @@ def parse_args(argv=None):
         help="also time `promptset generate --compile` (compile time reported apart)",
     )
     p.add_argument("--profile", action="store_true", help="torch.profiler table of one promptset batch")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--work", default="", help="scratch folder for the model (default: temporary)")
     args = p.parse_args(argv)
-    gpu = args.device.startswith("cuda")
-    if args.quick and gpu:
-        p.error("--quick is the CPU smoke run; drop --device cuda or --quick")
-    args.size = args.size or ("sd15" if gpu else "tiny")
+    gpu = cli_common.finish_common(p, args)
     args.images_per_class = args.images_per_class or (4 if gpu or args.quick else 8)
-    args.dtypes = [d.strip() for d in (args.dtype or ("bf16" if gpu else "fp32")).split(",") if d.strip()]
-    if not gpu and any(d != "fp32" for d in args.dtypes):
-        p.error("half precision on CPU is far slower than fp32 (not a benchmark of anything); use --dtype fp32 on CPU")
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    common.quiet_libraries()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    info = common.machine(args.device)
+    info = cli_common.start(args)
     gpu = args.device.startswith("cuda")
     with tempfile.TemporaryDirectory(prefix="bench_generate_") as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        model = args.model or str(common.build_model(work / f"model-{args.size}", args.size))
-        build_s = time.perf_counter() - t0
+        model, build_s = cli_common.model_folder(args, work)
         names = common.cifar_names(args.classes)
         print(
             f"generate benchmark: {args.classes} classes x {args.images_per_class} images, batch {args.batch_size}, "
@@ -377,9 +355,7 @@ def main(argv=None) -> dict:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor-cache")
         rows = [measure(args, model, dtype, names) for dtype in args.dtypes]
     settings = {
-        "model": "random-weight SD-shaped model from promptset.backends.tiny.build_sd" if not args.model else model,
-        "size": args.size,
-        "random_weights": not args.model,
+        **cli_common.model_settings(args, model),
         "device": args.device,
         "resolution": rows[0]["resolution"],
         "dtypes": args.dtypes,
@@ -436,19 +412,10 @@ def main(argv=None) -> dict:
         notes.append("bf16: diffusers keeps latents in bf16 between steps, promptset in fp32, so bf16 images differ")
     for n in notes:
         print("note:", n)
-    payload = {
-        "benchmark": "generate",
-        "speedup": rows[0]["speedup"],
-        "speedup_definition": "diffusers seconds / promptset seconds for the same images, median over "
-        "alternating rounds (first dtype)",
-        "machine": info,
-        "settings": settings,
-        "rows": rows,
-        "notes": notes,
-        "total_benchmark_s": time.perf_counter() - T_START,
-    }
-    common.write_json(args.json, payload)
-    return payload
+    return cli_common.write_payload(
+        args, "generate", rows[0]["speedup"], "diffusers seconds / promptset seconds for the same images, median over "
+        "alternating rounds (first dtype)", machine=info, settings=settings, rows=rows, t_start=T_START, notes=notes,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

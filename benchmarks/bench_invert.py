@@ -41,6 +41,7 @@ import torch  # noqa: E402
 torch.set_flush_denormal(True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cli_common  # noqa: E402
 import common  # noqa: E402
 
 TEMPLATE = "a photo of {token}"
@@ -192,49 +193,33 @@ def interleaved_steps(args, model: str, data: Path, dtype: str, names: list[str]
 # parent
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--quick", action="store_true", help="CPU, tiny model, 8 classes x 8 steps of batch 8 (under a minute)"
-    )
-    p.add_argument("--json", default="", help="write all figures here")
-    p.add_argument(
-        "--device", default="cpu", help="cpu or cuda[:i]; cuda defaults to an SD-1.5-shaped model at 512 px"
-    )
-    p.add_argument(
-        "--size", default="", choices=["", "tiny", "sd15"], help="model shape (default: tiny on CPU, sd15 on GPU)"
-    )
-    p.add_argument("--model", default="", help="existing diffusers SD folder to use instead of building one")
+    cli_common.add_common_flags(p, quick="CPU, tiny model, 8 classes x 8 steps of batch 8 (under a minute)",
+                                resolution="training resolution (default: the model's)",
+                                threads="torch threads in every process (0: torch's default)",
+                                work="scratch folder (default: a temporary one, deleted afterwards)")  # fmt: skip
     p.add_argument(
         "--mini-model", default="", help="also time promptset alone on this `mini` model folder (no baseline)"
     )
-    p.add_argument("--dtype", default="", help="comma-separated dtypes (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--classes", type=int, default=0, help="number of classes C")
     p.add_argument("--steps", type=int, default=0, help="steps per class S of the one-class baseline")
     p.add_argument("--batch-size", type=int, default=0, help="batch size B (both)")
     p.add_argument("--classes-per-batch", type=int, default=0, help="promptset's G (default min(C, B))")
     p.add_argument("--images-per-class", type=int, default=0, help="training images per class")
-    p.add_argument("--resolution", type=int, default=0, help="training resolution (default: the model's)")
     p.add_argument("--warmup", type=int, default=5, help="warm-up steps excluded from the steady per-step figures")
     p.add_argument("--lr", type=float, default=5e-3, help="learning rate (both)")
     p.add_argument("--interleave-rounds", type=int, default=3, help="alternating timed blocks per method (median)")
     p.add_argument("--interleave-steps", type=int, default=0, help="steps per timed block (default 10 CPU, 5 GPU)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads in every process (0: torch's default)")
-    p.add_argument("--work", default="", help="scratch folder (default: a temporary one, deleted afterwards)")
     args = p.parse_args(argv)
-    gpu = args.device.startswith("cuda")
+    gpu = cli_common.finish_common(p, args)
     if args.quick:
-        if gpu:
-            p.error("--quick is the CPU smoke run; drop --device cuda or --quick")
-        args.size = args.size or "tiny"
         # as many classes as fit in a minute on 2 cores: the ratio grows with C (see the projection it prints)
         args.classes, args.steps, args.batch_size = args.classes or 8, args.steps or 8, args.batch_size or 8
         args.warmup = min(args.warmup, 3)
-    args.size = args.size or ("sd15" if gpu else "tiny")
     args.classes = args.classes or (4 if gpu else 10)
     args.steps = args.steps or (10 if gpu else 50)  # GPU: the run fits a 10-minute call (benchmarks/README.md)
     args.batch_size = args.batch_size or (8 if gpu else 10)  # a multiple of the default G = min(C, B)
     args.images_per_class = args.images_per_class or (8 if gpu else 10)
     args.interleave_steps = args.interleave_steps or (5 if gpu else 10)
-    args.dtypes = [d.strip() for d in (args.dtype or ("bf16" if gpu else "fp32")).split(",") if d.strip()]
     args.classes_per_batch = args.classes_per_batch or min(args.classes, args.batch_size)
     if args.batch_size % args.classes_per_batch:
         p.error(f"--batch-size {args.batch_size} must be a multiple of --classes-per-batch {args.classes_per_batch}")
@@ -242,8 +227,6 @@ def parse_args(argv=None):
         p.error("--classes must be a multiple of --classes-per-batch, so every class sees the same samples")
     if args.steps <= args.warmup:
         p.error(f"--steps {args.steps} must exceed --warmup {args.warmup}")
-    if not gpu and any(d != "fp32" for d in args.dtypes):
-        p.error("half precision on CPU is far slower than fp32 (not a benchmark of anything); use --dtype fp32 on CPU")
     return args
 
 
@@ -405,16 +388,11 @@ def finish_row(row: dict, device_name: str, interleaved: dict | None = None) -> 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     gpu = args.device.startswith("cuda")
-    common.quiet_libraries()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    info = common.machine(args.device)
+    info = cli_common.start(args)
     with tempfile.TemporaryDirectory(prefix="bench_invert_") as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        model = args.model or str(common.build_model(work / f"model-{args.size}", args.size))
-        build_s = time.perf_counter() - t0
+        model, build_s = cli_common.model_folder(args, work)
         from diffusers import UNet2DConditionModel
 
         unet_cfg = UNet2DConditionModel.load_config(Path(model) / "unet")
@@ -425,11 +403,7 @@ def main(argv=None) -> dict:
         names = common.cifar_names(args.classes)
         data = common.make_image_folder(work / "data", names, args.images_per_class, resolution)
         settings = {
-            "model": "random-weight SD-shaped model from promptset.backends.tiny.build_sd"
-            if not args.model
-            else model,
-            "size": args.size,
-            "random_weights": not args.model,
+            **cli_common.model_settings(args, model),
             "device": args.device,
             "dtypes": args.dtypes,
             "resolution": resolution,
@@ -503,19 +477,11 @@ def main(argv=None) -> dict:
         print("note:", n)
     if not args.model:
         print("note: random-weight model (SD-1.5 shapes)" if args.size == "sd15" else "note: random-weight tiny model")
-    payload = {
-        "benchmark": "invert",
-        "speedup": headline["time_to_distill_speedup"],
-        "speedup_definition": "baseline time to distill / promptset time to distill (first dtype)",
-        "steady_throughput_speedup": headline["steady_throughput_speedup"],
-        "machine": info,
-        "settings": settings,
-        "rows": rows,
-        "notes": notes,
-        "total_benchmark_s": time.perf_counter() - T_START,
-    }
-    common.write_json(args.json, payload)
-    return payload
+    return cli_common.write_payload(
+        args, "invert", headline["time_to_distill_speedup"], "baseline time to distill / promptset time to distill "
+        "(first dtype)", head={"steady_throughput_speedup": headline["steady_throughput_speedup"]}, machine=info,
+        settings=settings, rows=rows, t_start=T_START, notes=notes,
+    )  # fmt: skip
 
 
 def _columns(rows):

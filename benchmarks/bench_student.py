@@ -36,20 +36,16 @@ torch.set_flush_denormal(True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_generate  # noqa: E402
+import cli_common  # noqa: E402
 import common  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="CPU, tiny generator, 10 classes x 5 ipc, 20 epochs, 2 rounds")
-    p.add_argument("--json", default="", help="write all figures here")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    p.add_argument(
-        "--size", default="", choices=["", "tiny", "sd15"], help="generator shape (tiny on CPU, sd15 on GPU)"
-    )
-    p.add_argument("--model", default="", help="existing diffusers SD folder instead of building one")
-    p.add_argument("--dtype", default="", help="generator dtype (fp32 on CPU, bf16 on GPU)")
-    p.add_argument("--resolution", type=int, default=0, help="generation resolution (default: the model's native)")
+    cli_common.add_common_flags(p, quick="CPU, tiny generator, 10 classes x 5 ipc, 20 epochs, 2 rounds",
+                                what="generator", device="cpu or cuda[:i]",
+                                dtype="generator dtype (fp32 on CPU, bf16 on GPU)",
+                                resolution="generation resolution (default: the model's native)")  # fmt: skip
     p.add_argument("--classes", type=int, default=10, help="classes C")
     p.add_argument("--ipc", type=int, default=0, help="images per class per round")
     p.add_argument("--epochs", type=int, default=0, help="student epochs (default 100; 20 with --quick or on GPU)")
@@ -75,13 +71,8 @@ def parse_args(argv=None):
         action="store_true",
         help="also regenerate with generate_batch(micro_batch=None) (what batching would buy)",
     )
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--work", default="", help="scratch folder for the model (default: temporary)")
     args = p.parse_args(argv)
-    gpu = args.device.startswith("cuda")
-    if args.quick and gpu:
-        p.error("--quick is the CPU smoke run; drop --device cuda or --quick")
-    args.size = args.size or ("sd15" if gpu else "tiny")
+    gpu = cli_common.finish_common(p, args, half_on_cpu=True)
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     args.ipc = args.ipc or (5 if args.quick else 10)
     args.epochs = args.epochs or (20 if args.quick or gpu else 100)  # GPU: 2 rounds of 512 px images, minutes
@@ -123,10 +114,7 @@ def regenerate(fn, jobs, gen_batch: int, image_size: int, device) -> tuple[float
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    common.quiet_libraries()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    info = common.machine(args.device)
+    info = cli_common.start(args)
     from promptset.backends.sampling import jobs_for
     from promptset.evaluation.methods import teacher_logits
     from promptset.evaluation.rounds import job_step
@@ -140,9 +128,7 @@ def main(argv=None) -> dict:
     rounds = math.ceil(args.epochs / args.regen_every)
     with tempfile.TemporaryDirectory(prefix="bench_student_") as tmp:
         work = Path(args.work or tmp)
-        t0 = time.perf_counter()
-        model = args.model or str(common.build_model(work / f"model-{args.size}", args.size))
-        build_s = time.perf_counter() - t0
+        model, build_s = cli_common.model_folder(args, work)
         spec = {
             "model": model,
             "device": args.device,
@@ -325,20 +311,12 @@ def main(argv=None) -> dict:
         "regeneration": "promptset: all rounds' jobs as one list in steps of evaluation.rounds.job_step; "
         "diffusers: round by round; the faster of two alternating passes each",
     }
-    payload = {
-        "benchmark": "student",
-        "speedup": speedup,
-        "speedup_definition": "(diffusers-pipeline regeneration + labels + training) / (promptset "
-        "regeneration + labels + training)",
-        "machine": info,
-        "settings": settings,
-        "rows": rows,
-        "training": {"optimizer_steps": steps, "samples_seen": samples_seen, "final_top1_on_noise": out["final_top1"]},
-        "images_generated": generated,
-        "total_benchmark_s": time.perf_counter() - T_START,
-    }
-    common.write_json(args.json, payload)
-    return payload
+    return cli_common.write_payload(
+        args, "student", speedup, "(diffusers-pipeline regeneration + labels + training) / (promptset regeneration "
+        "+ labels + training)", machine=info, settings=settings, rows=rows, t_start=T_START,
+        training={"optimizer_steps": steps, "samples_seen": samples_seen, "final_top1_on_noise": out["final_top1"]},
+        images_generated=generated,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

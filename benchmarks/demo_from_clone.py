@@ -6,7 +6,7 @@ Clones this repository's committed HEAD (uncommitted changes are not in the clon
 the set-up script (a new `.venv`, torch and promptset installed as a new user would) and then `promptset demo`,
 each timed separately, and writes one JSON file: the two wall times, the machine (CPU, cores, load average before
 each step, so a busy machine shows), the commit, and the demo's own `demo.json` and `results.json` (its table, its
-reading, the generator's quality). `write_benchmarks_md.py` builds the demo section of BENCHMARKS.md from it.
+reading, the generator's quality). `tools/write_benchmarks_md.py` builds the demo section of BENCHMARKS.md from it.
 
 Runs with the system Python (no torch needed here). Benchmarks report numbers, they assert nothing.
 """

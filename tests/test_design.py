@@ -190,10 +190,15 @@ def _patches_of_promptset(path: Path) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in (SRC.parents[1] / "benchmarks").glob("*.py")))
+REPO = Path(__file__).resolve().parents[1]
+# Python outside the package: speed benchmarks and their helpers, diagnostics, the CIFAR-10 world study, tools
+SCRIPT_DIRS = ("benchmarks", "benchmarks/diagnostics", "experiments/cifar10", "tools", "tools/benchmarks_md")
+SCRIPTS = sorted(p.relative_to(REPO).as_posix() for d in SCRIPT_DIRS for p in (REPO / d).glob("*.py"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_benchmark_drivers_patch_nothing_inside_promptset(script):
-    path = SRC.parents[1] / "benchmarks" / script
-    assert _patches_of_promptset(path) == []
+    assert _patches_of_promptset(REPO / script) == []
 
 
 def test_the_patch_detector_finds_a_patch(tmp_path):
@@ -217,19 +222,59 @@ def _top_level_names(path: Path) -> set[str]:
 
 
 def _broken_local_imports(path: Path) -> list[str]:
-    """`from sibling import name` lines of a benchmark script whose sibling script defines no such name."""
-    here = path.parent
+    """`from sibling import name` lines of a script whose sibling module defines no such name. A sibling is a file
+    beside the script (`from pkg.mod import` and `from .mod import` too) or one of the speed benchmarks' helpers in
+    benchmarks/, which the study and the diagnostics put on their path."""
     broken = []
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and (here / f"{node.module}.py").is_file():
-            defined = _top_level_names(here / f"{node.module}.py")
+        if not (isinstance(node, ast.ImportFrom) and node.module):
+            continue
+        rel = node.module.replace(".", "/") + ".py"
+        found = [d / rel for d in (path.parent, REPO / "benchmarks") if (d / rel).is_file()][:1]
+        if found:
+            defined = _top_level_names(found[0])
             broken += [f"line {node.lineno}: {node.module}.{a.name}" for a in node.names if a.name not in defined]
     return broken
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in (SRC.parents[1] / "benchmarks").glob("*.py")))
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_benchmark_scripts_import_only_what_their_siblings_define(script):
-    assert _broken_local_imports(SRC.parents[1] / "benchmarks" / script) == []
+    assert _broken_local_imports(REPO / script) == []
+
+
+def test_no_script_outside_the_package_over_600_lines():
+    sizes = {s: len((REPO / s).read_text().splitlines()) for s in SCRIPTS}
+    assert max(sizes.values()) <= 600, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_every_script_outside_the_package_answers_help():
+    """`--help` of every script with a command line (benchmarks, diagnostics, the CIFAR-10 study, tools) from where it
+    lives, all in one process: its imports resolve and its flags parse."""
+    import subprocess
+    import sys
+
+    scripts = [s for s in SCRIPTS if 'if __name__ == "__main__"' in (REPO / s).read_text()]
+    assert any(s.startswith("experiments/cifar10/") for s in scripts) and "tools/write_benchmarks_md.py" in scripts
+    code = (
+        "import os, runpy, sys\n"
+        "failed = []\n"
+        "for script in sys.argv[1:]:\n"
+        "    sys.argv = [script, '--help']\n"
+        "    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python SCRIPT` puts it first\n"
+        "    try:\n"
+        "        runpy.run_path(script, run_name='__main__')\n"
+        "        failed.append(script + ': no exit')\n"
+        "    except SystemExit as stop:\n"
+        "        if stop.code not in (0, None):\n"
+        "            failed.append(f'{script}: exit {stop.code}')\n"
+        "    except Exception as err:\n"
+        "        failed.append(f'{script}: {type(err).__name__}: {err}')\n"
+        "print('FAILED', failed)\n"
+        "sys.exit(1 if failed else 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *scripts], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def test_the_import_check_finds_a_moved_name(tmp_path):

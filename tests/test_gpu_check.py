@@ -1,4 +1,5 @@
-"""benchmarks/gpu_check.py: the CPU smoke run writes every row kind, BENCHMARKS.md renders it, wheels install."""
+"""benchmarks/gpu_check.py: the CPU smoke run writes every row kind, BENCHMARKS.md renders it
+(tools/write_benchmarks_md.py), wheels install."""
 
 from __future__ import annotations
 
@@ -15,14 +16,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
+TOOLS = REPO / "tools"
 
 
-def _bench_module(name: str):
-    sys.path.insert(0, str(BENCH))
+def _bench_module(name: str, folder: Path = BENCH):
+    sys.path.insert(0, str(folder))
     try:
         return importlib.import_module(name)
     finally:
-        sys.path.remove(str(BENCH))
+        sys.path.remove(str(folder))
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,7 @@ def test_quick_run_writes_every_row_kind_with_finite_numbers(quick_json):
 
 @pytest.mark.slow
 def test_benchmarks_md_renders_the_gpu_check_json(quick_json):
-    wbm = _bench_module("write_benchmarks_md")
+    wbm = _bench_module("write_benchmarks_md", TOOLS)
     text = "\n".join(wbm.gpu_section(quick_json))
     assert "No GPU: a CPU smoke run" in text
     for name in ("invert fp32 no-TF32 batch 8", "generate bf16 sampler batch 32", "student resnet18 amp"):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "cifar10"))
 import cifar10_common as common  # noqa: E402
 
 from promptset.artifacts import save_tensors  # noqa: E402

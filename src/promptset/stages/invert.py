@@ -299,7 +299,7 @@ def _prepare(cfg: InvertConfig) -> _Plan:
     if cfg.gradient_checkpointing:
         backend.enable_gradient_checkpointing()
     # No torch.compile here: with torch 2.13 on CPU, inductor's backward of diffusers' UNet returns gradients 40-60%
-    # away from eager and fp64 (benchmarks/check_compile_grad.py), while its forward agrees.
+    # away from eager and fp64 (benchmarks/diagnostics/check_compile_grad.py), while its forward agrees.
     resolution = cfg.resolution or backend.resolution
     if resolution % backend.autoencoder.downscale:
         raise UserError(f"--resolution {resolution} must be a multiple of {backend.autoencoder.downscale}")

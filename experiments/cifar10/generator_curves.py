@@ -1,7 +1,7 @@
 """Learning curves of `mini` generators: the teacher's accuracy on class-prompt samples at fixed step counts.
 
-    .venv/bin/python benchmarks/generator_curves.py --model A=/path/to/model --model B=/path/to/other \
-        --ceiling-per-class 100 --json benchmarks/results/generator_curves.json
+    .venv/bin/python experiments/cifar10/generator_curves.py --model A=/path/to/model --model B=/path/to/other \
+        --ceiling-per-class 100 --json experiments/cifar10/results/generator_curves.json
 
 For each model folder written by `promptset pretrain --eval-every N --teacher ...`, reads the evaluation rows of
 `metrics.jsonl` (step, teacher accuracy, per class) and the training rows (loss, training seconds) and the recipe
@@ -26,7 +26,7 @@ import promptset  # noqa: F401  (before torch: OpenMP threads then wait passivel
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # the speed benchmarks' common.py
 from common import machine  # noqa: E402
 
 torch.set_flush_denormal(True)

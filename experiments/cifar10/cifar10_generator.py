@@ -1,6 +1,7 @@
 """Train the CIFAR-10 `mini` generator (or one of the recipe variants its learning curves compare), resumably.
 
-    .venv/bin/python benchmarks/cifar10_generator.py --variant pooled-v --cache ~/.cache/promptset --steps 4000
+    .venv/bin/python experiments/cifar10/cifar10_generator.py --variant pooled-v --cache ~/.cache/promptset \
+        --steps 4000
 
 Prepares the foundation split (train files 0-2499 of each class, as ImageFolders of symlinks in the cache, shared
 with `cifar10_world.py`), then runs `promptset pretrain` with the variant's flags on one CPU thread and prints the
@@ -8,8 +9,8 @@ exact command first. Rerun the same line to resume (pretrain checkpoints every 2
 `--steps` to train on. Every 250 steps the ResNet-20 teacher's accuracy on 200 class-prompt samples is appended to
 `<out>/metrics.jsonl` (the learning curve `generator_curves.py` collects).
 
-Captions (`benchmarks/cifar10_captions.json`) name five classes (airplane, automobile, bird, cat, deer) and describe
-the other five only by a coarser word (dog: "pet", frog: "small animal", horse: "farm animal", ship: "vessel",
+Captions (`experiments/cifar10/cifar10_captions.json`) name five classes (airplane, automobile, bird, cat, deer) and
+describe the other five only by a coarser word (dog: "pet", frog: "small animal", horse: "farm animal", ship: "vessel",
 truck: "vehicle"), so the generator can draw every class but knows only half by name: the class-name prompt is a
 weak baseline there, and inversion has work to do.
 
@@ -25,9 +26,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
-sys.path.insert(0, str(BENCH_DIR))
+STUDY_DIR = Path(__file__).resolve().parent  # experiments/cifar10
+REPO = STUDY_DIR.parents[1]
+sys.path.insert(0, str(STUDY_DIR))
 from cifar10_common import SPLIT, symlink_split, unpack  # noqa: E402
 
 COMMON = {"--resolution": "64", "--unet-size": "base", "--batch-size": "64", "--warmup-steps": "100",
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     images = args.images_per_class or variant_images
     cmd = [sys.executable, "-m", "promptset", "pretrain", "--out", str(out),
            "--data", str(cache / "cifar10-jpeg-splits" / "foundation"), "--vae", f"taef2:{weights}",
-           "--class-names", str(BENCH_DIR / "cifar10_captions.json"),
+           "--class-names", str(STUDY_DIR / "cifar10_captions.json"),
            "--teacher", f"resnet20:{weights / 'cifar10_resnet20.safetensors'}", "--steps", str(args.steps),
            "--no-progress", "--max-images-per-class", str(images), "--lr", args.lr,
            *(x for flag, value in recipe.items() for x in (flag, value))]  # fmt: skip

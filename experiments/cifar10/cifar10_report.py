@@ -1,6 +1,6 @@
-"""The CIFAR-10 world's outputs: `benchmarks/results/cifar10_world{,_smoke}.{json,md}` from the run's results.json,
-with a reading that states only what the numbers show. `cifar10_world.py` calls `write_outputs` after its stages
-(and alone with `--report-only`)."""
+"""The CIFAR-10 world's outputs: `experiments/cifar10/results/cifar10_world{,_smoke}.{json,md}` from the run's
+results.json, with a reading that states only what the numbers show. `cifar10_world.py` calls `write_outputs` after
+its stages (and alone with `--report-only`)."""
 
 from __future__ import annotations
 
@@ -276,7 +276,7 @@ def write_outputs(name, args, p, tag, root, model, run, test, pre, timer, ipcs, 
     # ---- markdown ----
     lines = [f"## CIFAR-10 (offline JPEG world), `{tag}` scale", ""]
     lines += [
-        f"Command: `.venv/bin/python benchmarks/cifar10_world.py --scale {args.scale}"
+        f"Command: `.venv/bin/python experiments/cifar10/cifar10_world.py --scale {args.scale}"
         + (f" --cache {args.cache}" if args.cache != os.path.expanduser("~/.cache/promptset") else "")
         + (f" --device {device}" if device != "cpu" else "")
         + (f" --threads {args.threads}" if args.threads else "")
@@ -302,7 +302,7 @@ def write_outputs(name, args, p, tag, root, model, run, test, pre, timer, ipcs, 
             else f"first {p['test_per_class']} images per class ({p['test_per_class'] * 10:,} of 10,000) "
             "to fit the CPU budget."
         ),
-        f"- Generator: the committed `benchmarks/models/{model.name}` (its COMMAND.md has the command): UNet "
+        f"- Generator: the committed `experiments/cifar10/models/{model.name}` (its COMMAND.md has the command): UNet "
         f"`{recipe.get('unet_size')}` ({(pre.get('unet_params') or 0) / 1e6:.2f}M parameters, conditioning "
         f"`{recipe.get('conditioning')}`, {recipe.get('prediction_type')}) on TAEF2 latents at 64 px, "
         f"{pre.get('steps')} steps x batch {recipe.get('batch_size')} (lr {recipe.get('lr')}, EMA "

@@ -1,6 +1,7 @@
-"""Copy a trained `mini` model folder into the repository (`benchmarks/models/<name>`), small enough to commit.
+"""Copy a trained `mini` model folder into the repository (`experiments/cifar10/models/<name>`), small enough to
+commit.
 
-    .venv/bin/python benchmarks/commit_generator.py --model /path/to/trained/model --name cifar10-mini \
+    .venv/bin/python experiments/cifar10/commit_generator.py --model /path/to/trained/model --name cifar10-mini \
         --command-file /path/to/command.txt
 
 What is kept: the EMA UNet (cast to fp16, which halves its size; it is loaded back in the backend's dtype), the noise
@@ -27,20 +28,21 @@ import promptset  # noqa: F401  (before torch: OpenMP threads then wait passivel
 import torch
 from safetensors.torch import load_file, save_file
 
-REPO = Path(__file__).resolve().parent.parent
+STUDY_DIR = Path(__file__).resolve().parent  # experiments/cifar10
+REPO = STUDY_DIR.parents[1]
 KEEP = ("pretrain.json", "metrics.jsonl", "samples.png")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="the trained model folder (pretrain --out)")
-    ap.add_argument("--name", default="cifar10-mini", help="folder name under benchmarks/models")
+    ap.add_argument("--name", default="cifar10-mini", help="folder name under experiments/cifar10/models")
     ap.add_argument("--shared-weights", default=str(REPO.parent / "shared" / "weights"),
                     help="where TAEF2's weights are in a clone (../shared/weights)")  # fmt: skip
     ap.add_argument("--command-file", default="", help="text file holding the exact training command(s)")
     args = ap.parse_args(argv)
     src = Path(args.model)
-    dst = REPO / "benchmarks" / "models" / args.name
+    dst = STUDY_DIR / "models" / args.name
     if dst.exists():
         shutil.rmtree(dst)
     (dst / "unet").mkdir(parents=True)
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         (dst / "COMMAND.md").write_text(
             f"# {args.name}: how this model was trained\n\n```bash\n{cmd}\n```\n\n"
             "Rerunning the same command resumes or reproduces it (bit for bit on CPU with the same thread count). "
-            "The committed UNet is the EMA weights cast to fp16 by `benchmarks/commit_generator.py`.\n"
+            "The committed UNet is the EMA weights cast to fp16 by `experiments/cifar10/commit_generator.py`.\n"
         )
     size = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
     print(f"wrote {dst} ({size / 1e6:.1f} MB)")

@@ -1,7 +1,7 @@
 """Accuracy against stored bytes on the CIFAR-10 world (issue 17): label codecs and seed selection, row by row.
 
-    python benchmarks/codec_trade.py --scale paper [--device cuda] [--threads 1]   # the issue's table
-    python benchmarks/codec_trade.py --scale smoke                                  # minutes: every row, tiny
+    python experiments/cifar10/codec_trade.py --scale paper [--device cuda] [--threads 1]   # the issue's table
+    python experiments/cifar10/codec_trade.py --scale smoke                                  # minutes: every row, tiny
 
 The run is the CIFAR-10 world's (`cifar10_world.py`, same preset, same stage options: select with ResNet-20, invert
 on the committed mini generator, generate), prepared there or reused when it exists, and mirrored into
@@ -15,8 +15,8 @@ Rows, all at one IPC (10) with ConvNet-3, every one through promptset's own `eva
    with the teacher's top-1 on the images the students train on.
 
 Every row already in the run's results.json with the same epochs and seeds is skipped, so a stopped run resumes at
-the next row. Writes `benchmarks/results/codec_trade.json` (`codec_trade_smoke.json` for `--scale smoke`);
-`write_benchmarks_md.py` turns it into the table, the accuracy-vs-bytes plot and the reading. Benchmarks report
+the next row. Writes `experiments/cifar10/results/codec_trade.json` (`codec_trade_smoke.json` for `--scale smoke`);
+`tools/write_benchmarks_md.py` turns it into the table, the accuracy-vs-bytes plot and the reading. Benchmarks report
 numbers, they assert nothing.
 """
 
@@ -41,8 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cifar10_common as common  # noqa: E402
 from cifar10_world import PRESETS as WORLD_PRESETS  # noqa: E402
 
-BENCH_DIR = Path(__file__).resolve().parent
-RESULTS_DIR = BENCH_DIR / "results"
+RESULTS_DIR = common.RESULTS_DIR
 STUDENT = "convnet3"
 
 # The trade's own settings; distillation (select/invert/generate) and the test split follow the world's preset.
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shared", default=os.environ.get("PROMPTSET_SHARED", str(common.REPO.parent / "shared")),
                     help="folder holding data/ and weights/")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/promptset"), help="cache folder (not the repo)")
-    ap.add_argument("--model", default=str(BENCH_DIR / "models" / "cifar10-mini-v2"), help="the mini generator")
+    ap.add_argument("--model", default=str(common.DEFAULT_MODEL), help="the mini generator")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--no-progress", action="store_true")
@@ -90,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidates", default=None, help=f"override the preset ({PRESETS['cpu']['candidates']})")
     ap.add_argument("--methods", default="", help="evaluate only these of each row's methods (comma-separated; "
                     "default all: d3m, rded, random-real, random-real@d3m); another process can take the rest")
-    ap.add_argument("--report-only", action="store_true", help="evaluate nothing: write the results of the rows done")
+    ap.add_argument("--report-only", action="store_true", help="evaluate nothing: write the results of the rows done "
+                    "in --cache; with none there (a fresh clone), rewrite the .md from the committed JSON")
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -106,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     from promptset.evaluation.results import entry_key, variant_key
     from promptset.stages.evaluate import EvaluateConfig, evaluate
 
+    root = common.world_root(cache, t["world"], model)
+    if args.report_only and not (cache / "codec_trade" / root.name / "run" / "eval" / "results.json").is_file():
+        return rewrite_tables(args.scale)
     teacher = f"resnet20:{shared / 'weights' / 'cifar10_resnet20.safetensors'}"
     _, distill, test = common.data_splits(shared, cache, wp["test_per_class"])
-    root = common.world_root(cache, t["world"], model)
     ipcs = [int(x) for x in str(wp["ipcs"]).split(",")]
     source = common.distill_run(root / "run", distill, model, teacher, wp, max(ipcs), args.device, progress)
     # d3m's images are the same for every codec: the world run's round cache holds them once for every mirror
@@ -163,6 +165,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def rewrite_tables(scale: str) -> int:
+    """`--report-only` with no run of the trade in the cache: the .md again from the committed results JSON (which,
+    like the plot, stays as it is)."""
+    name = "codec_trade_smoke" if scale == "smoke" else "codec_trade"
+    path = RESULTS_DIR / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"{path}: no results to report; run without --report-only first")
+    payload = json.loads(path.read_text())
+    (RESULTS_DIR / f"{name}.md").write_text("\n".join(markdown_section(payload, f"{name}_accuracy_vs_bytes.png")))
+    log(f"no run of the trade in the cache: rewrote {RESULTS_DIR / (name + '.md')} from {path}")
+    return 0
+
+
 def committed_rows(args, t: dict, wp: dict) -> dict[str, dict]:
     """{key: row} of the committed results file when it was measured with the same trade and world presets: rows
     a fresh machine need not train again. Each keeps the CPU it was measured on (`machine`)."""
@@ -177,7 +192,7 @@ def committed_rows(args, t: dict, wp: dict) -> dict[str, dict]:
 
 def write_results(args, t: dict, wp: dict, run: Path, model: Path, entries: dict, timings: dict,
                   wall: float, committed: dict | None = None) -> None:
-    """benchmarks/results/codec_trade{,_smoke}.json: one row per entry, with bytes raw and compressed, and the
+    """experiments/cifar10/results/codec_trade{,_smoke}.json: one row per entry, with bytes raw and compressed, and the
     `committed` rows (measured earlier) this run's results.json does not hold."""
     cpu = common.machine_info(args.device)["cpu"]
     rows = [r for k, r in (committed or {}).items() if k not in entries]
@@ -211,7 +226,7 @@ def write_results(args, t: dict, wp: dict, run: Path, model: Path, entries: dict
 
 
 # ------------------------------------------------------------------------------------------------------------
-# the BENCHMARKS.md section (write_benchmarks_md.py calls these): table, plot and a reading from the numbers
+# the BENCHMARKS.md section (tools/write_benchmarks_md.py calls these): table, plot and a reading from the numbers
 
 
 def _kb(n) -> str:
@@ -353,7 +368,7 @@ def markdown_section(payload: dict, plot_name: str) -> list[str]:
     lines = [
         "## CIFAR-10: label codecs and seed selection (accuracy against stored bytes)" + smoke,
         "",
-        f"Command: `python benchmarks/codec_trade.py --scale {payload['scale']}` "
+        f"Command: `python experiments/cifar10/codec_trade.py --scale {payload['scale']}` "
         f"(the rows took {sum(r.get('wall_time_s') or 0 for r in payload['rows']) / 3600:.1f} h of wall time in all, "
         f"one thread each, device {payload['machine'].get('device')}; rows per CPU: "
         + ", ".join(f"{cpu} {n}" for cpu, n in sorted(Counter(_cpu(payload, r) for r in payload["rows"]).items()))
@@ -379,7 +394,7 @@ def markdown_section(payload: dict, plot_name: str) -> list[str]:
                for m in ("d3m", "rded", "random-real", "random-real@d3m") if m not in rows]  # fmt: skip
     if missing:
         lines += ["", f"**Not measured yet** (shown as -; the same command resumes them): {', '.join(missing)}."]
-    lines += ["", f"![accuracy vs stored bytes per codec](benchmarks/results/{plot_name})", ""]
+    lines += ["", f"![accuracy vs stored bytes per codec](experiments/cifar10/results/{plot_name})", ""]
     sel = selection_rows(payload)
     if sel:
         lines += ["Seed selection (d3m, fp16 labels under P1): G candidates per stored image, the teacher keeps the "

@@ -24,12 +24,14 @@ import promptset  # noqa: F401  (before torch: OpenMP threads then wait passivel
 # isort: split
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model  # noqa: E402
+STUDY_DIR = Path(__file__).resolve().parent  # experiments/cifar10
+REPO = STUDY_DIR.parents[1]
+MODELS_DIR = STUDY_DIR / "models"  # the committed generators
+DEFAULT_MODEL = MODELS_DIR / "cifar10-mini-v2"
+RESULTS_DIR = STUDY_DIR / "results"
+sys.path.insert(0, str(REPO / "benchmarks"))  # cpuinfo.py (and common.py) of the speed benchmarks
+from cpuinfo import cpu_model  # noqa: E402
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
-RESULTS_DIR = BENCH_DIR / "results"
 SPLIT = 2500  # files 0..2499 of each training class: foundation; 2500..4999: the distilled split
 STUDENT = "convnet3"
 
@@ -406,12 +408,12 @@ def inputs_close(kind: str, ours: Path, theirs: Path) -> tuple[bool, str]:
 def import_committed(
     committed: Path, results_path: Path, tag: str, model_hash: str, inputs: dict, run: Path | None = None
 ) -> int:
-    """Entries of the committed results file (`benchmarks/results/<name>.json`) that `results_path` lacks, copied into
-    it when they were measured on the same preset and generator and on the same run inputs their method depends on
-    (`DEPENDS`): a long table resumes on a fresh machine from what an earlier session committed. Inputs are the same
-    when their hashes are equal or, given `run` and the committed copies (`save_inputs`), when the tensors agree to
-    within floating-point differences between CPU models (`inputs_close`); other inputs' rows are trained again.
-    Returns how many entries were imported."""
+    """Entries of the committed results file (`experiments/cifar10/results/<name>.json`) that `results_path` lacks,
+    copied into it when they were measured on the same preset and generator and on the same run inputs their method
+    depends on (`DEPENDS`): a long table resumes on a fresh machine from what an earlier session committed. Inputs are
+    the same when their hashes are equal or, given `run` and the committed copies (`save_inputs`), when the tensors
+    agree to within floating-point differences between CPU models (`inputs_close`); other inputs' rows are trained
+    again. Returns how many entries were imported."""
     from promptset.atomic import locked, write_json
     from promptset.evaluation.results import load_results
 
@@ -438,7 +440,7 @@ def import_committed(
         new = {k: e for k, e in (old.get("entries") or {}).items() if k not in cur["entries"] and valid(e)}
         stale = sorted(k for k, e in (old.get("entries") or {}).items() if k not in cur["entries"] and not valid(e))
         for e in new.values():
-            e["imported_from"] = f"benchmarks/results/{committed.name}"
+            e["imported_from"] = _repo_path(committed)
             near = {k: close[k] for k in _deps(e) if k in close}
             if near:
                 e["imported_inputs_within_tolerance"] = e.get("imported_inputs_within_tolerance", {}) | near
@@ -461,6 +463,12 @@ def import_committed(
         log(f"{committed.name}: {len(stale)} entries were measured on other run inputs ({', '.join(stale)}); "
             "not imported, they are trained again")  # fmt: skip
     return len(new)
+
+
+def _repo_path(path: Path) -> str:
+    """`path` relative to the repository (as imported entries name their source), else as it is."""
+    path = path.resolve()
+    return path.relative_to(REPO).as_posix() if REPO in path.parents else str(path)
 
 
 class Timer:

@@ -1,12 +1,13 @@
 """Modes on the offline CIFAR-10 world: coverage of K prompts per class, then students (issue 27).
 
-    .venv/bin/python benchmarks/cifar10_modes.py --cache /work/pscache [--ks 1,2,5,10] [--features latent,teacher]
-    .venv/bin/python benchmarks/cifar10_modes.py --cache /work/pscache --students p1:50:k5-latent [--seeds 3]
+    .venv/bin/python experiments/cifar10/cifar10_modes.py --cache /work/pscache [--ks 1,2,5,10] \
+        [--features latent,teacher]
+    .venv/bin/python experiments/cifar10/cifar10_modes.py --cache /work/pscache --students p1:50:k5-latent [--seeds 3]
 
-It starts from the world's run (`benchmarks/cifar10_world.py --scale cpu --until fidelity` makes it: select on the
-distilled split, invert with one prompt per class, generate IPC 50 with soft labels) and, for every K and clustering
-feature, learns K prompts per class on the same collages with the world's inversion settings (`promptset invert
---modes K --mode-features F`), generates the same IPC 50 set (soft labels, no seed selection, guidance 5), and
+It starts from the world's run (`experiments/cifar10/cifar10_world.py --scale cpu --until fidelity` makes it: select on
+the distilled split, invert with one prompt per class, generate IPC 50 with soft labels) and, for every K and
+clustering feature, learns K prompts per class on the same collages with the world's inversion settings (`promptset
+invert --modes K --mode-features F`), generates the same IPC 50 set (soft labels, no seed selection, guidance 5), and
 measures it with `promptset coverage` against the official test split in ResNet-20's penultimate features (k = 5),
 at 10 and 50 images per class, always beside a random real set of the same size. Sampling rows (`--sampling`) vary
 only how images are drawn from a run's prompts (e.g. guidance 2, a guidance interval, CADS, seed selection typical or
@@ -20,12 +21,12 @@ row records its steps per group; compare rows knowing that a prompt trained long
 
 `--students PROTOCOL:IPC:RUN` trains students on a run with the world's recipe for that row (`evaluate`, ConvNet-3,
 300 epochs, 3 seeds, 10 fresh rounds, mixed order, soft labels fp16 under P1), and adds each entry to
-`benchmarks/results/cifar10_world.json` under `modes_entries` (the world's table keeps its own rows), with its
+`experiments/cifar10/results/cifar10_world.json` under `modes_entries` (the world's table keeps its own rows), with its
 stored bytes raw and after zlib.
 
 Every step resumes: promptset's stages skip finished work, coverage JSONs are reused when their inputs match.
-Results: `benchmarks/results/cifar10_modes.{json,md}`. This script patches nothing inside promptset; it chains its
-commands. Benchmarks report numbers, they assert nothing.
+Results: `experiments/cifar10/results/cifar10_modes.{json,md}`. This script patches nothing inside promptset; it chains
+its commands. Benchmarks report numbers, they assert nothing.
 """
 
 from __future__ import annotations
@@ -151,14 +152,15 @@ def student_rows() -> list[dict]:
 
 def write_md(data: dict) -> None:
     lines = ["## Modes on the CIFAR-10 world (issue 27)", "",
-             "`python benchmarks/cifar10_modes.py --cache CACHE` (after `cifar10_world.py --scale cpu --until "
-             "fidelity`): K prompts per class learned on the world's collages (`invert --modes K --mode-features F`, "
-             "steps per group of 20 prompts at the world's batch 20), the world's IPC 50 set generated from "
-             "them (guidance 5, no seed selection, soft labels), measured with `promptset coverage` in ResNet-20's "
-             "penultimate features against each class's official test images (k = 5), averaged over classes; every "
-             "set beside a random real set of the same size drawn from the same test images (the first 10 / 50 "
-             f"images per class of each set). Machine: {(data.get('machine') or {}).get('cpu', '?')}, one thread. "
-             "Sampling rows change only how images are drawn (nothing stored): "
+             "`python experiments/cifar10/cifar10_modes.py --cache CACHE` (after `cifar10_world.py --scale cpu "
+             "--until fidelity`): K prompts per class learned on the world's collages (`invert --modes K "
+             "--mode-features F`, steps per group of 20 prompts at the world's batch 20), the world's IPC 50 set "
+             "generated from them (guidance 5, no seed selection, soft labels), measured with `promptset coverage` "
+             "in ResNet-20's penultimate features against each class's official test images (k = 5), averaged over "
+             "classes; every set beside a random real set of the same size drawn from the same test images (the "
+             "first 10 / 50 images per class of each set). Machine: "
+             f"{(data.get('machine') or {}).get('cpu', '?')}, one thread. Sampling rows change only how images are "
+             "drawn (nothing stored): "
              + "; ".join(f"`{k}` = {', '.join(f'{a} {b}' for a, b in v.items())}" for k, v in SAMPLING.items()
                          if any(r["sampling"] == k for r in data["rows"].values())) + ".", ""]
     for per_class in sorted({r["per_class"] for r in data["rows"].values()}):
@@ -226,9 +228,10 @@ def reading(data: dict, students: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cache", required=True, help="the cache folder of benchmarks/cifar10_world.py")
+    ap.add_argument("--cache", default="", help="the cache folder of experiments/cifar10/cifar10_world.py (required "
+                    "unless --report-only)")
     ap.add_argument("--shared", default=os.environ.get("PROMPTSET_SHARED", str(REPO.parent / "shared")))
-    ap.add_argument("--model", default=str(common.BENCH_DIR / "models" / "cifar10-mini-v2"))
+    ap.add_argument("--model", default=str(common.DEFAULT_MODEL))
     ap.add_argument("--ks", default="1,2,5,10", help="prompts per class to measure")
     ap.add_argument("--features", default="latent", help="clustering features: latent, teacher (comma-separated)")
     ap.add_argument("--sampling", default="g5", help=f"sampling rows: {', '.join(SAMPLING)} (comma-separated)")
@@ -244,13 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         write_md(json.loads(OUT_JSON.read_text()))
         return 0
+    if not args.cache:
+        ap.error("--cache is required (the cache folder of cifar10_world.py), unless --report-only")
     progress = not args.no_progress
     cache = Path(args.cache).resolve()
     teacher = TEACHER.format(shared=Path(args.shared).resolve())
     world = common.world_root(cache, "cpu", Path(args.model).resolve()) / "run"
     if not (world / "labels.safetensors").is_file():
-        raise SystemExit(f"{world}: no world run; run benchmarks/cifar10_world.py --scale cpu --cache {cache} "
-                         "--until fidelity first")
+        raise SystemExit(f"{world}: no world run; run experiments/cifar10/cifar10_world.py --scale cpu --cache "
+                         f"{cache} --until fidelity first")
     root = world.parent / "modes"
     test = cache / "cifar10-jpeg" / "test"
     data = json.loads(OUT_JSON.read_text()) if OUT_JSON.is_file() else {}

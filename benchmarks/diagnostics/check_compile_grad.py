@@ -1,12 +1,15 @@
 """Does `torch.compile` give the right gradients through diffusers' UNet? (Why `promptset invert` has no --compile.)
 
+A diagnostic, not a speed benchmark: it answers one question (measured on CPU: BENCHMARKS.md, "Why `promptset invert`
+does not use torch.compile"; still to be asked on a GPU before invert may compile there).
+
 Textual inversion backpropagates through the frozen UNet to its `encoder_hidden_states`. This script compares, for
 one random batch, the UNet's output and the gradients of a random projection of it with respect to
 `encoder_hidden_states` and to the noisy latents: eager fp32 and `torch.compile` (inductor) against an fp64 eager
 reference. It asserts nothing; it prints and (with --json) writes the relative errors.
 
-    python benchmarks/check_compile_grad.py --json compile_grad.json                   # CPU, tiny random model
-    python benchmarks/check_compile_grad.py --device cuda --size sd15 --json compile_grad_gpu.json
+    python benchmarks/diagnostics/check_compile_grad.py --json compile_grad.json         # CPU, tiny random model
+    python benchmarks/diagnostics/check_compile_grad.py --device cuda --size sd15 --json compile_grad_gpu.json
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import promptset  # noqa: F401  (before torch: OpenMP threads then wait passivel
 # isort: split
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 import common  # noqa: E402
 
 

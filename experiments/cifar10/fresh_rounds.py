@@ -1,6 +1,6 @@
 """Why do fresh rounds of d3m images score below one fixed set under P1 on the CIFAR-10 world? (issue 18, item 2)
 
-    python benchmarks/fresh_rounds.py --threads 1 [--arms fixed-b64,r10-b64] [--cache DIR]
+    python experiments/cifar10/fresh_rounds.py --threads 1 [--arms fixed-b64,r10-b64] [--cache DIR]
 
 Every arm is one `promptset evaluate` of d3m at the CIFAR-10 world's run (`cifar10_world.py --scale cpu`: prepared
 there, or here with the same stages when it is missing), P1 (stored fp16 soft labels, no augmentation), ConvNet-3,
@@ -23,9 +23,9 @@ Each arm records the teacher's top-1 and entropy on every round's images (prompt
 student's training loss at the end of each round and on the first epoch of the next (how new a fresh round is to the
 student), and the final test top-1. Arms of one batch size share a mirror of the world's run
 (`<cache>/fresh_rounds/<world>/b<B>/run`, results keyed by IPC and schedule); all mirrors use the world run's
-round cache, so no image is denoised twice. Resumable arm by arm. Writes `benchmarks/results/fresh_rounds.json` and
-`.md` (table and a reading from the numbers), which `write_benchmarks_md.py` puts into BENCHMARKS.md.
-Benchmarks report numbers, they assert nothing.
+round cache, so no image is denoised twice. Resumable arm by arm. Writes
+`experiments/cifar10/results/fresh_rounds.json` and `.md` (table and a reading from the numbers), which
+`tools/write_benchmarks_md.py` puts into BENCHMARKS.md. Benchmarks report numbers, they assert nothing.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shared", default=os.environ.get("PROMPTSET_SHARED", str(common.REPO.parent / "shared")))
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/promptset"), help="cache folder (not the repo)")
-    ap.add_argument("--model", default=str(common.BENCH_DIR / "models" / "cifar10-mini-v2"))
+    ap.add_argument("--model", default=str(common.DEFAULT_MODEL))
     ap.add_argument("--world-scale", default="cpu", choices=list(PRESETS), help="the world preset whose run is used")
     ap.add_argument("--arms", default="", help="comma-separated arm names (default: all): " +
                     ", ".join(a["name"] for a in arms()))  # fmt: skip
@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = promptset's choice)")
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--report-only", action="store_true", help="train nothing: rewrite the results from the arms done")
+    ap.add_argument("--report-only", action="store_true", help="train nothing: rewrite the results from the arms "
+                    "done in --cache; with none there (a fresh clone), rewrite the .md from the committed JSON")
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -148,8 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     wp = PRESETS[args.world_scale]
     name = "fresh_rounds" if args.epochs == EPOCHS and args.world_scale == "cpu" else "fresh_rounds_check"
     if args.report_only:
-        root = common.world_root(cache, args.world_scale, model)
-        write_results(common.RESULTS_DIR / f"{name}.json", args, wp, cache, root, 0.0)
+        root, out_path = common.world_root(cache, args.world_scale, model), common.RESULTS_DIR / f"{name}.json"
+        if collect(cache, root, args.seeds, args.epochs) or not out_path.is_file():
+            write_results(out_path, args, wp, cache, root, 0.0)
+        else:  # no arm in this cache: the tables again from the committed results, which stay as they are
+            out_path.with_suffix(".md").write_text("\n".join(markdown(json.loads(out_path.read_text()))) + "\n")
+            common.log(f"no arm in {cache}: rewrote {out_path.with_suffix('.md')} from {out_path}", "fresh_rounds")
         return 0
     teacher = f"resnet20:{shared / 'weights' / 'cifar10_resnet20.safetensors'}"
     _, distill, test = common.data_splits(shared, cache, wp["test_per_class"])
@@ -224,7 +229,8 @@ def markdown(payload: dict) -> list[str]:
     lines = [
         "## CIFAR-10: why fresh rounds score below a fixed set under P1 (the ablation)",
         "",
-        f"Command: `python benchmarks/fresh_rounds.py --threads 1` ({payload['machine'].get('cpu')}). d3m on the "
+        f"Command: `python experiments/cifar10/fresh_rounds.py --threads 1` ({payload['machine'].get('cpu')}). d3m on "
+        "the "
         f"CIFAR-10 world's run (`--scale {payload['world_scale']}`), P1 (stored fp16 soft labels, no augmentation), "
         f"{payload['student']}, {payload['seeds']} seed(s), "
         + (f"the first {payload['world_preset']['test_per_class']} test images per class"

@@ -1,6 +1,7 @@
 """The offline CIFAR-10 benchmark world (docs/DESIGN.md section 7), end to end, in one resumable command.
 
-    .venv/bin/python benchmarks/cifar10_world.py --scale cpu [--cache /tmp/pscache] [--device cpu] [--threads 1]
+    .venv/bin/python experiments/cifar10/cifar10_world.py --scale cpu [--cache /tmp/pscache] [--device cpu] \
+        [--threads 1]
 
 Presets: `smoke` (seconds; a check that every stage runs), `reduced` (about an hour: 1 seed, 200 test images per
 class), `cpu` (the paper's 300 student epochs at IPC 1 and 10, 3 seeds, the whole test split, distillation cut to
@@ -11,7 +12,7 @@ IPC 50 too: many hours on CPU, for a GPU). Every value of a preset can be overri
 1. Unpack `<shared>/data/cifar10-jpeg.tar.gz` (CIFAR-10 as JPEG q75) into `<cache>/cifar10-jpeg` (once; a marker).
 2. Split every training class by file index: 0-2499 "foundation" (trains the generator), 2500-4999 "distilled"
    (the dataset being distilled), each materialised as an ImageFolder of symlinks in `<cache>/cifar10-jpeg-splits`.
-3. The generator: the committed `mini` model `benchmarks/models/cifar10-mini-v2` (`--model`), trained on the
+3. The generator: the committed `mini` model `experiments/cifar10/models/cifar10-mini-v2` (`--model`), trained on the
    foundation split by the command in its COMMAND.md; this script never trains one. Its captions name five classes
    and describe the other five by a coarser word, so inversion has work to do (section "prompt fidelity").
 4. On the distilled split: select (ResNet-20, factor 1, 32 px), invert (mini, 64 px), generate (max IPC, soft
@@ -19,7 +20,7 @@ IPC 50 too: many hours on CPU, for a GPU). Every value of a preset can be overri
    apart; evaluate d3m / rded / random-real / class-prompt at every IPC and `full` once, under P1 and P2,
    ConvNet-3, several seeds, on the official test split, plus `random-real` at the IPC whose raw bytes match d3m's
    stored bytes.
-5. Write `benchmarks/results/cifar10_world{,_smoke}.{json,md}` and `..._accuracy_vs_bytes.png`.
+5. Write `experiments/cifar10/results/cifar10_world{,_smoke}.{json,md}` and `..._accuracy_vs_bytes.png`.
 
 Every stage resumes or skips when rerun with the same options (the stages check their own outputs; evaluate
 entries already in `<run>/eval/results.json` with the same key, epochs and seeds are not trained again).
@@ -234,13 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="torch device for every stage (full scale: cuda)")
     ap.add_argument(
         "--model",
-        default=str(common.BENCH_DIR / "models" / "cifar10-mini-v2"),
-        help="the mini generator folder (default: the committed benchmarks/models/cifar10-mini-v2)",
+        default=str(common.DEFAULT_MODEL),
+        help="the mini generator folder (default: the committed experiments/cifar10/models/cifar10-mini-v2)",
     )
     ap.add_argument(
         "--results-name",
         default="",
-        help="output name under benchmarks/results (default: cifar10_world, cifar10_world_smoke for --scale smoke)",
+        help="output name under experiments/cifar10/results (default: cifar10_world, cifar10_world_smoke for --scale "
+        "smoke)",
     )
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     ap.add_argument(
@@ -311,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     model = Path(args.model).resolve()
     if not (model / "promptset_model.json").is_file():
         raise SystemExit(
-            f"--model {model}: not a mini model folder; the committed one is benchmarks/models/cifar10-mini-v2 "
-            "(its COMMAND.md says how it was trained)"
+            f"--model {model}: not a mini model folder; the committed one is "
+            "experiments/cifar10/models/cifar10-mini-v2 (its COMMAND.md says how it was trained)"
         )
     from promptset.backends.mini import model_fingerprint
 
@@ -338,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     pre = generator_record(model)
     if args.report_only:
         run = root / "run"
+        if not (run / "eval" / "results.json").is_file():
+            raise SystemExit(f"--report-only rewrites the tables from the world's run in --cache ({run}): there is "
+                             "none there; the committed tables are experiments/cifar10/results/cifar10_world.md")
         test = data_test = (
             (cache / "cifar10-jpeg-splits" / f"test-first{p['test_per_class']}")
             if p["test_per_class"]
