@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Without --from-local, --mirror or --upstream: the local copy at $PROMPTSET_SHARED or ../shared when "
-        "there is one, else --upstream. Assets, licences and sources: experiments/cifar10/ASSETS.md.",
+        "there is one, else --upstream. Assets, licences and sources: experiments/cifar10/README.md (Assets).",
     )
     ap.add_argument("--out", metavar="DIR", help="folder to prepare (gets data/ and weights/, as ../shared)")
     src = ap.add_mutually_exclusive_group()
