@@ -49,6 +49,11 @@ VARIANTS = {
     "pooled-v-noema": {"--conditioning": "pooled", "--prediction-type": "v_prediction", "--ema-decay": "0"},
     # data: all 2,500 foundation images per class (and mirrors) instead of the first 1,000, from scratch
     "pooled-v-2500": {"--conditioning": "pooled", "--prediction-type": "v_prediction", "images": "2500"},
+    # captions (cifar10-mini-v3): a caption per image (`promptset caption` on the foundation split, with the teacher's
+    # runner-up class), the class-name templates on 20% of the samples, 32 text tokens; no mirror images (their
+    # encoding doubles the latent cache's cost on CPU); warm-started from v2 with --init-from
+    "captions": {"--conditioning": "pooled", "--prediction-type": "v_prediction", "images": "2500",
+                 "--captions": "auto", "--template-prob": "0.2", "--max-length": "32", "--no-flip": ""},
 }
 
 
@@ -75,20 +80,32 @@ def main(argv: list[str] | None = None) -> int:
     recipe = COMMON | VARIANTS[args.variant]
     variant_images = int(recipe.pop("images", 1000))  # not a pretrain flag
     images = args.images_per_class or variant_images
+    foundation = cache / "cifar10-jpeg-splits" / "foundation"
+    teacher = f"resnet20:{weights / 'cifar10_resnet20.safetensors'}"
+    captions = cache / "captions" / "foundation.jsonl"
+    caption_cmd = [sys.executable, "-m", "promptset", "caption", "--data", str(foundation), "--out", str(captions),
+                   "--class-names", str(STUDY_DIR / "cifar10_captions.json"), "--teacher", teacher, "--no-progress"]
+    if recipe.get("--captions") == "auto":
+        recipe["--captions"] = str(captions)
     cmd = [sys.executable, "-m", "promptset", "pretrain", "--out", str(out),
            "--data", str(cache / "cifar10-jpeg-splits" / "foundation"), "--vae", f"taef2:{weights}",
            "--class-names", str(STUDY_DIR / "cifar10_captions.json"),
            "--teacher", f"resnet20:{weights / 'cifar10_resnet20.safetensors'}", "--steps", str(args.steps),
            "--no-progress", "--max-images-per-class", str(images), "--lr", args.lr,
-           *(x for flag, value in recipe.items() for x in (flag, value))]  # fmt: skip
+           *(x for flag, value in recipe.items() for x in ((flag, value) if value else (flag,)))]  # fmt: skip
     if args.init_from:
         cmd += ["--init-from", str(Path(args.init_from).resolve())]
+    if "--captions" in recipe:
+        print(f"OMP_NUM_THREADS={args.threads} " + shlex.join(caption_cmd), flush=True)
     print(f"OMP_NUM_THREADS={args.threads} " + shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
     data = unpack(shared, cache)
     symlink_split(data / "train", cache / "cifar10-jpeg-splits" / "foundation", 0, SPLIT)
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    if "--captions" in recipe and not captions.is_file():  # deterministic: the same file on a rerun
+        if subprocess.call(caption_cmd, env=env):
+            return 1
     return subprocess.call(cmd, env=env)
 
 

@@ -61,7 +61,19 @@ SAMPLING = {"g5": {"guidance": 5.0}, "g2": {"guidance": 2.0},
             "gi": {"guidance": 5.0, "guidance_interval": "0.3,1"}, "cads": {"guidance": 5.0, "cads": "0.6,0.9"},
             "typ": {"guidance": 5.0, "candidates": 4},
             "div": {"guidance": 5.0, "candidates": 4, "selection": "diverse"},
-            "div0.5": {"guidance": 5.0, "candidates": 4, "selection": "diverse:0.5"}}
+            "div0.5": {"guidance": 5.0, "candidates": 4, "selection": "diverse:0.5"},
+            "desc": {"guidance": 5.0, "describe": "random"}}
+# desc: attribute words drawn from each image's seed around the token (`--describe random`; a generator trained on
+# per-image captions, v3, knows them)
+
+
+def generator_name(model: Path) -> str:
+    """v2 for experiments/cifar10/models/cifar10-mini-v2 (its rows keep their unprefixed keys), v3 for -v3, ..."""
+    return model.name.removeprefix("cifar10-mini-") if model.name.startswith("cifar10-mini-") else model.name
+
+
+def row_generator(r: dict) -> str:
+    return r.get("generator", "v2")  # rows measured before generators were named: all v2
 
 
 def say(msg: str) -> None:
@@ -163,11 +175,13 @@ def write_md(data: dict) -> None:
              "drawn (nothing stored): "
              + "; ".join(f"`{k}` = {', '.join(f'{a} {b}' for a, b in v.items())}" for k, v in SAMPLING.items()
                          if any(r["sampling"] == k for r in data["rows"].values())) + ".", ""]
-    for per_class in sorted({r["per_class"] for r in data["rows"].values()}):
-        lines += [f"### Coverage, {per_class} images per class", "",
+    gens = sorted({row_generator(r) for r in data["rows"].values()})
+    for gen, per_class in sorted({(row_generator(r), r["per_class"]) for r in data["rows"].values()}):
+        lines += [f"### Coverage, {per_class} images per class" + (f", generator cifar10-mini-{gen}" if len(gens) > 1
+                                                                     else ""), "",
                   "| set | prompts/class | invert steps per group | prompt bytes | precision | recall | density | "
                   "coverage | pairwise cos | teacher top-1 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        rows = [r for r in data["rows"].values() if r["per_class"] == per_class]
+        rows = [r for r in data["rows"].values() if r["per_class"] == per_class and row_generator(r) == gen]
         for r in sorted(rows, key=lambda r: (r["k"], r["feature"], r["sampling"])):
             lines.append(f"| {r['label']} | {r['k']} | {r.get('invert_steps_per_group', '')} | "
                          f"{r.get('prompt_bytes', '')} | {_fmt(r['images'])} |")
@@ -185,19 +199,21 @@ def write_md(data: dict) -> None:
                          f"{e['stored_bytes']:,} | {e.get('stored_bytes_compressed') or '-':,} | "
                          f"{e.get('device', '-')} |")
         lines.append("")
-    lines += reading(data, students)
+    for gen in gens:
+        lines += reading(data, students if gen == "v2" else [], gen, len(gens) > 1)
     OUT_MD.write_text("\n".join(lines) + "\n")
 
 
-def reading(data: dict, students: list[dict]) -> list[str]:
-    """What the numbers say, from the numbers."""
-    at50 = {(r["k"], r["feature"], r["sampling"]): r for r in data["rows"].values() if r["per_class"] == 50}
+def reading(data: dict, students: list[dict], gen: str = "v2", named: bool = False) -> list[str]:
+    """What the numbers say, from the numbers (of one generator's rows)."""
+    at50 = {(r["k"], r["feature"], r["sampling"]): r for r in data["rows"].values()
+            if r["per_class"] == 50 and row_generator(r) == gen}  # fmt: skip
     base = at50.get((1, "-", "g5"))
     if base is None:
         return []
     best = max(at50.values(), key=lambda r: r["images"]["coverage"] or 0)
     ref = base["reference"]
-    out = [f"Reading: at 50 images per class one prompt per class covers {base['images']['coverage']:.3f} of the test "
+    out = [f"Reading{f' (cifar10-mini-{gen})' if named else ''}: at 50 images per class one prompt per class covers {base['images']['coverage']:.3f} of the test "
            f"images' k-NN balls and recalls {base['images']['recall']:.2f} of them, where 50 random real images cover "
            f"{ref['coverage']:.3f} and recall {ref['recall']:.2f}. The widest set measured, {best['label']}, covers "
            f"{best['images']['coverage']:.3f} (recall {best['images']['recall']:.2f}, pairwise spread "
@@ -217,10 +233,11 @@ def reading(data: dict, students: list[dict]) -> list[str]:
     ks = sorted({r["k"] for r in at50.values()})
     feats = sorted({r["feature"] for r in at50.values() if r["feature"] != "-"})
     samplings = sorted({r["sampling"] for r in at50.values()})
-    out.append(f"Levers measured on this world: {', '.join(map(str, ks))} prompts per class (clustered on "
-               f"{' and '.join(feats) or '-'} features) and the sampling rows {', '.join(samplings)}. Not measured "
-               "here: the other sampling options (CADS, diverse seed selection) and a generator trained with captions "
-               "that say more than the class (issue 27, item 4). What coverage says is missing: every generated set "
+    missing = [x for x in ("cads", "div", "desc") if x not in samplings]
+    out.append(f"Levers measured on this world{f' with cifar10-mini-{gen}' if named else ''}: {', '.join(map(str, ks))} "
+               f"prompts per class (clustered on {' and '.join(feats) or '-'} features) and the sampling rows "
+               f"{', '.join(samplings)}." + (f" Not measured here: the sampling rows {', '.join(missing)}." if missing
+                                             else "") + " What coverage says is missing: every generated set "
                "recalls less of the test images than random real ones, and the sets that recall more do so at a lower "
                "teacher top-1, so the generator's images of a class stay narrower than the class.")
     return out + [""]
@@ -233,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shared", default=os.environ.get("PROMPTSET_SHARED", str(REPO.parent / "shared")))
     ap.add_argument("--model", default=str(common.DEFAULT_MODEL))
     ap.add_argument("--ks", default="1,2,5,10", help="prompts per class to measure")
+    ap.add_argument("--generator", default="", help="name of the generator in the rows' keys and tables (default: "
+                    "from --model's folder, cifar10-mini-v3 -> v3; v2's rows keep unprefixed keys)")
     ap.add_argument("--features", default="latent", help="clustering features: latent, teacher (comma-separated)")
     ap.add_argument("--sampling", default="g5", help=f"sampling rows: {', '.join(SAMPLING)} (comma-separated)")
     ap.add_argument("--per-class", default="10,50", help="images per class measured (prefixes of IPC 50)")
@@ -252,7 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress
     cache = Path(args.cache).resolve()
     teacher = TEACHER.format(shared=Path(args.shared).resolve())
-    world = common.world_root(cache, "cpu", Path(args.model).resolve()) / "run"
+    from promptset.backends.mini import model_fingerprint
+
+    model = Path(args.model).resolve()
+    gen = args.generator or generator_name(model)
+    model_hash = model_fingerprint(model)
+    world = common.world_root(cache, "cpu", model) / "run"
     if not (world / "labels.safetensors").is_file():
         raise SystemExit(f"{world}: no world run; run experiments/cifar10/cifar10_world.py --scale cpu --cache "
                          f"{cache} --until fidelity first")
@@ -260,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     test = cache / "cifar10-jpeg" / "test"
     data = json.loads(OUT_JSON.read_text()) if OUT_JSON.is_file() else {}
     data.setdefault("rows", {})
-    data.update(benchmark="cifar10_modes", world_run=str(world), teacher=teacher.split(":")[0] + ":cifar10_resnet20",
+    data.setdefault("world_runs", {})[gen] = str(world)
+    data.update(benchmark="cifar10_modes", teacher=teacher.split(":")[0] + ":cifar10_resnet20",
                 machine=common.machine_info("cpu"), k_nn=5, steps_rule="max(300, 15 * prompts)")
 
     def save() -> None:
@@ -280,12 +305,14 @@ def main(argv: list[str] | None = None) -> int:
                 for per_class in [int(x) for x in args.per_class.split(",")]:
                     name = f"k{k}-{feature}-{sampling}-n{per_class}"
                     cov_path = (run if run != world else root) / "coverage" / f"{name}.json"
+                    name = name if gen == "v2" else f"{gen}:{name}"
                     cov_path.parent.mkdir(parents=True, exist_ok=True)
                     t = time.time()
                     cov = coverage_row(images, run, test, teacher, per_class, cov_path, progress)
                     label = ("learned prompt (1/class, the paper)" if k == 1 else f"{k} modes ({feature})") + \
                         ("" if sampling == "g5" else f", {sampling}")
-                    data["rows"][name] = {"k": k, "feature": feature, "sampling": sampling, "per_class": per_class,
+                    data["rows"][name] = {"generator": gen, "model_hash": model_hash,
+                                          "k": k, "feature": feature, "sampling": sampling, "per_class": per_class,
                                           "label": label, "run": str(run), "prompts": int(prompts.embeddings.shape[0]),
                                           "invert_steps_per_group": int(inv["steps"]),
                                           "invert_batch": int(inv["batch_size"]),

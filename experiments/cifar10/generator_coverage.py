@@ -1,7 +1,8 @@
 """How much of CIFAR-10 a generator's class-name prompts cover: 50 images per class, `promptset coverage` (issue 33).
 
     .venv/bin/python experiments/cifar10/generator_coverage.py --cache /work/pscache \
-        --model v2=experiments/cifar10/models/cifar10-mini-v2 --model v3=experiments/cifar10/models/cifar10-mini-v3
+        --model v2=experiments/cifar10/models/cifar10-mini-v2 \
+         --model v3=experiments/cifar10/models/cifar10-mini-v3
 
 Per generator (`--model NAME=FOLDER`, repeatable) and guidance scale (`--guidance`, default 3 and 5: pretrain's
 quality check samples at 3, the world's generate at 5), it draws `--per-class` images per class from the
@@ -31,6 +32,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import cifar10_common as common  # noqa: E402
+from promptset.atomic import save_image, write_json  # noqa: E402
 
 torch.set_flush_denormal(True)
 OUT_JSON = common.RESULTS_DIR / "generator_coverage.json"
@@ -39,7 +41,6 @@ TEACHER = "resnet20:{shared}/weights/cifar10_resnet20.safetensors"
 
 def draw(model: Path, folder: Path, per_class: int, guidance: float, steps: int, device: str) -> Path:
     """`per_class` class-prompt images per class as `folder/<class>/<i>.png` (skipped when all are there)."""
-    from promptset.atomic import save_image
     from promptset.backends import create_backend
     from promptset.backends.sampling import TextConditioner, class_prompts, generate_batch, jobs_for
     from promptset.data import to_pil
@@ -99,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 common.log(f"{key}: coverage {result['rows'][key]['images']['coverage']:.3f}, recall "
                            f"{result['rows'][key]['images']['recall']:.3f}", "generator_coverage")  # fmt: skip
         result["machine"] = common.machine_info(args.device)
-        common.write_json_atomic(OUT_JSON, result) if hasattr(common, "write_json_atomic") else OUT_JSON.write_text(
-            json.dumps(result, indent=1) + "\n")  # fmt: skip
+        write_json(OUT_JSON, result)
     OUT_JSON.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
     return 0
