@@ -19,6 +19,7 @@ from benchmarks_md.cifar10 import (  # noqa: E402
     fresh_rounds_section,
     generator_section,
     generator_v2_section,
+    generator_v3_section,
     modes_section,
     world_sections,
 )
@@ -44,6 +45,7 @@ def main() -> None:
     lines += busy_machine_section()
     lines += generator_section()
     lines += generator_v2_section()
+    lines += generator_v3_section()
     lines += world_sections()
     lines += fresh_rounds_section()
     lines += codec_trade_section()
