@@ -98,7 +98,7 @@ def modes_run(world: Path, root: Path, k: int, feature: str, teacher: str, progr
     """A run folder with K prompts per class learned on the world's collages (K = 1: the world's run itself)."""
     if k == 1:
         return world
-    run = root / f"k{k}-{feature}"
+    run = root / (f"k{k}-{feature}" + (f"-s{steps}" if steps else ""))  # --invert-steps: its own run
     inv = stage_section(world, "invert")
     classes = len(json.loads((world / "classes.json").read_text()))
     steps = steps or steps_for(classes * k)
@@ -303,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             for sampling in [s.strip() for s in args.sampling.split(",") if s.strip()]:
                 images = generated(run, world, 50, sampling, progress)
                 for per_class in [int(x) for x in args.per_class.split(",")]:
-                    name = f"k{k}-{feature}-{sampling}-n{per_class}"
+                    steps_tag = f"-s{args.invert_steps}" if args.invert_steps and k > 1 else ""
+                    name = f"k{k}-{feature}{steps_tag}-{sampling}-n{per_class}"
                     cov_path = (run if run != world else root) / "coverage" / f"{name}.json"
                     name = name if gen == "v2" else f"{gen}:{name}"
                     cov_path.parent.mkdir(parents=True, exist_ok=True)
