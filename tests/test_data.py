@@ -194,9 +194,13 @@ def test_backslash_class_folder_refused_by_scan(tmp_path: Path) -> None:
     assert repr("a\\b") in str(info.value)
 
 
-def test_safe_class_names_accepted() -> None:
-    for name in ["cat", "golden_retriever", "n01440764", "Großer Hund", "a.b"]:
-        validate_class_name(name)
+@pytest.mark.parametrize("name", ["cat", "golden_retriever", "n01440764", "Großer Hund", "a.b", "x..y"])
+def test_safe_class_names_accepted(name: str, tmp_path: Path) -> None:
+    assert validate_class_name(name, root=tmp_path) is None  # refused names raise UserError
+    image = _save_rgb(tmp_path / "ds" / name / "0.png")
+    _save_rgb(tmp_path / "ds" / "zzz" / "0.png")  # distillation needs two classes
+    index = scan_image_folder(tmp_path / "ds")  # a folder of that name is a class, with its image
+    assert index.classes == [name, "zzz"] and index.files[0] == [image] and index.skipped_hidden == 0
 
 
 # --- accepted inputs -------------------------------------------------------------------------------------------------

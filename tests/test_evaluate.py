@@ -421,6 +421,44 @@ def test_plot_draws_fixed_sets_and_fresh_rounds_as_separate_lines():
     }
 
 
+def _overlaps(boxes) -> list[tuple[int, int]]:
+    return [(i, j) for i, a in enumerate(boxes) for j, b in enumerate(boxes[:i])
+            if a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1]  # fmt: skip
+
+
+def test_plot_labels_of_methods_at_the_same_bytes_do_not_collide():
+    """Three methods at one budget (two with the same accuracy) and a fourth nearby: every IPC label gets its own
+    place, in its line's colour, measured by matplotlib's renderer on the finished figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.transforms import Bbox
+
+    from promptset.evaluation.results import place_labels, plot_figure
+
+    def row(method, ipc, nbytes, top1):
+        return {"method": method, "protocol": "p2", "ipc": ipc, "variations": "-", "stored_bytes": nbytes,
+                "final_top1_mean": top1, "final_top1_std": 1.0, "num_classes": 10, "student": "convnet",
+                "epochs": 5, "seeds": 3}  # fmt: skip
+
+    rows = [row("d3m", 10, 30000, 41.0), row("class-prompt", 10, 30000, 41.0), row("rded", 1, 30000, 41.4),
+            row("random-real", 1, 31000, 40.8), row("d3m", 50, 90000, 47.0)]
+    fig = plot_figure(rows, "labels")
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    labels = [t for t in ax.texts if t.get_text().startswith("IPC")]
+    assert len(labels) == len(rows)
+    assert len({tuple(t.get_color()) for t in labels}) == 4  # each label in its line's colour: 4 methods
+    assert _overlaps([t.get_window_extent(renderer) for t in labels]) == []
+    plt.close(fig)
+
+    # the placement itself: two labels at one point are stacked; the old fixed offset put one on the other
+    sizes = [(30.0, 8.0)] * 3
+    anchors = [(100.0, 50.0), (100.0, 50.0), (101.0, 52.0)]
+    for offsets, apart in ((place_labels(anchors, sizes), True), ([(4.0, 4.0)] * 3, False)):
+        boxes = [Bbox.from_bounds(x + dx, y + dy, w, h) for (x, y), (dx, dy), (w, h) in zip(anchors, offsets, sizes)]
+        assert (_overlaps(boxes) == []) == apart
+    assert place_labels(anchors, sizes)[0] == (4.0, 4.0)  # a lone label keeps its place up and right
+
+
 def test_cli_has_the_evaluate_and_report_flags():
     from promptset.cli import build_parser
 

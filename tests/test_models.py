@@ -92,8 +92,19 @@ def test_taef2_rejects_bad_shapes(taef2: TAEF2):
 
 @pytest.mark.parametrize("depth", [20, 56])
 def test_cifar_resnet_loads_strictly(shared_dir: Path, depth: int):
+    """The shared weights name exactly the network's tensors, with its shapes, and every one of them is loaded."""
+    weights = load_file(str(shared_dir / "weights" / f"cifar10_resnet{depth}.safetensors"))
     net = cifar_resnet(depth)
-    net.load_state_dict(load_file(str(shared_dir / "weights" / f"cifar10_resnet{depth}.safetensors")), strict=True)
+    # every tensor but BatchNorm's step counters (not stored; torch sets them to 0 when a state dict lacks them)
+    wanted = {k: tuple(v.shape) for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert {k: tuple(v.shape) for k, v in weights.items()} == wanted
+    result = net.load_state_dict(weights, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    after = net.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in weights.items())
+    # depth 6n + 2: 6n + 1 convolutions (option-A shortcuts have none) and the final linear layer
+    convs = [k for k, v in weights.items() if k.endswith("weight") and v.ndim == 4]
+    assert len(convs) == depth - 1 and weights["linear.weight"].shape == (10, 64)
 
 
 def test_resnet20_teacher_classifies_real_images(shared_dir: Path, cifar_sample):

@@ -57,6 +57,36 @@ def test_plan_numbers_are_sd15s_and_scale_with_the_named_device():
     assert rows[("p1", 50, "d3m")]["components"]["soft_labels"] == 5 * 50 * 1000 * 1000 * 2
 
 
+def test_plan_with_modes_counts_every_prompt_of_every_class(tmp_path, monkeypatch, capsys):
+    """`invert.modes: 5` plans five prompts per class: the printed plan says so, invert trains 5x the rows, and
+    d3m's prompt bytes are every mode's vector plus its class and weight, exactly what a prompts file stores."""
+    import torch
+
+    from promptset.artifacts import PromptSet
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["run", "--config", str(IMAGENET1K), "--plan", "--plan-device", "h100", "--set", "invert.modes=5"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "stored bytes per IPC (d3m's prompts: 5 prompts per class, 5,000 in all)" in out
+    assert "625 groups of 8 prompts (--modes 5: 5 prompts per class, 5,000 in all) x 500 steps x batch 8" in out
+    one = make_plan(str(IMAGENET1K), sets=[], device="h100")
+    five = make_plan(str(IMAGENET1K), sets=["invert.modes=5"], device="h100")
+    assert one["prompts"] == {"modes": 1, "total": 1000, "per_class_min": 1, "per_class_max": 1}
+    assert five["prompts"] == {"modes": 5, "total": 5000, "per_class_min": 5, "per_class_max": 5}
+    assert five["counts"]["invert_samples"] == 5 * one["counts"]["invert_samples"]
+    stored = PromptSet(torch.zeros(5000, 1, 768), [f"<t{i}>" for i in range(5000)], [f"c{i}" for i in range(1000)],
+                       "a photo of {token}", "sd", "m", "h", mode_class=[i // 5 for i in range(5000)],
+                       mode_weight=[15] * 5000).stored_bytes()  # fmt: skip
+    rows1, rows5 = ({(r["protocol"], r["ipc"], r["method"]): r for r in p["bytes"]["rows"]} for p in (one, five))
+    for key, row in rows5.items():
+        if key[2] == "d3m":  # five times the vectors, and each mode's class and weight (two int32)
+            assert row["components"]["prompts"] == stored == 5 * 1000 * 768 * 4 + 5000 * 8
+            assert row["bytes"] - rows1[key]["bytes"] == stored - 1000 * 768 * 4
+        elif "@" not in key[2]:  # random-real@d3m may take a larger IPC under the larger budget
+            assert row == rows1[key], key
+
+
 def test_plan_refuses_what_it_cannot_count(tmp_path, capsys):
     with pytest.raises(UserError, match="--plan-device 'h300': not one of cpu, h100"):
         make_plan(str(IMAGENET1K), device="h300")

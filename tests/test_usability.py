@@ -207,9 +207,9 @@ def test_progress_to_a_log_is_whole_lines(capsys):
     assert "\r" not in err and err.strip().splitlines() == [err.strip()] and "work: done 5/5 step" in err
 
 
-def test_batch_classes_rotate_and_match_the_old_grouping_when_it_divides():
-    from promptset.stages.invert import _batch_classes
+def test_batch_rows_rotate_and_match_the_old_grouping_when_it_divides():
+    from promptset.stages.invert import _batch_rows
 
-    assert torch.equal(_batch_classes(7, 6, 3), torch.arange(3).repeat(2))  # divisible: each class twice
-    seen = torch.cat([_batch_classes(s, 4, 3) for s in range(3)])  # 3 steps of 4 samples over 3 classes
+    assert torch.equal(_batch_rows(7, 6, 3), torch.arange(3).repeat(2))  # divisible: each class twice
+    seen = torch.cat([_batch_rows(s, 4, 3) for s in range(3)])  # 3 steps of 4 samples over 3 classes
     assert torch.bincount(seen).tolist() == [4, 4, 4]

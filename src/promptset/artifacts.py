@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save
 from . import __version__
 from .atomic import atomic_path
 from .errors import UserError
-from .modes import MODE_RULE, mode_of
+from .modes import MODE_RULE, ModeRows
 
 FORMAT_VERSION = "1"  # one prompt per class
 MODES_FORMAT_VERSION = "2"  # with modes: also `mode_class` and `mode_weight` (M,) int32
@@ -240,7 +240,8 @@ class PromptSet:
 
     One prompt per class (M = C) unless the run learned modes (`invert --modes K`): then row r is a mode of class
     `mode_class[r]` (class-major), learned on `mode_weight[r]` images, and image i of class c is drawn from the mode
-    `modes.mode_of(weights of c, i)`. Without modes the file is the format-1 file it always was.
+    `modes.mode_of(weights of c, i)`; `rows` (a `modes.ModeRows`, the one model of that mapping) answers both. Without
+    modes the file is the format-1 file it always was.
     """
 
     embeddings: torch.Tensor  # (M, V, D) fp32 in memory
@@ -254,7 +255,7 @@ class PromptSet:
     stored_dtype: str = "fp32"
     mode_class: list[int] | None = None  # (M,) class of each row; None: one prompt per class
     mode_weight: list[int] | None = None  # (M,) training images of each row (the spreading weights)
-    _rows: list[list[int]] | None = field(default=None, init=False, repr=False, compare=False)
+    _rows: ModeRows | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:
@@ -272,25 +273,23 @@ class PromptSet:
     def has_modes(self) -> bool:
         return self.mode_class is not None
 
+    @property
+    def rows(self) -> ModeRows:
+        """Which class and mode each row is (`modes.ModeRows`, built once from `mode_class` and `mode_weight`)."""
+        if self._rows is None:
+            self._rows = ModeRows.from_prompts(self.num_classes, self.mode_class, self.mode_weight)
+        return self._rows
+
     def class_rows(self, c: int) -> list[int]:
         """The rows (prompts) of class c: [c] without modes."""
-        if self.mode_class is None:
-            return [c]
-        if self._rows is None:  # built once: the rows of every class
-            self._rows = [[] for _ in self.class_folders]
-            for r, k in enumerate(self.mode_class):
-                self._rows[k].append(r)
-        return self._rows[c]
+        return self.rows.class_rows(c)
 
     def modes_per_class(self) -> list[int]:
-        return [len(self.class_rows(c)) for c in range(self.num_classes)]
+        return self.rows.modes_per_class()
 
     def row_of(self, c: int, index: int) -> int:
         """The prompt image `index` of class c is drawn from (spread over the class's modes by their weights)."""
-        if self.mode_class is None:
-            return c
-        rows = self.class_rows(c)
-        return rows[mode_of([self.mode_weight[r] for r in rows], index)]
+        return self.rows.row_of(c, index)
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors as written to disk in `stored_dtype` (int8: symmetric per-vector quantisation), plus the

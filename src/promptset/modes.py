@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -140,40 +141,81 @@ def split_modes(features: torch.Tensor, k: int, generator: torch.Generator) -> l
 
 
 # ------------------------------------------------------------------------------------------------------------
-# the rows of an inversion run: one learned prompt per (class, mode)
+# prompt rows: which class and mode each row is (the one home of that mapping, for training and for use)
 
 
 @dataclass(frozen=True)
 class ModeRows:
-    """The prompts one inversion learns, class-major: row r is mode `row_mode[r]` of class `row_class[r]`, trained on
-    the class's images `members[r]` (positions in the class's sorted file list; None: one mode per class, all)."""
+    """The rows of a prompt set, class-major: row r is a prompt of class `row_class[r]`, its mode `row_mode[r]` (its
+    place among its class's rows), learned on `row_weight[r]` training images; image i of class c is drawn from row
+    `row_of(c, i)`. Without modes (`row_weight` None) row c is class c's one prompt.
 
-    row_class: tuple[int, ...]
-    row_mode: tuple[int, ...]
-    members: tuple[tuple[int, ...], ...] | None = None
+    An inversion's rows also know their images (`members[r]`: positions in the class's sorted file list) and the
+    hash of their assignment (`key`); a prompts file's rows (`PromptSet.rows`) know only classes and weights.
+    """
+
+    num_classes: int
+    row_class: tuple[int, ...]  # (M,) ascending
+    row_weight: tuple[int, ...] | None = None  # (M,) the spreading weights; None: one prompt per class
+    members: tuple[tuple[int, ...], ...] | None = None  # inversion only
     key: str = ""  # a hash of the assignment (empty without modes): group results and checkpoints carry it
 
     @classmethod
     def one_per_class(cls, num_classes: int) -> ModeRows:
-        return cls(tuple(range(num_classes)), (0,) * num_classes)
+        return cls(num_classes, tuple(range(num_classes)))
 
     @classmethod
     def from_assignment(cls, assignment: dict) -> ModeRows:
-        row_class, row_mode, members = [], [], []
+        """The rows an inversion learns from a mode assignment (what `assign_modes` returns, modes.json holds)."""
+        row_class, members = [], []
         for c, entry in enumerate(assignment["classes"]):
-            for m, mode in enumerate(entry["modes"]):
+            for mode in entry["modes"]:
                 row_class.append(c)
-                row_mode.append(m)
                 members.append(tuple(mode["members"]))
         key = hashlib.sha256(json.dumps([row_class, members]).encode()).hexdigest()[:16]
-        return cls(tuple(row_class), tuple(row_mode), tuple(members), key)
+        return cls(len(assignment["classes"]), tuple(row_class), tuple(len(m) for m in members), tuple(members), key)
+
+    @classmethod
+    def from_prompts(cls, num_classes: int, mode_class: list[int] | None, mode_weight: list[int] | None) -> ModeRows:
+        """The rows of a prompts file from its stored `mode_class` / `mode_weight` (None: one prompt per class)."""
+        if mode_class is None:
+            return cls.one_per_class(num_classes)
+        return cls(num_classes, tuple(int(c) for c in mode_class), tuple(int(w) for w in mode_weight))
 
     @property
     def has_modes(self) -> bool:
-        return self.members is not None
+        return self.row_weight is not None
 
     def __len__(self) -> int:
         return len(self.row_class)
+
+    @cached_property
+    def _by_class(self) -> list[list[int]]:
+        rows: list[list[int]] = [[] for _ in range(self.num_classes)]
+        for r, c in enumerate(self.row_class):
+            rows[c].append(r)
+        return rows
+
+    @cached_property
+    def row_mode(self) -> tuple[int, ...]:
+        """(M,) each row's mode: its place among its class's rows (0 for every row without modes)."""
+        return tuple(r - self._by_class[c][0] for r, c in enumerate(self.row_class))
+
+    def class_rows(self, c: int) -> list[int]:
+        """The rows (prompts) of class c: [c] without modes."""
+        return self._by_class[c]
+
+    def modes_per_class(self) -> list[int]:
+        return [len(rows) for rows in self._by_class]
+
+    def row_of(self, c: int, index: int) -> int:
+        """The row image `index` of class c is drawn from (spread over the class's modes by their weights)."""
+        if self.row_weight is None:
+            return c
+        rows = self._by_class[c]
+        return rows[mode_of([self.row_weight[r] for r in rows], index)]
+
+    # ---- what an inversion needs of its rows
 
     def labels(self, folders: list[str], rows: list[int]) -> list[str]:
         """How metrics name the rows: the class folder, with `/m<k>` when the run has modes."""
@@ -189,8 +231,8 @@ class ModeRows:
 
     def take(self, per_class: list, classes: list[int], rows: list[int]) -> list:
         """Per row, its mode's members (first dim) of its class's entry of `per_class` (one entry per class of
-        `classes`, e.g. latents (N, ...) or None); unchanged without modes."""
-        if self.members is None:
+        `classes`, e.g. latents (N, ...) or None); unchanged without modes. An inversion's rows only."""
+        if not self.has_modes:
             return per_class
         at = {c: i for i, c in enumerate(classes)}
         entries = [per_class[at[self.row_class[r]]] for r in rows]
@@ -202,9 +244,9 @@ class ModeRows:
 
     def prompt_fields(self) -> dict:
         """The `PromptSet` fields of these rows: each mode's class and weight (nothing without modes)."""
-        if self.members is None:
+        if not self.has_modes:
             return {}
-        return {"mode_class": list(self.row_class), "mode_weight": [len(m) for m in self.members]}
+        return {"mode_class": list(self.row_class), "mode_weight": list(self.row_weight)}
 
 
 def check_mode_flags(modes, feature: str, teacher: str) -> int:
@@ -234,8 +276,9 @@ def assign_modes(run: Path, index: ImageFolderIndex, k: int, image_features, *, 
     (B, ...): the generator's latent means, or a teacher's penultimate features (`feature` names which, `by` is the
     model's or teacher's fingerprint). Class c is clustered with a generator seeded by (seed, c). An existing
     modes.json made from the same data, K, feature, seed, resolution and model or teacher is reused as it is, so a
-    resumed run keeps its modes without computing features again. Called by one process; the others read the file it
-    wrote. Returns the assignment (what modes.json holds).
+    resumed run keeps its modes without computing features again. Called by one process, which passes the result on
+    (`ModeRows.from_assignment`); the others read the file it wrote (`read_modes`). Returns the assignment (what
+    modes.json holds).
     """
     key = {"split_hash": index.split_hash(), "modes": str(k), "feature": feature, "seed": str(seed),
            "resolution": str(resolution), "by": by}

@@ -337,9 +337,34 @@ def plot_series(rows: list[dict]) -> list[tuple[str, str, str, list[dict]]]:
     return out
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    """Final top-1 against stored bytes (log x): one line per `plot_series`, each point annotated with its IPC,
-    the chance level as a line, and the recipe (protocol, student, epochs, seeds) under the title."""
+LABEL_PAD = 4.0  # points between a point and its IPC label
+
+
+def place_labels(anchors: list[tuple[float, float]], sizes: list[tuple[float, float]],
+                 pad: float = LABEL_PAD, gap: float = 1.0) -> list[tuple[float, float]]:
+    """Offsets (dx, dy) of each label's lower-left corner from its point, in the units of `anchors` and `sizes`
+    (display pixels), so that no two label boxes overlap: up and right of its point by `pad`, or where that meets
+    a label placed before it, stacked above it, or below the point, in steps of its height plus `gap` (the nearest
+    free place first, above before below). Labels are placed in the order given."""
+    placed: list[tuple[float, float, float, float]] = []  # (x0, y0, x1, y1)
+    offsets = []
+    for (x, y), (w, h) in zip(anchors, sizes):
+        step = h + gap
+        tries = [pad + k * step for k in range(2 * len(placed) + 2)]  # above: enough that one is free
+        tries = [dy for k, up in enumerate(tries) for dy in (up, -pad - h - k * step)]
+        for dy in tries:
+            box = (x + pad, y + dy, x + pad + w, y + dy + h)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+        placed.append(box)
+        offsets.append((pad, dy))
+    return offsets
+
+
+def plot_figure(rows: list[dict], title: str):
+    """The figure of `plot`: final top-1 against stored bytes (log x), one line per `plot_series`, each point
+    labelled with its IPC in its line's colour (labels of points that share a place are stacked, never on top of
+    each other), the chance level as a line, and the recipe (protocol, student, epochs, seeds) under the title."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -348,8 +373,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     markers = {"d3m": "o", "class-prompt": "s", "rded": "^", "random-real": "v", "full": "*"}
     fig, ax = plt.subplots(figsize=(8.5, 4.8), dpi=120)
     ax.set_prop_cycle(color=list(plt.get_cmap("tab20").colors))  # more series than tab10's ten colours
+    labels = []
     for label, method, kind, mine in plot_series(rows):
-        ax.errorbar(
+        drawn = ax.errorbar(
             [r["stored_bytes"] for r in mine],
             [r["final_top1_mean"] for r in mine],
             yerr=[r["final_top1_std"] for r in mine],
@@ -359,13 +385,16 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             label=label,
         )
         for r in mine:
-            ax.annotate(
+            labels.append(ax.annotate(
                 f"IPC {'all' if r['ipc'] is None else r['ipc']}",
                 (r["stored_bytes"], r["final_top1_mean"]),
                 textcoords="offset points",
-                xytext=(4, 4),
+                xytext=(LABEL_PAD, LABEL_PAD),
                 fontsize=7,
-            )
+                color=drawn.lines[0].get_color(),
+                ha="left",
+                va="bottom",
+            ))  # fmt: skip
     classes = {r["num_classes"] for r in rows if r.get("num_classes")}
     if len(classes) == 1:
         chance = 100.0 / classes.pop()
@@ -380,6 +409,20 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
+    # the labels' places, once the layout is final: measured in display pixels, offsets given in points
+    renderer = fig.canvas.get_renderer()
+    anchors = [tuple(ax.transData.transform(a.xy)) for a in labels]
+    sizes = [(b.width, b.height) for b in (a.get_window_extent(renderer) for a in labels)]
+    for a, (dx, dy) in zip(labels, place_labels(anchors, sizes, pad=LABEL_PAD * fig.dpi / 72)):
+        a.xyann = (dx * 72 / fig.dpi, dy * 72 / fig.dpi)
+    return fig
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """`plot_figure` of the rows, written to `path` as PNG."""
+    fig = plot_figure(rows, title)
+    import matplotlib.pyplot as plt  # after plot_figure chose the Agg backend
+
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)

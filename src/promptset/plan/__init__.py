@@ -166,6 +166,7 @@ class _Planner:
             "data": self.data.source, "classes": self.data.classes, "train_images": sum(self.data.per_class),
             "test_images": self.data.test, "generator": self.config_source, "flops": self.flops_summary,
             "lines": lines, "counts": self.counts, "bytes": stored_bytes(self), "notes": self.notes,
+            "prompts": self.prompts_summary(),
             "total_flops": sum(x["flops"] for x in lines), "total_seconds": sum(x["seconds"] for x in lines),
         }
 
@@ -212,7 +213,9 @@ class _Planner:
         inv, gen = self.invert_cfg, self.gen_cfg
         self.invert_res = inv.resolution or self.native
         self.gen_res = (gen.resolution if gen else 0) or self.invert_res
-        self.per_group = inv.classes_per_batch or min(self.data.classes, inv.batch_size)
+        self.prompts_per_class = self._prompts_per_class()
+        self.num_prompts = sum(self.prompts_per_class)  # invert's rows: classes, or (class, mode) pairs
+        self.per_group = inv.classes_per_batch or min(self.num_prompts, inv.batch_size)
         f = sd_flops(self.configs, self.invert_res, self.gen_res)
         cfg_factor = 2 if (gen.guidance if gen else 7.5) != 1.0 else 1
         step_flops = inv.batch_size * f["unet_fb_invert"] + self.per_group * f["text_fb"]
@@ -288,9 +291,7 @@ class _Planner:
         s = self.select_cfg
         if s is None:
             return
-        kept = [min(k, s.max_images_per_class or k) for k in self.data.per_class]
-        self.collages = [k // s.factor**2 if not s.num_collages else min(s.num_collages, k // s.factor**2)
-                         for k in kept]
+        kept, self.collages = self._collages()
         if self.teacher is None or s.teacher == "none":
             self.notes.append("select: no teacher, resize + center crop (no network runs)")
             return
@@ -299,20 +300,47 @@ class _Planner:
         self._add("select", f"{sum(kept):,} images x {s.num_crops} crops = {crops:,} teacher forwards "
                   f"({self.teacher_arch} at {self.teacher_size} px)", self.teacher[0], calls, crops)
 
-    def _invert_stage(self) -> None:
-        from ..stages.invert import _group_batch, _groups
+    def _collages(self) -> tuple[list[int], list[int]]:
+        """Per class: the images select keeps and the collages it makes of them (select's counting)."""
+        s = self.select_cfg
+        kept = [min(k, s.max_images_per_class or k) for k in self.data.per_class]
+        return kept, [k // s.factor**2 if not s.num_collages else min(s.num_collages, k // s.factor**2) for k in kept]
+
+    def _invert_images(self) -> list[int]:
+        """Training images per class invert learns from: select's collages, or the data's images without select."""
+        return self._collages()[1] if self.select_cfg is not None else self.data.per_class
+
+    def _prompts_per_class(self) -> list[int]:
+        """Prompts invert learns per class, as it counts them: min(--modes, the class's training images)."""
+        from ..modes import check_mode_flags
 
         inv = self.invert_cfg
-        collages = getattr(self, "collages", None) or self.data.per_class
+        inv.modes = check_mode_flags(inv.modes, inv.mode_features, inv.teacher)  # refused as invert refuses it
+        return [min(inv.modes, k) for k in self._invert_images()]
+
+    def prompts_summary(self) -> dict:
+        """What the plan says of the prompts: --modes, how many in all, fewest and most per class."""
+        return {"modes": self.invert_cfg.modes, "total": self.num_prompts,
+                "per_class_min": min(self.prompts_per_class, default=0),
+                "per_class_max": max(self.prompts_per_class, default=0)}
+
+    def _invert_stage(self) -> None:
+        from ..stages.invert import _group_batch, _groups
+        from .render import prompts_per_class_text
+
+        inv = self.invert_cfg
+        collages = self._invert_images()
         views = 2 if inv.flip else 1
         encodes = sum(collages) * views
         self._add("invert", f"{sum(collages):,} training images x {views} (flip) VAE encodes at {self.invert_res} px "
                   "(once, cached)", self.ops["vae_encode"], sum(math.ceil(views * k / 32) for k in collages), encodes)
-        groups = _groups(self.data.classes, self.per_group)
+        groups = _groups(self.num_prompts, self.per_group)
         samples = sum(inv.steps * _group_batch(inv.batch_size, self.per_group, len(g)) for g in groups)
         self.counts["invert_steps"] = len(groups) * inv.steps
         self.counts["invert_samples"] = samples
-        self._add("invert", f"{len(groups):,} groups of {self.per_group} classes x {inv.steps:,} steps x batch "
+        unit = "classes" if inv.modes == 1 else \
+            f"prompts (--modes {inv.modes}: {prompts_per_class_text(self.prompts_summary())})"
+        self._add("invert", f"{len(groups):,} groups of {self.per_group} {unit} x {inv.steps:,} steps x batch "
                   f"{inv.batch_size} = {samples:,} UNet forward+backward at {self.invert_res} px",
                   self.ops["invert_step"], len(groups) * inv.steps, samples)
         self._add("invert", "load the generator", self.ops["load"], 1, 0)

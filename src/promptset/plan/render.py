@@ -51,7 +51,8 @@ def render(plan: dict) -> str:
                  "(" + ", ".join(f"{k} {fmt_time(v)}" for k, v in per_stage.items()) + ")")
     b = plan["bytes"]
     if b["rows"]:
-        lines += ["", f"stored bytes per IPC: array bytes / after {COMPRESSOR} (estimated: "
+        lines += ["", f"stored bytes per IPC (d3m's prompts: {prompts_per_class_text(plan['prompts'])}): array "
+                  f"bytes / after {COMPRESSOR} (estimated: "
                   + ", ".join(sorted(b["stand_ins"])) + (" on same-shape stand-ins; " if b["stand_ins"] else "")
                   + "seeds exact), and real images at the same IPC"]
         methods = list(dict.fromkeys(r["method"] for r in b["rows"]))
@@ -77,6 +78,14 @@ def render(plan: dict) -> str:
     if plan["notes"]:
         lines += [""] + [f"note: {n}" for n in plan["notes"]]
     return "\n".join(lines)
+
+
+def prompts_per_class_text(prompts: dict) -> str:
+    """How many prompts invert learns: '5 prompts per class, 5,000 in all' (a range when some classes have fewer
+    training images than --modes)."""
+    low, high = prompts["per_class_min"], prompts["per_class_max"]
+    each = f"{high}" if low == high else f"{low} to {high}"
+    return f"{each} prompt{'' if high == 1 else 's'} per class, {prompts['total']:,} in all"
 
 
 def _grouped(lines: list[dict]) -> list[dict]:

@@ -33,7 +33,8 @@ def context(p, e, ipc: int) -> Context:
     ctx = Context(cfg=e, run=Path("."), classes=[ClassInfo(i, f, f) for i, f in enumerate(folders)],
                   device=torch.device("cpu"), image_size=student_size(p, e), ipc=ipc, factor=factor, gen={},
                   teacher=None, needs_soft=e.protocol == "p1", rounds=rounds,
-                  planned_prompt_bytes=prompt_bytes(c, inv.num_vectors, dim, inv.prompt_dtype))
+                  planned_prompt_bytes=prompt_bytes(p.num_prompts, inv.num_vectors, dim, inv.prompt_dtype,
+                                                    inv.modes > 1))  # every mode's prompt, its class and weight
     ctx.train = SimpleNamespace(labels=range(sum(p.data.per_class)))  # `full` counts its images
     return ctx
 
@@ -122,6 +123,7 @@ class _Estimates:
         if name == "prompts":
             inv = self.p.invert_cfg
             dim = self.p.configs["text_encoder"]["hidden_size"]
+            # one row per class (with modes too: the ratio per byte is what counts, and it stays quick)
             x = 0.015 * torch.randn(ctx.num_classes, inv.num_vectors, dim, generator=gen)  # CLIP token rows' scale
             if inv.prompt_dtype == "int8":
                 data = tensor_data((x / x.abs().amax() * 127).round().to(torch.int8))

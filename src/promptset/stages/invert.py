@@ -31,7 +31,6 @@ How this run is organised, and why:
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -40,9 +39,10 @@ from pathlib import Path
 import torch
 
 from ..accounting import print_budget, prompt_bytes
-from ..artifacts import PromptSet, load_tensors, save_tensors, token_name_for
-from ..atomic import append_jsonl, read_jsonl, write_text
+from ..artifacts import PromptSet, load_tensors, token_name_for
+from ..atomic import append_jsonl
 from ..backends.base import PREDICTION_TYPES, DiffusionBackend, PromptLayout
+from ..backends.inversion_files import GroupFiles, drop_metrics_after, merge_rank_metrics, metrics_path, metrics_record
 from ..backends.latent_cache import team_latent_cache
 from ..config import make_config, opt, to_dict
 from ..data import (
@@ -117,19 +117,20 @@ class InvertConfig:
     progress: bool = opt(True, "show progress bars")
 
 
-def _groups(num_classes: int, per_group: int) -> list[list[int]]:
-    return [list(range(s, min(s + per_group, num_classes))) for s in range(0, num_classes, per_group)]
+def _groups(num_rows: int, per_group: int) -> list[list[int]]:
+    """The rows of each group: consecutive runs of `per_group` rows (classes, or (class, mode) pairs)."""
+    return [list(range(s, min(s + per_group, num_rows))) for s in range(0, num_rows, per_group)]
 
 
 def _group_batch(batch_size: int, per_group: int, group_size: int) -> int:
     """Samples per step of a group: the batch size, except that a last, smaller group of a grouping that divides
-    the batch keeps `batch / per_group` samples per class (as every group of that grouping does)."""
+    the batch keeps `batch / per_group` samples per row (as every group of that grouping does)."""
     return batch_size if batch_size % per_group else group_size * (batch_size // per_group)
 
 
-def _batch_classes(step: int, batch: int, group_size: int) -> torch.Tensor:
-    """Local class of each sample of step `step`: the classes in turn, continuing where the last step stopped, so
-    every class gets the same number of samples over G steps whatever the batch size (a pure function of step)."""
+def _batch_rows(step: int, batch: int, group_size: int) -> torch.Tensor:
+    """Local row of each sample of step `step`: the group's rows in turn, continuing where the last step stopped, so
+    every row gets the same number of samples over G steps whatever the batch size (a pure function of step)."""
     return (torch.arange(batch) + step * batch) % group_size  # (B,)
 
 
@@ -156,76 +157,118 @@ def invert(cfg: InvertConfig | None = None, **overrides) -> Path:
     rank, world = rank_world()
     plan = prepared_everywhere(_prepare, cfg)
     run, index, backend = plan.run, plan.index, plan.backend
-    num_classes = index.num_classes
     folder = run / "invert"
     groups = _groups(plan.num_rows, plan.per_group)  # of rows: classes, or (class, mode) pairs with --modes
     schedule = team_schedule(len(groups), world)
 
     if rank == 0:
-        if plan.replaced:
-            remove_outputs(run, ["invert", "prompts.safetensors", MODES_FILE])
-        # the data's own resolution: generate stores images at it and teachers see them at it (issue 17)
-        write_config(run, "invert", to_dict(cfg) | {"resolution": plan.resolution,
-                                                   "data_image_size": plan.data_image_size})
-        if plan.rewrite_classes:
-            write_classes(run, index.classes, plan.names)
-        remove_stale_tmp(folder)  # half-written files of a killed run; nobody writes there before the barrier
-        remove_stale_tmp(run, recursive=False)
-        print(f"invert: --data {cfg.data}: {num_classes} classes, {index.num_images} images; skipped "
-              f"{index.skipped_hidden} hidden and {index.skipped_non_image} non-image entries", flush=True)
-        row, rows = ("class", "classes") if cfg.modes == 1 else ("prompt", "prompts")
-        share = (f"each {row} {cfg.batch_size // plan.per_group} times per step"
-                 if cfg.batch_size % plan.per_group == 0 else
-                 f"the {rows} in turn, so every {row} gets the same number of samples over {plan.per_group} steps")
-        unit = "classes" if cfg.modes == 1 else f"prompts (--modes {cfg.modes}: {plan.num_rows} prompts in all)"
-        print(f"invert: {len(groups)} group(s) of up to {plan.per_group} {unit}, batch {cfg.batch_size}: {share}",
-              flush=True)
-        for c in (c for c, files in enumerate(index.files) if len(files) < cfg.modes):
-            print(f"invert: class {index.classes[c]} has {len(index.files[c])} training image(s), fewer than "
-                  f"--modes {cfg.modes}: it gets one mode per image", flush=True)
-        _print_teams(schedule, world)
-        words = "the class names" if not (cfg.initializer or cfg.initializers) else "the words given"
-        print(f"invert: initializer words: {words}" + ("" if plan.init_notes else " (one token each)"), flush=True)
-        for note in plan.init_notes:
-            print(f"invert: initializer {note}", flush=True)
-        if backend.dtype == torch.float16:
-            print(f"invert: the model runs in fp16: the loss is scaled by {LossScaler(backend.dtype).scale:g} (halved "
-                  "and the step skipped on an inf/NaN gradient), so its tiny gradients do not underflow", flush=True)
-        print_budget(prompt_bytes(plan.num_rows, cfg.num_vectors, backend.token_dim, cfg.prompt_dtype, cfg.modes > 1),
-                     num_classes=num_classes, image_size=select_info(run).get("image_size"),
-                     title="invert: stored bytes of the distilled set")
-        if cfg.modes > 1:
-            _assign_modes(plan, cfg)
-    barrier()
-    if cfg.modes > 1:  # every process trains the modes rank 0 recorded
-        plan.rows = ModeRows.from_assignment(read_modes(run / MODES_FILE, [len(f) for f in index.files]))
+        _start_run_folder(plan, cfg, folder)
+        _print_plan(plan, cfg, len(groups), schedule, world)
+    modes = _mode_rows(plan, cfg)  # the same on every rank; after it (a barrier) the run folder is ready
     taken: set[str] = set()
-    token_names = [token_name_for(f, taken) for f in plan.rows.token_stems(index.classes)]
+    token_names = [token_name_for(f, taken) for f in modes.token_stems(index.classes)]
 
     teams = join_teams(schedule, backend.device)  # this process's team per group it works on
     for g, ranks in schedule:
         if rank in ranks:
-            _train_group(plan, cfg, groups[g], g, len(groups), folder, show=cfg.progress and rank == 0,
+            _train_group(plan, cfg, modes, groups[g], g, len(groups), folder, show=cfg.progress and rank == 0,
                          team=teams[g])
     barrier()
 
     prompts_path = run / "prompts.safetensors"
     if rank == 0:
-        vectors = []
-        for g in range(len(groups)):
-            tensors, _ = load_tensors(folder / "groups" / f"g{g:05d}.safetensors", "group result")
-            vectors.append(tensors["embeddings"])
+        vectors = [load_tensors(GroupFiles(folder, g).result, "group result")[0]["embeddings"]  # (G, V, D)
+                   for g in range(len(groups))]
         prompts = PromptSet(
             embeddings=torch.cat(vectors), token_names=token_names, class_folders=index.classes,
             template=cfg.template, backend=backend.kind, model_id=backend.model_id, model_hash=backend.model_hash,
-            initializers=plan.words, stored_dtype=cfg.prompt_dtype, **plan.rows.prompt_fields(),
+            initializers=plan.words, stored_dtype=cfg.prompt_dtype, **modes.prompt_fields(),
         )
         if not prompts.same_as_file(prompts_path):  # a no-op rerun keeps the file (and its mtime) as it was
             prompts.save(prompts_path)
         if world > 1:
-            _merge_rank_metrics(folder, world)
+            merge_rank_metrics(folder, world)
     barrier()
     return prompts_path
+
+
+def _start_run_folder(plan: _Plan, cfg: InvertConfig, folder: Path) -> None:
+    """Rank 0, before training: replace an earlier run (--overwrite), record the config and classes, and remove
+    half-written files of a killed run (nobody writes there before the barrier)."""
+    run = plan.run
+    if plan.replaced:
+        remove_outputs(run, ["invert", "prompts.safetensors", MODES_FILE])
+    # the data's own resolution: generate stores images at it and teachers see them at it (issue 17)
+    write_config(run, "invert", to_dict(cfg) | {"resolution": plan.resolution,
+                                               "data_image_size": plan.data_image_size})
+    if plan.rewrite_classes:
+        write_classes(run, plan.index.classes, plan.names)
+    remove_stale_tmp(folder)
+    remove_stale_tmp(run, recursive=False)
+
+
+def _print_plan(plan: _Plan, cfg: InvertConfig, num_groups: int, schedule, world: int) -> None:
+    """Rank 0, before training: the data, the groups and batches, the teams, the initializers, fp16 loss scaling
+    and the stored bytes."""
+    index, backend = plan.index, plan.backend
+    print(f"invert: --data {cfg.data}: {index.num_classes} classes, {index.num_images} images; skipped "
+          f"{index.skipped_hidden} hidden and {index.skipped_non_image} non-image entries", flush=True)
+    row, rows = ("class", "classes") if cfg.modes == 1 else ("prompt", "prompts")
+    share = (f"each {row} {cfg.batch_size // plan.per_group} times per step"
+             if cfg.batch_size % plan.per_group == 0 else
+             f"the {rows} in turn, so every {row} gets the same number of samples over {plan.per_group} steps")
+    unit = "classes" if cfg.modes == 1 else f"prompts (--modes {cfg.modes}: {plan.num_rows} prompts in all)"
+    print(f"invert: {num_groups} group(s) of up to {plan.per_group} {unit}, batch {cfg.batch_size}: {share}",
+          flush=True)
+    for c in (c for c, files in enumerate(index.files) if len(files) < cfg.modes):
+        print(f"invert: class {index.classes[c]} has {len(index.files[c])} training image(s), fewer than "
+              f"--modes {cfg.modes}: it gets one mode per image", flush=True)
+    _print_teams(schedule, world)
+    words = "the class names" if not (cfg.initializer or cfg.initializers) else "the words given"
+    print(f"invert: initializer words: {words}" + ("" if plan.init_notes else " (one token each)"), flush=True)
+    for note in plan.init_notes:
+        print(f"invert: initializer {note}", flush=True)
+    if backend.dtype == torch.float16:
+        print(f"invert: the model runs in fp16: the loss is scaled by {LossScaler(backend.dtype).scale:g} (halved "
+              "and the step skipped on an inf/NaN gradient), so its tiny gradients do not underflow", flush=True)
+    print_budget(prompt_bytes(plan.num_rows, cfg.num_vectors, backend.token_dim, cfg.prompt_dtype, cfg.modes > 1),
+                 num_classes=index.num_classes, image_size=select_info(plan.run).get("image_size"),
+                 title="invert: stored bytes of the distilled set")
+
+
+def _print_teams(schedule: list[tuple[int, tuple[int, ...]]], world: int) -> None:
+    """Say how the processes share the groups (rank 0, before training)."""
+    if world == 1:
+        return
+    shared = [(g, ranks) for g, ranks in schedule if len(ranks) > 1]
+    solo = len(schedule) - len(shared)
+    text = f"invert: {world} processes: {solo} group(s) trained one per process"
+    if shared:
+        text += "; " + "; ".join(f"group {g + 1} data parallel over processes {', '.join(map(str, ranks))}"
+                                 for g, ranks in shared)
+    print(text, flush=True)
+
+
+def _mode_rows(plan: _Plan, cfg: InvertConfig) -> ModeRows:
+    """The rows to learn, the same on every rank: one per class, or (--modes) one per (class, mode) of the
+    assignment rank 0 computes (or reuses from a matching modes.json) and passes on; the other ranks read the
+    modes.json it wrote once the barrier has passed."""
+    assignment = _assign_modes(plan, cfg) if cfg.modes > 1 and rank_world()[0] == 0 else None
+    barrier()
+    if cfg.modes == 1:
+        return ModeRows.one_per_class(plan.index.num_classes)
+    if assignment is None:
+        assignment = read_modes(plan.run / MODES_FILE, [len(f) for f in plan.index.files])
+    return ModeRows.from_assignment(assignment)
+
+
+def _assign_modes(plan: _Plan, cfg: InvertConfig) -> dict:
+    """Cluster each class's images into modes (rank 0; `modes.assign_modes` reuses a matching modes.json)."""
+    backend, teacher = plan.backend, plan.teacher
+    features = (lambda x: backend.encode_images(x)[0]) if teacher is None else partial(penultimate_features, teacher)
+    return assign_modes(plan.run, plan.index, cfg.modes, features, feature=cfg.mode_features, seed=cfg.seed,
+                        resolution=plan.resolution, max_pixels=cfg.max_image_pixels,
+                        by=backend.model_hash if teacher is None else teacher.weights_sha256)
 
 
 @dataclass
@@ -241,22 +284,12 @@ class _Plan:
     init_vectors: torch.Tensor  # (C, D) their embedding rows
     layout: PromptLayout
     resolution: int
-    per_group: int  # classes per batch
+    per_group: int  # rows per group (classes, or (class, mode) pairs, mixed in each batch)
     data_image_size: int | None  # side of every (square, equal) training image; None when they differ
     rewrite_classes: bool  # classes.json is missing, lists other classes or other display names
     replaced: bool  # --overwrite replaces a different earlier inversion
     num_rows: int  # prompts to learn: classes, or (class, mode) pairs with --modes
-    rows: ModeRows  # one per class until invert reads modes.json
     teacher: object  # --mode-features teacher
-
-
-def _assign_modes(plan: _Plan, cfg: InvertConfig) -> None:
-    """Cluster each class's images into modes (rank 0; `modes.assign_modes` reuses a matching modes.json)."""
-    backend, teacher = plan.backend, plan.teacher
-    features = (lambda x: backend.encode_images(x)[0]) if teacher is None else partial(penultimate_features, teacher)
-    assign_modes(plan.run, plan.index, cfg.modes, features, feature=cfg.mode_features, seed=cfg.seed,
-                 resolution=plan.resolution, max_pixels=cfg.max_image_pixels,
-                 by=backend.model_hash if teacher is None else teacher.weights_sha256)
 
 
 def _prepare(cfg: InvertConfig) -> _Plan:
@@ -315,151 +348,172 @@ def _prepare(cfg: InvertConfig) -> _Plan:
         teacher = load_teacher(cfg.teacher, num_classes=num_classes, device=backend.device,
                                class_folders=index.classes)
     return _Plan(run, index, names, backend, words, init_notes, init_vectors, layout, resolution, per_group,
-                 data_size, rewrite_classes, replaced, num_rows, ModeRows.one_per_class(num_classes), teacher)
+                 data_size, rewrite_classes, replaced, num_rows, teacher)
 
 
-def _metrics_path(folder: Path) -> Path:
-    rank, world = rank_world()
-    return folder / ("metrics.jsonl" if world == 1 else f"metrics.rank{rank}.jsonl")
+# ------------------------------------------------------------------------------------------------------------
+# training one group of rows
 
 
-def _merge_rank_metrics(folder: Path, world: int) -> None:
-    rows = [r for k in range(world) for r in read_jsonl(folder / f"metrics.rank{k}.jsonl")]
-    rows.sort(key=lambda r: (r.get("group", 0), r.get("step", 0)))
-    write_text(folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    for k in range(world):
-        (folder / f"metrics.rank{k}.jsonl").unlink(missing_ok=True)
+@dataclass
+class _Latents:
+    """A group's training latents, flat: local row i's images are entries offsets[i] .. offsets[i] + counts[i] - 1."""
+
+    means: torch.Tensor  # (N, F, c, h, w) on the device; F = 2 with mirrored copies
+    stds: torch.Tensor | None  # (N, F, c, h, w); None for an autoencoder without a latent distribution
+    counts: torch.Tensor  # (G,) images per row
+    offsets: torch.Tensor  # (G,) each row's first entry
 
 
-def _train_group(plan: _Plan, cfg: InvertConfig, classes: list[int], g: int, num_groups: int, folder: Path,
-                 show: bool, team: Team | None = None) -> None:
-    """Train the placeholder vectors of one class group; resumes from its checkpoint; writes groups/gNNNNN.
+@dataclass
+class _Group:
+    """What trains in one group and what its checkpoint restores."""
+
+    g: int
+    files: GroupFiles
+    init: torch.Tensor  # (G, V, D) the rows' initializer embeddings (CPU)
+    vectors: torch.nn.Parameter  # (G, V, D) fp32 on the device: the only thing that trains
+    optimizer: torch.optim.AdamW
+    generator: torch.Generator  # the group's own random stream: batches, noise, timesteps
+    scaler: LossScaler  # fp16: dynamic loss scaling; bf16/fp32: a no-op
+    start: int = 0  # the first step to run (a checkpoint's step when resuming)
+
+
+class _Tally:
+    """Per-row losses between log steps and whether every loss so far was finite: device tensors, read only at log
+    and checkpoint steps (the loop's only host syncs)."""
+
+    def __init__(self, num_rows: int, device: torch.device):
+        self.loss_sum = torch.zeros(num_rows, device=device)  # (G,)
+        self.loss_n = torch.zeros(num_rows, device=device)  # (G,)
+        self.finite = torch.ones((), dtype=torch.bool, device=device)  # every loss since this process started
+
+    def add(self, per_sample: torch.Tensor, where: torch.Tensor, loss: torch.Tensor, applied: bool) -> None:
+        counted = per_sample.detach().float()  # (b,)
+        if applied:
+            self.finite &= torch.isfinite(loss)
+            weight = torch.ones_like(counted)
+        else:  # the vectors did not change: a finite loss still describes them; an inf one is left out
+            weight = torch.isfinite(counted).float()
+            counted = counted.nan_to_num(0.0, 0.0, 0.0)
+        self.loss_sum.index_add_(0, where, counted)
+        self.loss_n.index_add_(0, where, weight)
+
+
+def _train_group(plan: _Plan, cfg: InvertConfig, modes: ModeRows, rows: list[int], g: int, num_groups: int,
+                 folder: Path, show: bool, team: Team | None = None) -> None:
+    """Train the placeholder vectors of one group of rows; resumes from its checkpoint; writes groups/gNNNNN.
 
     With a team of several processes, each works on its share of every batch and the gradient is summed over the
     team; every member holds the same vectors, optimizer and generator state, and the leader alone writes files.
     """
     team = team or Team((rank_world()[0],), rank_world()[0])
-    backend, index, layout = plan.backend, plan.index, plan.layout
-    result_path = folder / "groups" / f"g{g:05d}.safetensors"
-    ckpt_path = folder / "checkpoints" / f"g{g:05d}.safetensors"
-    data_key = {"split_hash": index.split_hash(), "classes": ",".join(map(str, classes))} | plan.rows.data_key()
-    if _matches(result_path, data_key):  # written only after the team's last step: every member sees the same
-        ckpt_path.unlink(missing_ok=True)  # a run killed between writing the result and cleaning up
+    key = {"split_hash": plan.index.split_hash(), "classes": ",".join(map(str, rows))} | modes.data_key()
+    files = GroupFiles(folder, g, key)
+    if files.finished():  # written only after the team's last step: every member sees the same
         return  # finished on an earlier run
-    device = backend.device
-    of = plan.rows.classes_of(classes)  # the classes of the group's rows (the rows themselves without modes)
-    means, stds = team_latent_cache(team, backend, cfg, index, of, g, plan.resolution, folder)
-    means, stds = plan.rows.take(means, of, classes), plan.rows.take(stds, of, classes)  # per row: its mode's images
-    counts = torch.tensor([m.shape[0] for m in means])  # (G,)
-    offsets = torch.cumsum(counts, 0) - counts  # (G,) first row of each class in the flat cache
-    views = means[0].shape[1]
-    flat_means = torch.cat(means).to(device)  # (N, F, c, h, w)
-    flat_stds = torch.cat(stds).to(device) if stds[0] is not None else None
-    del means, stds
-
-    init = plan.init_vectors[[plan.rows.row_class[r] for r in classes]].unsqueeze(1).repeat(1, cfg.num_vectors, 1)
-    vectors = torch.nn.Parameter(init.clone().to(device))
-    optimizer = torch.optim.AdamW([vectors], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
-    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "invert", g))
-    scaler = LossScaler(backend.dtype)  # fp16: dynamic loss scaling; bf16/fp32: a no-op
-    start = 0
-    if _matches(ckpt_path, data_key):  # a checkpoint of other data (same path, new files) is not resumed
-        start = _load_checkpoint(ckpt_path, vectors, optimizer, generator, scaler)
-        if rank_world()[0] == 0:
-            print(f"invert group {g + 1}/{num_groups}: resuming from step {start} of {cfg.steps} ({ckpt_path})",
-                  flush=True)
-    if team.leader:
-        _drop_metrics_after(_metrics_path(folder), g, start)  # rows of steps the killed run did past its checkpoint
-
-    group_size = len(classes)
-    batch = _group_batch(cfg.batch_size, plan.per_group, group_size)
-    lo, hi = span(batch, team.index, team.size)  # this process's share of every batch (all of it alone)
-    share = slice(lo, hi)
-    loss_sum = torch.zeros(group_size, device=device)
-    loss_n = torch.zeros(group_size, device=device)
-    finite = torch.ones((), dtype=torch.bool, device=device)  # every loss since the start of this process
-    trained = 0  # samples this process put through the denoiser
-    t0 = time.perf_counter()
-    record = None
-    bar = progress_bar(total=cfg.steps, initial=start, desc=f"invert group {g + 1}/{num_groups}", disable=not show,
-               unit="step")
-    for step in range(start, cfg.steps):
-        # ---- one batch: the group's classes in turn (each `batch / G` times when G divides the batch) ----------
-        # every member draws the random numbers of the whole batch (the same stream) and keeps its share's
-        sample_class = _batch_classes(step, batch, group_size)  # (B,) local class of each sample
-        pick = (torch.rand(len(sample_class), generator=generator) * counts[sample_class]).long()  # (B,)
-        view = torch.randint(0, views, (len(sample_class),), generator=generator)  # (B,)
-        rows = to_device((offsets[sample_class] + pick)[share], device)  # (b,) rows of the flat cache, one gather
-        view = to_device(view[share], device)
-        latents = flat_means[rows, view]  # (b, c, h, w)
-        if flat_stds is not None:
-            noise = torch.randn((batch, *flat_means.shape[2:]), generator=generator)[share]  # (b, c, h, w)
-            latents = latents + flat_stds[rows, view] * to_device(noise, device)
-        where = to_device(sample_class[share], device)  # (b,)
-        states = backend.encode_placeholder_prompts(layout, vectors)  # (G, L, D_text): one prompt per class
-        states = states[where]  # (b, L, D_text), each sample its class's prompt
-        per_sample = backend.denoising_loss(latents, states, generator, rows=(lo, hi, batch))  # (b,)
+    latents = _group_latents(plan, cfg, modes, rows, g, folder, team)
+    group = _start_group(plan, cfg, modes, rows, files, num_groups, team)
+    batch = _group_batch(cfg.batch_size, plan.per_group, len(rows))
+    share = span(batch, team.index, team.size)  # (lo, hi): this process's share of every batch (all of it alone)
+    tally = _Tally(len(rows), plan.backend.device)
+    labels = modes.labels(plan.index.classes, rows)
+    t0, trained, record = time.perf_counter(), 0, None
+    bar = progress_bar(total=cfg.steps, initial=group.start, desc=f"invert group {g + 1}/{num_groups}",
+                       disable=not show, unit="step")
+    for step in range(group.start, cfg.steps):
+        # batch: the group's rows in turn, each sample an image (or its mirror) of its row, this process's share
+        sample, where = _draw_batch(latents, group.generator, step, batch, len(rows), share)  # (b, c, h, w), (b,)
+        # loss: G prompts through the text encoder, each sample conditioned on its row's
+        states = plan.backend.encode_placeholder_prompts(plan.layout, group.vectors)[where]  # (b, L, D_text)
+        per_sample = plan.backend.denoising_loss(sample, states, group.generator, rows=(*share, batch))  # (b,)
+        # update: one AdamW step of the (G, V, D) vectors, the gradient summed over the team
+        loss, applied = _update(group, per_sample, batch, step, cfg, team)
+        tally.add(per_sample, where, loss, applied)
         trained += len(per_sample)
-        # the batch mean: alone as before; in a team each member's sum / B, so the team's summed gradient is it
-        loss = per_sample.mean() if team.size == 1 else per_sample.sum() / batch
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        if loss.requires_grad:  # not for an empty share (a batch smaller than the team)
-            scaler.scaled(loss).backward()
-        if team.size > 1:
-            _sum_gradient(vectors, team)  # before unscaling: every member checks the same summed gradient
-        applied = scaler.step(optimizer)  # False only for a step fp16 loss scaling skipped (inf/NaN gradient)
-        counted = per_sample.detach().float()
-        if applied:
-            finite &= torch.isfinite(loss)
-            weight = torch.ones_like(counted)
-        else:  # the vectors did not change: a finite loss still describes them; an inf one is left out
-            weight = torch.isfinite(counted).float()
-            counted = counted.nan_to_num(0.0, 0.0, 0.0)
-            if scaler.exhausted:
-                _stop_if_diverged(torch.zeros((), dtype=torch.bool), vectors, step + 1, g, ckpt_path, cfg, scaler)
-        loss_sum.index_add_(0, where, counted)
-        loss_n.index_add_(0, where, weight)
         done = step + 1
         bar.update(1)
-
+        # checks: metrics and the finite checks at log steps, never a checkpoint of a bad state
         if done % cfg.log_every == 0 or done == cfg.steps:
-            finite = team.all_finite(finite)
-            team.all_reduce_(loss_sum)  # the per-class losses of the whole batch, as one process logs them
-            team.all_reduce_(loss_n)
-            record = _metrics(vectors.detach(), init.to(device), loss_sum / loss_n.clamp_min(1),
-                              plan.rows.labels(index.classes, classes), g, done, _lr_at(step, cfg),
-                              time.perf_counter() - t0) | scaler.metrics()
-            _stop_if_diverged(finite, vectors, done, g, ckpt_path, cfg, scaler)
-            if team.leader:
-                append_jsonl(_metrics_path(folder), record)
+            record = _log(group, tally, cfg, labels, step, t0, team)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
-            loss_sum.zero_()
-            loss_n.zero_()
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            finite = team.all_finite(finite)
-            _stop_if_diverged(finite, vectors, done, g, ckpt_path, cfg, scaler)  # never checkpoint a bad state
+            tally.finite = team.all_finite(tally.finite)
+            _stop_if_diverged(tally.finite, group, done, cfg)
             if team.leader:
-                _save_checkpoint(ckpt_path, vectors, optimizer, generator, done, data_key, scaler)
+                group.files.save_checkpoint(group.vectors, group.optimizer, group.generator, done, group.scaler)
     bar.close()
-    finite = team.all_finite(finite)
-    _stop_if_diverged(finite, vectors, cfg.steps, g, ckpt_path, cfg, scaler)
+    _finish_group(group, tally, cfg, num_groups, team, trained, batch, record)
+
+
+def _group_latents(plan: _Plan, cfg: InvertConfig, modes: ModeRows, rows: list[int], g: int, folder: Path,
+                   team: Team) -> _Latents:
+    """The rows' training latents from the group's latent cache (encoded once, by the team's leader)."""
+    of = modes.classes_of(rows)  # the classes of the group's rows (the rows themselves without modes)
+    means, stds = team_latent_cache(team, plan.backend, cfg, plan.index, of, g, plan.resolution, folder)  # per class
+    means, stds = modes.take(means, of, rows), modes.take(stds, of, rows)  # per row: its mode's images
+    counts = torch.tensor([m.shape[0] for m in means])  # (G,)
+    device = plan.backend.device
+    return _Latents(means=torch.cat(means).to(device),  # (N, F, c, h, w)
+                    stds=torch.cat(stds).to(device) if stds[0] is not None else None,
+                    counts=counts, offsets=torch.cumsum(counts, 0) - counts)
+
+
+def _start_group(plan: _Plan, cfg: InvertConfig, modes: ModeRows, rows: list[int], files: GroupFiles,
+                 num_groups: int, team: Team) -> _Group:
+    """Vectors from each row's class's initializer word, AdamW, the group's random stream (seeded from (seed, g)),
+    and the loss scaler; restored from the group's checkpoint when one of the same data exists."""
+    device = plan.backend.device
+    init = plan.init_vectors[[modes.row_class[r] for r in rows]].unsqueeze(1).repeat(1, cfg.num_vectors, 1)  # (G,V,D)
+    vectors = torch.nn.Parameter(init.clone().to(device))
+    optimizer = torch.optim.AdamW([vectors], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "invert", files.g))
+    group = _Group(files.g, files, init, vectors, optimizer, generator, LossScaler(plan.backend.dtype))
+    if files.resumable():
+        group.start = files.load_checkpoint(vectors, optimizer, generator, group.scaler)
+        if rank_world()[0] == 0:
+            print(f"invert group {files.g + 1}/{num_groups}: resuming from step {group.start} of {cfg.steps} "
+                  f"({files.checkpoint})", flush=True)
+    if team.leader:
+        drop_metrics_after(metrics_path(files.folder), files.g, group.start)  # steps a killed run did past it
+    return group
+
+
+def _draw_batch(latents: _Latents, generator: torch.Generator, step: int, batch: int, group_size: int,
+                share: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step `step`'s training latents (b, c, h, w) for this process's share of the batch, and each sample's local
+    row (b,). Every member of a team draws the random numbers of the whole batch (the same stream)."""
+    lo, hi = share
+    device = latents.means.device
+    sample_row = _batch_rows(step, batch, group_size)  # (B,) local row of each sample
+    pick = (torch.rand(batch, generator=generator) * latents.counts[sample_row]).long()  # (B,) an image of its row
+    view = torch.randint(0, latents.means.shape[1], (batch,), generator=generator)  # (B,) the image or its mirror
+    at = to_device((latents.offsets[sample_row] + pick)[lo:hi], device)  # (b,) entries of the flat cache, one gather
+    view = to_device(view[lo:hi], device)
+    sample = latents.means[at, view]  # (b, c, h, w)
+    if latents.stds is not None:  # a draw from the autoencoder's latent distribution
+        noise = torch.randn((batch, *latents.means.shape[2:]), generator=generator)[lo:hi]  # (b, c, h, w)
+        sample = sample + latents.stds[at, view] * to_device(noise, device)
+    return sample, to_device(sample_row[lo:hi], device)
+
+
+def _update(group: _Group, per_sample: torch.Tensor, batch: int, step: int, cfg: InvertConfig,
+            team: Team) -> tuple[torch.Tensor, bool]:
+    """One optimizer step on the batch mean loss; returns the loss and whether the step was applied (False only
+    for a step fp16 loss scaling skipped for an inf/NaN gradient)."""
+    # the batch mean: alone as before; in a team each member's sum / B, so the team's summed gradient is it
+    loss = per_sample.mean() if team.size == 1 else per_sample.sum() / batch
+    for param_group in group.optimizer.param_groups:
+        param_group["lr"] = _lr_at(step, cfg)
+    group.optimizer.zero_grad(set_to_none=True)
+    if loss.requires_grad:  # not for an empty share (a batch smaller than the team)
+        group.scaler.scaled(loss).backward()
     if team.size > 1:
-        print(f"invert group {g + 1}/{num_groups}: process {team.rank} trained {trained} of "
-              f"the group's {batch * (cfg.steps - start)} samples (data parallel over processes "
-              f"{', '.join(map(str, team.ranks))})", flush=True)
-    if not team.leader:
-        return
-    if record is not None:
-        skipped = (f" ({scaler.skipped} skipped by fp16 loss scaling for an inf/NaN gradient; loss scale now "
-                   f"{scaler.scale:g})" if scaler.enabled else "")
-        print(f"invert group {g + 1}/{num_groups}: done, {cfg.steps} steps{skipped}; final loss {record['loss']:.4f} "
-              f"(mean of the last {min(cfg.log_every, cfg.steps - start)} steps)", flush=True)
-    save_tensors(result_path, {"embeddings": vectors.detach().float().cpu(), "init": init.cpu()},
-                 {"group": str(g), "steps": str(cfg.steps)} | data_key)
-    ckpt_path.unlink(missing_ok=True)
-    (folder / "latents" / f"g{g:05d}.safetensors").unlink(missing_ok=True)
+        _sum_gradient(group.vectors, team)  # before unscaling: every member checks the same summed gradient
+    applied = group.scaler.step(group.optimizer)
+    if not applied and group.scaler.exhausted:
+        _stop_if_diverged(torch.zeros((), dtype=torch.bool), group, step + 1, cfg)
+    return loss, applied
 
 
 def _sum_gradient(vectors: torch.nn.Parameter, team: Team) -> None:
@@ -469,98 +523,58 @@ def _sum_gradient(vectors: torch.nn.Parameter, team: Team) -> None:
     team.all_reduce_(vectors.grad)
 
 
-def _print_teams(schedule: list[tuple[int, tuple[int, ...]]], world: int) -> None:
-    """Say how the processes share the groups (rank 0, before training)."""
-    if world == 1:
+def _log(group: _Group, tally: _Tally, cfg: InvertConfig, labels: list[str], step: int, t0: float,
+         team: Team) -> dict:
+    """A log step: the team's per-row mean losses since the last one into metrics.jsonl (the leader writes), after
+    the finite checks; returns the record."""
+    done = step + 1
+    tally.finite = team.all_finite(tally.finite)
+    team.all_reduce_(tally.loss_sum)  # the per-row losses of the whole batch, as one process logs them
+    team.all_reduce_(tally.loss_n)
+    row_loss = tally.loss_sum / tally.loss_n.clamp_min(1)  # (G,)
+    record = metrics_record(group.vectors.detach(), group.init.to(group.vectors.device), row_loss, labels, group.g,
+                            done, _lr_at(step, cfg), time.perf_counter() - t0) | group.scaler.metrics()
+    _stop_if_diverged(tally.finite, group, done, cfg)
+    if team.leader:
+        append_jsonl(metrics_path(group.files.folder), record)
+    tally.loss_sum.zero_()
+    tally.loss_n.zero_()
+    return record
+
+
+def _finish_group(group: _Group, tally: _Tally, cfg: InvertConfig, num_groups: int, team: Team, trained: int,
+                  batch: int, record: dict | None) -> None:
+    """After the last step: the finite checks, what each member did, and (the leader) the group's result."""
+    tally.finite = team.all_finite(tally.finite)
+    _stop_if_diverged(tally.finite, group, cfg.steps, cfg)
+    name = f"invert group {group.g + 1}/{num_groups}"
+    if team.size > 1:
+        print(f"{name}: process {team.rank} trained {trained} of the group's {batch * (cfg.steps - group.start)} "
+              f"samples (data parallel over processes {', '.join(map(str, team.ranks))})", flush=True)
+    if not team.leader:
         return
-    shared = [(g, ranks) for g, ranks in schedule if len(ranks) > 1]
-    solo = len(schedule) - len(shared)
-    text = f"invert: {world} processes: {solo} group(s) trained one per process"
-    if shared:
-        text += "; " + "; ".join(f"group {g + 1} data parallel over processes {', '.join(map(str, ranks))}"
-                                 for g, ranks in shared)
-    print(text, flush=True)
+    if record is not None:
+        scaler = group.scaler
+        skipped = (f" ({scaler.skipped} skipped by fp16 loss scaling for an inf/NaN gradient; loss scale now "
+                   f"{scaler.scale:g})" if scaler.enabled else "")
+        print(f"{name}: done, {cfg.steps} steps{skipped}; final loss {record['loss']:.4f} "
+              f"(mean of the last {min(cfg.log_every, cfg.steps - group.start)} steps)", flush=True)
+    group.files.save_result(group.vectors, group.init, cfg.steps)
 
 
-def _stop_if_diverged(finite: torch.Tensor, vectors: torch.Tensor, step: int, g: int, ckpt_path: Path, cfg,
-                      scaler: LossScaler | None = None) -> None:
+def _stop_if_diverged(finite: torch.Tensor, group: _Group, step: int, cfg: InvertConfig) -> None:
     """Raise TrainingDiverged if a loss or a vector became NaN/inf, or fp16 loss scaling ran out of scale (a host
     sync: only at log and checkpoint steps), with the likely cause for the dtype the model runs in."""
-    if bool(finite) and bool(torch.isfinite(vectors).all()) and not (scaler is not None and scaler.exhausted):
+    scaler = group.scaler
+    if bool(finite) and bool(torch.isfinite(group.vectors).all()) and not scaler.exhausted:
         return
-    kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else "no checkpoint was written yet"
+    ckpt = group.files.checkpoint
+    kept = f"the last good checkpoint {ckpt} is kept" if ckpt.is_file() else "no checkpoint was written yet"
     what = "the loss became NaN or inf"
-    if scaler is not None and scaler.exhausted:
+    if scaler.exhausted:
         what = (f"the gradient stayed NaN or inf in fp16 while loss scaling halved its scale to {scaler.scale:g} "
                 f"({scaler.skipped} steps skipped)")
     raise TrainingDiverged(
-        f"{what} by step {step} of group {g}; {kept}. {divergence_advice(cfg.dtype, cfg.lr)}, and rerun with "
+        f"{what} by step {step} of group {group.g}; {kept}. {divergence_advice(cfg.dtype, cfg.lr)}, and rerun with "
         "--overwrite"
     )
-
-
-def _drop_metrics_after(path: Path, g: int, step: int) -> None:
-    """Remove metrics rows of group `g` past `step` (and a torn last line), so a resumed run logs each step once."""
-    if not path.is_file():
-        return
-    rows = read_jsonl(path)
-    kept = [r for r in rows if not (r.get("group") == g and r.get("step", 0) > step)]
-    text = path.read_text(encoding="utf-8")
-    if len(kept) != len(rows) or (text and not text.endswith("\n")) or len(rows) != len(text.splitlines()):
-        write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-
-
-def _metrics(vectors, init, class_loss, names, g, step, lr, elapsed) -> dict:
-    delta = (vectors - init).flatten(1).norm(dim=1)  # (G,)
-    cosine = torch.nn.functional.cosine_similarity(vectors, init, dim=-1).mean(dim=1)  # (G,) mean over V
-    return {
-        "group": g,
-        "step": step,
-        "loss": float(class_loss.mean()),
-        "lr": lr,
-        "seconds": round(elapsed, 3),
-        "classes": names,
-        "class_loss": [round(float(x), 6) for x in class_loss],
-        "delta_norm": [round(float(x), 6) for x in delta],
-        "cosine": [round(float(x), 6) for x in cosine],
-    }
-
-
-def _matches(path: Path, key: dict[str, str]) -> bool:
-    """The group file exists, is intact, and was made from the same data."""
-    if not path.is_file():
-        return False
-    try:
-        _, meta = load_tensors(path, "group file")
-    except UserError:
-        return False  # damaged (it cannot be: writes are atomic) or foreign: train again
-    return all(meta.get(k) == v for k, v in key.items())
-
-
-def _save_checkpoint(path: Path, vectors, optimizer, generator, step: int, key: dict[str, str],
-                     scaler: LossScaler) -> None:
-    state = optimizer.state[vectors]
-    tensors = {  # without a state AdamW has not stepped yet (fp16 loss scaling skipped every step): its fresh state
-        "vectors": vectors.detach().cpu(),
-        "exp_avg": state["exp_avg"].cpu() if state else torch.zeros(vectors.shape),
-        "exp_avg_sq": state["exp_avg_sq"].cpu() if state else torch.zeros(vectors.shape),
-        "adam_step": torch.as_tensor(state.get("step", 0.0)).reshape(1).float().cpu(),
-        "rng_state": generator.get_state(),
-        "loss_scaler": scaler.state(),  # (scale, good steps, skipped steps): fp16 resumes bit for bit
-    }
-    save_tensors(path, tensors, {"step": str(step)} | key)
-
-
-def _load_checkpoint(path: Path, vectors, optimizer, generator, scaler: LossScaler) -> int:
-    tensors, meta = load_tensors(path, "checkpoint")
-    with torch.no_grad():
-        vectors.copy_(tensors["vectors"].to(vectors.device))
-    optimizer.state[vectors] = {
-        "step": tensors["adam_step"].reshape(()).clone(),
-        "exp_avg": tensors["exp_avg"].to(vectors.device).clone(),
-        "exp_avg_sq": tensors["exp_avg_sq"].to(vectors.device).clone(),
-    }
-    generator.set_state(tensors["rng_state"])
-    if "loss_scaler" in tensors:
-        scaler.load_state(tensors["loss_scaler"])
-    return int(meta["step"])
