@@ -39,8 +39,12 @@ OUT_JSON = common.RESULTS_DIR / "generator_coverage.json"
 TEACHER = "resnet20:{shared}/weights/cifar10_resnet20.safetensors"
 
 
-def draw(model: Path, folder: Path, per_class: int, guidance: float, steps: int, device: str) -> Path:
-    """`per_class` class-prompt images per class as `folder/<class>/<i>.png` (skipped when all are there)."""
+def draw(model: Path, folder: Path, per_class: int, guidance: float, steps: int, device: str,
+         describe: bool = False) -> Path:  # fmt: skip
+    """`per_class` class-prompt images per class as `folder/<class>/<i>.png` (skipped when all are there); with
+    `describe`, each image's prompt gets words drawn from its seed (`--describe random`)."""
+    from promptset.backends.diversity import Diversity
+
     from promptset.backends import create_backend
     from promptset.backends.sampling import TextConditioner, class_prompts, generate_batch, jobs_for
     from promptset.data import to_pil
@@ -50,12 +54,13 @@ def draw(model: Path, folder: Path, per_class: int, guidance: float, steps: int,
     if all(len(list((folder / c).glob("*.png"))) == per_class for c in folders):
         return folder
     backend = create_backend("mini", str(model), device=device)
-    cond = TextConditioner(backend, class_prompts(words))
+    cond = TextConditioner(backend, class_prompts(words), names=words)
+    diversity = Diversity(described=True) if describe else None
     uncond = backend.encode_prompts([""])
     for c, name in enumerate(folders):
         jobs = jobs_for([c], per_class, 0, stage="generator-coverage")
         patches = generate_batch(backend, cond, jobs, steps=steps, guidance=guidance, factor=1, image_size=32,
-                                 uncond=uncond)  # fmt: skip  (n, 1, 3, 32, 32)
+                                 uncond=uncond, diversity=diversity)  # fmt: skip  (n, 1, 3, 32, 32)
         for j, image in zip(jobs, patches[:, 0]):
             save_image(folder / name / f"{j.index:05d}.png", to_pil(image))
     return folder
@@ -69,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="folder holding data/ and weights/")  # fmt: skip
     ap.add_argument("--guidance", default="3,5", help="guidance scales, comma-separated")
     ap.add_argument("--per-class", type=int, default=50, help="images per class")
+    ap.add_argument("--describe", default="off", help="off, random or both (comma-separated): class-name prompts "
+                    "as they are, and/or with words drawn from each image's seed (`--describe random`)")
     ap.add_argument("--steps", type=int, default=10, help="DDIM steps (the world's)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--report-only", action="store_true", help="rewrite the .md from the JSON")
@@ -83,16 +90,19 @@ def main(argv: list[str] | None = None) -> int:
             name, _, folder = spec.partition("=")
             model = Path(folder).resolve()
             record = json.loads((model / "pretrain.json").read_text())
-            for g in (float(x) for x in args.guidance.split(",")):
-                key = f"{name}-g{g:g}-n{args.per_class}"
+            for g, describe in ((float(x), d.strip()) for x in args.guidance.split(",")
+                                for d in args.describe.split(",")):
+                key = f"{name}-g{g:g}-n{args.per_class}" + ("-desc" if describe == "random" else "")
                 root = cache / "generator_coverage" / key
-                images = draw(model, root / "images", args.per_class, g, args.steps, args.device)
+                images = draw(model, root / "images", args.per_class, g, args.steps, args.device,
+                              describe == "random")  # fmt: skip
                 out = root / "coverage.json"
                 cov = json.loads(out.read_text()) if out.is_file() else promptset.coverage(
                     images=str(images), real=str(test), teacher=teacher, per_class=args.per_class, out=str(out),
                     progress=False)  # fmt: skip
                 result["rows"][key] = {
                     "generator": name, "model_hash": record["model_hash"], "guidance": g, "steps": args.steps,
+                    "describe": describe == "random",
                     "per_class": args.per_class, "images": cov["overall"]["set"], "reference": cov["overall"]["reference"],
                     "teacher_top1_pretrain": (record.get("quality") or {}).get("accuracy"),
                     "coverage_json": str(out),
@@ -107,12 +117,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| generator | guidance | images/class | teacher top-1 (pretrain, g3) | top-1 on these | precision | recall "
-             "| density | coverage | real set's coverage |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| generator | guidance | prompt | images/class | teacher top-1 (pretrain, g3) | top-1 on these | precision | recall "
+             "| density | coverage | real set's coverage |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"].values():
         s, ref = r["images"], r["reference"]
         t = r.get("teacher_top1_pretrain")
-        lines.append(f"| {r['generator']} | {r['guidance']:g} | {r['per_class']} | "
+        prompt = "class name + random words" if r.get("describe") else "class name"
+        lines.append(f"| {r['generator']} | {r['guidance']:g} | {prompt} | {r['per_class']} | "
                      f"{'-' if t is None else f'{100 * t:.1f}%'} | {100 * s['teacher_top1']:.1f}% | "
                      f"{s['precision']:.3f} | {s['recall']:.3f} | {s['density']:.3f} | {s['coverage']:.3f} | "
                      f"{ref['coverage']:.3f} |")  # fmt: skip
