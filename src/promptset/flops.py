@@ -72,10 +72,6 @@ def train_step_flops(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, int]
 def measure_rate(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 1.0) -> float:
     """FLOP/s this device reaches on a square matmul and a 3x3 convolution, half the time each (after a warm-up):
     the rate a network of such layers runs at, at best."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     n = 1024 if device.type == "cpu" else 8192
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -85,16 +81,7 @@ def measure_rate(device: torch.device, dtype: torch.dtype = torch.float32, secon
     total_flops, total_time = 0.0, 0.0
     with torch.no_grad():
         for fn, flops in jobs:
-            fn()
-            sync()
-            start, reps = time.perf_counter(), 0
-            while True:
-                fn()
-                reps += 1
-                sync()
-                elapsed = time.perf_counter() - start
-                if elapsed > seconds / 2 or reps >= 200:
-                    break
+            elapsed, reps = _repeat(fn, device, seconds / 2, 200)
             total_flops += reps * flops
             total_time += elapsed
     return total_flops / total_time
@@ -102,6 +89,13 @@ def measure_rate(device: torch.device, dtype: torch.dtype = torch.float32, secon
 
 def timed(fn: Callable[[], object], device: torch.device, budget: float = 1.0, most: int = 20) -> float:
     """Seconds per call of `fn` on `device`: one warm-up call, then calls until `budget` seconds (at most `most`)."""
+    elapsed, reps = _repeat(fn, device, budget, most)
+    return elapsed / reps
+
+
+def _repeat(fn: Callable[[], object], device: torch.device, budget: float, most: int) -> tuple[float, int]:
+    """(seconds, calls): one untimed warm-up call of `fn`, then calls until more than `budget` seconds have passed
+    or `most` calls were made; on CUDA every call is waited for."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -115,4 +109,4 @@ def timed(fn: Callable[[], object], device: torch.device, budget: float = 1.0, m
         sync()
         elapsed = time.perf_counter() - start
         if elapsed > budget or reps >= most:
-            return elapsed / reps
+            return elapsed, reps
