@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cli_common  # noqa: E402
 import common  # noqa: E402
 
 
@@ -63,8 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--json", default="", help="write all figures here")
     p.add_argument("--model", default="", help="an existing diffusers SD folder (default: build the random sd15 one)")
     p.add_argument("--batch-size", type=int, default=1, help="samples in the inversion step")
-    p.add_argument("--gen-steps", type=int, default=25, help="DDIM steps of the generated images")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance of the generated images")
+    cli_common.add_sampling_flags(p)
     p.add_argument("--threads", type=int, default=1, help="torch threads in every child (OMP_NUM_THREADS)")
     p.add_argument("--work", default="", help="scratch folder (default: a temporary one, deleted afterwards)")
     args = p.parse_args(argv)

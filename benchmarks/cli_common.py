@@ -1,5 +1,6 @@
 """What `bench_invert.py`, `bench_generate.py` and `bench_student.py` share: their common flags, the start of a run
-(threads, machine, the model folder) and the JSON payload they write.
+(threads, machine, the model folder) and the JSON payload they write; and the sampling flags of every speed
+benchmark that generates images (those three but invert, and `bench_sd15_cpu.py`).
 
 Each script adds its own flags after `add_common_flags` and calls `finish_common` after parsing; the payload keeps
 the keys every BENCHMARKS.md section reads (`benchmark`, `speedup`, `speedup_definition`, `machine`, `settings`,
@@ -36,6 +37,12 @@ def add_common_flags(p, *, quick: str, what: str = "model", device: str = "", dt
                    "model's native)")  # fmt: skip
     p.add_argument("--threads", type=int, default=0, help=threads or "torch threads (0: torch's default)")
     p.add_argument("--work", default="", help=work or "scratch folder for the model (default: temporary)")
+
+
+def add_sampling_flags(p, *, steps_flag: str = "--gen-steps") -> None:
+    """The generated images' DDIM steps (`steps_flag`, default 25, promptset's default) and `--guidance` (7.5)."""
+    p.add_argument(steps_flag, type=int, default=25, help="DDIM steps of the generated images")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance of the generated images")
 
 
 def finish_common(p, args, *, half_on_cpu: bool = False) -> bool:
