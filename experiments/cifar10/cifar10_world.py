@@ -287,7 +287,6 @@ def main(argv: list[str] | None = None) -> int:
     timer = common.Timer(root / "walltimes.json")
     t_start = time.time()
 
-    from promptset.stages.evaluate import evaluate
     from promptset.stages.report import report
 
     pre = generator_record(model)
@@ -398,18 +397,15 @@ def main(argv: list[str] | None = None) -> int:
     def run_eval(protocol, ipc, n_epochs, regen, methods) -> None:
         seeds = p["full_seeds"] if methods == ["full"] else p["seeds"]
         todo = [m for m in methods if not have(m, protocol, ipc, regen, n_epochs, seeds)]
-        what = f"{protocol} IPC {'all' if ipc is None else ipc}: {', '.join(methods)}, regen_every {regen or 'fixed'}"
-        if not todo:
-            log(f"evaluate {what}: already in results.json, skipped")
-            return
-        log(f"evaluate {what} ({', '.join(todo)} to do), {n_epochs} epochs x {seeds} seeds")
-        t = time.time()
-        evaluate(
-            run=str(run), test=str(test), method=",".join(todo), protocol=protocol, student=STUDENT,
+        what = (f"evaluate {protocol} IPC {'all' if ipc is None else ipc}: {', '.join(methods)}, regen_every "
+                f"{regen or 'fixed'}, {n_epochs} epochs x {seeds} seeds")
+        seconds = common.evaluate_missing(
+            what, todo, "cifar10_world", run=str(run), test=str(test), protocol=protocol, student=STUDENT,
             ipc=ipc or max(ipcs), epochs=n_epochs, seeds=seeds, regen_every=regen,
-            eval_every=p["eval_every"] or n_epochs, device=args.device, report=False, progress=progress,
+            eval_every=p["eval_every"] or n_epochs, device=args.device, progress=progress,
         )  # fmt: skip
-        timer.add(f"evaluate_{protocol}", time.time() - t)
+        if seconds is not None:
+            timer.add(f"evaluate_{protocol}", seconds)
 
     for item in plan:
         if item != "equal-bytes":
