@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import cli_common
 from common import build_model, machine, make_image_folder, max_rss_mb, quiet_env, quiet_libraries, table, write_json
 
 STAGES = ("select", "invert", "generate", "evaluate")
@@ -27,15 +28,14 @@ STAGES = ("select", "invert", "generate", "evaluate")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="CPU smoke settings (the defaults below; a few minutes)")
+    cli_common.add_run_flags(p, quick="CPU smoke settings (the defaults below; a few minutes)",
+                             model="an existing diffusers folder (default: build the tiny SD)",
+                             threads="torch threads per process (0: torch's default)", work=None)  # fmt: skip
     p.add_argument("--classes", default="100,1000", help="comma-separated class counts")
     p.add_argument("--images", type=int, default=2, help="real training images per class")
     p.add_argument("--ipc", type=int, default=2, help="generated images per class")
     p.add_argument("--steps", type=int, default=2, help="inversion steps per class group (and denoising steps)")
     p.add_argument("--batch-size", type=int, default=8, help="inversion batch (= classes per group)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
-    p.add_argument("--model", default="", help="an existing diffusers folder (default: build the tiny SD)")
-    p.add_argument("--json", default="", help="write the results here")
     p.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)  # one class count, in this process
     p.add_argument("--root", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)

@@ -28,6 +28,7 @@ import time
 T_START = time.perf_counter()
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -45,6 +46,18 @@ import cli_common  # noqa: E402
 import common  # noqa: E402
 
 TEMPLATE = "a photo of {token}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """What both methods distill, and where they write: the model folder, the ImageFolder of the classes, the class
+    folder names, the training resolution (0: the model's native) and the scratch folder."""
+
+    model: str
+    data: Path
+    names: list[str]
+    resolution: int
+    work: Path
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,7 +158,7 @@ def baseline_step_fn(model: str, data: Path, name: str, args, dtype: str, resolu
     return step, next_batch
 
 
-def interleaved_steps(args, model: str, data: Path, dtype: str, names: list[str], resolution: int) -> dict:
+def interleaved_steps(args, inputs: Inputs, dtype: str) -> dict:
     """Steady seconds per step of both methods, timed in blocks that alternate between them; FLOPs of one step."""
     import gc
 
@@ -154,6 +167,7 @@ def interleaved_steps(args, model: str, data: Path, dtype: str, names: list[str]
     from promptset.backends import create_backend
 
     device = torch.device(args.device)
+    model, data, names, resolution = inputs.model, inputs.data, inputs.names, inputs.resolution
     backend = create_backend("sd", model, device=args.device, dtype=dtype)
     g = args.classes_per_batch
     steps = {"promptset": ours_step_fn(backend, g, args.batch_size // g, names, resolution, args.lr)}
@@ -230,30 +244,20 @@ def parse_args(argv=None):
     return args
 
 
-def run_ours(
-    args,
-    model: str,
-    data: Path,
-    work: Path,
-    dtype: str,
-    names: list[str],
-    resolution: int,
-    backend: str = "sd",
-    gradient_checkpointing: bool = False,
-) -> dict:
-    g = args.classes_per_batch
+def run_ours(args, inputs: Inputs, dtype: str, backend: str = "sd", gradient_checkpointing: bool = False) -> dict:
+    g, work = args.classes_per_batch, inputs.work
     tag = f"ours-{backend}-{dtype}{'-gc' if gradient_checkpointing else ''}"
     invert_cfg = {
         "out": str(work / tag),
         "backend": backend,
-        "model": model,
-        "data": str(data),
+        "model": inputs.model,
+        "data": str(inputs.data),
         "steps": args.steps * g,
         "batch_size": args.batch_size,
         "classes_per_batch": g,
         "lr": args.lr,
-        "resolution": resolution,
-        "initializers": ",".join(names),
+        "resolution": inputs.resolution,
+        "initializers": ",".join(inputs.names),
         "device": args.device,
         "dtype": dtype,
         "log_every": args.warmup,
@@ -300,19 +304,11 @@ def run_ours(
     }
 
 
-def run_baseline(
-    args,
-    model: str,
-    data: Path,
-    work: Path,
-    dtype: str,
-    names: list[str],
-    resolution: int,
-    gradient_checkpointing: bool = False,
-) -> dict:
+def run_baseline(args, inputs: Inputs, dtype: str, gradient_checkpointing: bool = False) -> dict:
     tag = f"baseline-{dtype}{'-gc' if gradient_checkpointing else ''}"
+    model, data, work, resolution = inputs.model, inputs.data, inputs.work, inputs.resolution
     per_class, wall = [], 0.0
-    for name in names:
+    for name in inputs.names:
         result = work / f"{tag}-{name}.json"
         cmd = [
             sys.executable,
@@ -402,6 +398,7 @@ def main(argv=None) -> dict:
         resolution = args.resolution or native
         names = common.cifar_names(args.classes)
         data = common.make_image_folder(work / "data", names, args.images_per_class, resolution)
+        inputs = Inputs(model, data, names, resolution, work)
         settings = {
             **cli_common.model_settings(args, model),
             "device": args.device,
@@ -435,9 +432,9 @@ def main(argv=None) -> dict:
         variants = [False, True] if gc_supported and gpu else [False]
         for dtype in args.dtypes:
             for gc in variants:
-                ours = run_ours(args, model, data, work, dtype, names, resolution, gradient_checkpointing=gc)
-                base = run_baseline(args, model, data, work, dtype, names, resolution, gradient_checkpointing=gc)
-                inter = None if gc else interleaved_steps(args, model, data, dtype, names, resolution)
+                ours = run_ours(args, inputs, dtype, gradient_checkpointing=gc)
+                base = run_baseline(args, inputs, dtype, gradient_checkpointing=gc)
+                inter = None if gc else interleaved_steps(args, inputs, dtype)
                 for row in (ours, base):
                     row["batch_size"] = args.batch_size
                     finish_row(row, info["device_name"], inter)
@@ -453,8 +450,8 @@ def main(argv=None) -> dict:
             if find_spec("promptset.backends.mini") is None:
                 notes.append("mini: skipped, promptset.backends.mini does not exist")
             else:
-                mini_dtype = args.dtypes[0]
-                row = run_ours(args, args.mini_model, data, work, mini_dtype, names, 0, "mini")
+                mini = dataclasses.replace(inputs, model=args.mini_model, resolution=0)
+                row = run_ours(args, mini, args.dtypes[0], "mini")
                 row["batch_size"] = args.batch_size
                 rows.append(finish_row(row, info["device_name"]))
         else:

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cli_common  # noqa: E402
 import common  # noqa: E402
 
 
@@ -59,14 +60,12 @@ def run_child(cmd: list[str], env: dict, log: Path) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="the tiny shape instead of sd15 (a smoke run, seconds)")
-    p.add_argument("--json", default="", help="write all figures here")
-    p.add_argument("--model", default="", help="an existing diffusers SD folder (default: build the random sd15 one)")
+    cli_common.add_run_flags(p, quick="the tiny shape instead of sd15 (a smoke run, seconds)",
+                             model="an existing diffusers SD folder (default: build the random sd15 one)",
+                             threads="torch threads in every child (OMP_NUM_THREADS)", threads_default=1,
+                             work="scratch folder (default: a temporary one, deleted afterwards)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=1, help="samples in the inversion step")
-    p.add_argument("--gen-steps", type=int, default=25, help="DDIM steps of the generated images")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance of the generated images")
-    p.add_argument("--threads", type=int, default=1, help="torch threads in every child (OMP_NUM_THREADS)")
-    p.add_argument("--work", default="", help="scratch folder (default: a temporary one, deleted afterwards)")
+    cli_common.add_sampling_flags(p)
     args = p.parse_args(argv)
     if args.gen_steps < 2:
         p.error("--gen-steps must be at least 2 (a one-step run is measured besides it)")

@@ -53,8 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="student batch size")
     p.add_argument("--student", default="convnet3", help="student network")
     p.add_argument("--image-size", type=int, default=32, help="student input side (generated images are resized)")
-    p.add_argument("--gen-steps", type=int, default=25, help="DDIM steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance")
+    cli_common.add_sampling_flags(p)
     p.add_argument("--gen-batch-size", type=int, default=32, help="images per progress step (evaluate's default)")
     p.add_argument(
         "--sampler-batch", type=int, default=8, help="images per UNet call, both generators (evaluate's default)"

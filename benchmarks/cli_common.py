@@ -1,7 +1,9 @@
 """What `bench_invert.py`, `bench_generate.py` and `bench_student.py` share: their common flags, the start of a run
-(threads, machine, the model folder) and the JSON payload they write.
+(threads, machine, the model folder) and the JSON payload they write; and the sampling flags of every speed
+benchmark that generates images (those three but invert, and `bench_sd15_cpu.py`).
 
-Each script adds its own flags after `add_common_flags` and calls `finish_common` after parsing; the payload keeps
+Each script adds its own flags after `add_common_flags` (or `add_run_flags` alone, for `bench_classes.py` and
+`bench_sd15_cpu.py`) and calls `finish_common` after parsing; the payload keeps
 the keys every BENCHMARKS.md section reads (`benchmark`, `speedup`, `speedup_definition`, `machine`, `settings`,
 `rows`, `total_benchmark_s`) in that order, with a script's extra keys where it puts them.
 """
@@ -20,22 +22,38 @@ import torch
 RANDOM_MODEL = "random-weight SD-shaped model from promptset.backends.tiny.build_sd"
 
 
-def add_common_flags(p, *, quick: str, what: str = "model", device: str = "", dtype: str = "", resolution: str = "",
-                     threads: str = "", work: str = "") -> None:  # fmt: skip
-    """--quick, --json, --device, --size, --model, --dtype, --resolution, --threads, --work; the help texts that
-    differ between the scripts are passed in (`what` names the built model: "model" or "generator")."""
+def add_run_flags(p, *, quick: str, model: str = "", threads: str = "", threads_default: int = 0,
+                  work: str | None = "") -> None:  # fmt: skip
+    """--quick, --json, --model, --threads and (unless `work` is None) --work: the flags every speed benchmark takes;
+    the help texts that differ between the scripts are passed in."""
     p.add_argument("--quick", action="store_true", help=quick)
     p.add_argument("--json", default="", help="write all figures here")
+    p.add_argument("--model", default="", help=model or "existing diffusers SD folder instead of building one")
+    p.add_argument(
+        "--threads", type=int, default=threads_default, help=threads or "torch threads (0: torch's default)"
+    )
+    if work is not None:
+        p.add_argument("--work", default="", help=work or "scratch folder for the model (default: temporary)")
+
+
+def add_common_flags(p, *, quick: str, what: str = "model", device: str = "", dtype: str = "", resolution: str = "",
+                     threads: str = "", work: str = "") -> None:  # fmt: skip
+    """`add_run_flags`, then --device, --size, --dtype, --resolution; the help texts that differ between the scripts
+    are passed in (`what` names the built model: "model" or "generator")."""
+    add_run_flags(p, quick=quick, threads=threads, work=work)
     p.add_argument("--device", default="cpu", help=device or "cpu or cuda[:i]; cuda defaults to an SD-1.5-shaped "
                    "model at 512 px")  # fmt: skip
     p.add_argument("--size", default="", choices=["", "tiny", "sd15"],
                    help=f"{what} shape (default: tiny on CPU, sd15 on GPU)")  # fmt: skip
-    p.add_argument("--model", default="", help="existing diffusers SD folder instead of building one")
     p.add_argument("--dtype", default="", help=dtype or "comma-separated dtypes (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--resolution", type=int, default=0, help=resolution or "image side in pixels (default: the "
                    "model's native)")  # fmt: skip
-    p.add_argument("--threads", type=int, default=0, help=threads or "torch threads (0: torch's default)")
-    p.add_argument("--work", default="", help=work or "scratch folder for the model (default: temporary)")
+
+
+def add_sampling_flags(p, *, steps_flag: str = "--gen-steps") -> None:
+    """The generated images' DDIM steps (`steps_flag`, default 25, promptset's default) and `--guidance` (7.5)."""
+    p.add_argument(steps_flag, type=int, default=25, help="DDIM steps of the generated images")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance of the generated images")
 
 
 def finish_common(p, args, *, half_on_cpu: bool = False) -> bool:

@@ -14,13 +14,9 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from safetensors.torch import save_file
 
 import promptset
 from promptset.artifacts import PromptSet, load_tensors
@@ -31,10 +27,9 @@ from promptset.backends.sampling import Job, PromptConditioner, TextConditioner,
 from promptset.backends.selection import candidate_seed
 from promptset.cli import main
 from promptset.errors import UserError
-from promptset.models import create_student
 from promptset.seeding import derive_seed
 
-CLASSES = ("car", "cat", "dog")
+CLASSES = ("car", "cat", "dog")  # conftest's RAW_CLASSES and RAW_SIZE: the raw_run fixture's data
 DATA_SIZE = 8
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -235,29 +230,7 @@ def test_job_shares_keep_classes_whole_for_diverse_selection():
 # through the stages
 
 
-def _raw_folder(root: Path, per_class: int = 2) -> Path:
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            base = np.array([(60 + 90 * c) % 256, (200 - 70 * c) % 256, (30 + 110 * c) % 256])
-            pixels = np.clip(base + rng.integers(-30, 30, (DATA_SIZE, DATA_SIZE, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i:03d}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_sd) -> SimpleNamespace:
-    """invert on raw 8 px folders at the model's 16 px; a random CIFAR ResNet-20 as the teacher."""
-    root = tmp_path_factory.mktemp("diversity")
-    data = _raw_folder(root / "data")
-    run = root / "run"
-    promptset.invert(out=str(run), backend="sd", model=str(tiny_sd), data=str(data), steps=2, batch_size=3,
-                     device="cpu", progress=False)
-    torch.manual_seed(0)
-    save_file(create_student("resnet20", len(CLASSES), 32).state_dict(), str(root / "resnet20.safetensors"))
-    teacher = f"resnet20:{root / 'resnet20.safetensors'}"
-    return SimpleNamespace(root=root, data=data, run=run, sd=tiny_sd, teacher=teacher)
+# the run: conftest's `raw_run` (invert on raw 8 px folders at the model's 16 px; a random CIFAR ResNet-20 teacher)
 
 
 def _set(out: Path) -> tuple[list[list[int]], dict[str, bytes]]:
@@ -266,8 +239,8 @@ def _set(out: Path) -> tuple[list[list[int]], dict[str, bytes]]:
     return seeds, {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted((out / "generated").rglob("*.png"))}
 
 
-def test_diverse_selection_sets_are_prefixes_of_larger_ones_and_resume_from_their_files(world, tmp_path):
-    kw = dict(run=str(world.run), steps=2, teacher=world.teacher, candidates=4, device="cpu", progress=False)
+def test_diverse_selection_sets_are_prefixes_of_larger_ones_and_resume_from_their_files(raw_run, tmp_path):
+    kw = dict(run=str(raw_run.run), steps=2, teacher=raw_run.teacher, candidates=4, device="cpu", progress=False)
     promptset.generate(out=str(tmp_path / "three"), ipc=3, selection="diverse", **kw)
     promptset.generate(out=str(tmp_path / "six"), ipc=6, selection="diverse", **kw)
     promptset.generate(out=str(tmp_path / "typical"), ipc=6, **kw)
@@ -291,20 +264,20 @@ def test_diverse_selection_sets_are_prefixes_of_larger_ones_and_resume_from_thei
 
 @pytest.mark.parametrize("flags", [{"guidance_interval": "0.2,0.7"}, {"cads": "0.6,0.9"},
                                    {"candidates": 3, "selection": "diverse:2", "cads": "0.3,0.9,0.5,0.5"}])
-def test_pack_then_materialize_reproduces_the_images_of_each_option(world, tmp_path, flags):
+def test_pack_then_materialize_reproduces_the_images_of_each_option(raw_run, tmp_path, flags):
     out = tmp_path / "gen"
-    promptset.generate(run=str(world.run), out=str(out), ipc=2, steps=3, teacher=world.teacher, guidance=5.0,
+    promptset.generate(run=str(raw_run.run), out=str(out), ipc=2, steps=3, teacher=raw_run.teacher, guidance=5.0,
                        device="cpu", progress=False, **{"candidates": 1, **flags})
     plain = tmp_path / "plain"
-    promptset.generate(run=str(world.run), out=str(plain), ipc=2, steps=3, candidates=1, guidance=5.0,
+    promptset.generate(run=str(raw_run.run), out=str(plain), ipc=2, steps=3, candidates=1, guidance=5.0,
                        device="cpu", progress=False)
     assert _set(out)[1] != _set(plain)[1]  # the option changed the images
-    shutil.copytree(world.run, tmp_path / "run")  # pack reads generate's set from the run folder
+    shutil.copytree(raw_run.run, tmp_path / "run")  # pack reads generate's set from the run folder
     for name in ("generated", "labels.safetensors"):
         (shutil.copytree if (out / name).is_dir() else shutil.copy)(out / name, tmp_path / "run" / name)
     packed = tmp_path / "set.safetensors"
     promptset.pack(run=str(tmp_path / "run"), out=str(packed))
-    report = promptset.materialize(file=str(packed), model=str(world.sd), out=str(tmp_path / "data"), device="cpu",
+    report = promptset.materialize(file=str(packed), model=str(raw_run.sd), out=str(tmp_path / "data"), device="cpu",
                                    progress=False)
     assert report["rounds"][0]["equal"]
     for f, data in _set(out)[1].items():  # the PNGs themselves, byte for byte
@@ -312,12 +285,12 @@ def test_pack_then_materialize_reproduces_the_images_of_each_option(world, tmp_p
         assert (tmp_path / "data" / "round00" / "images" / cls / name).read_bytes() == data
 
 
-def test_evaluate_fresh_rounds_take_the_options_grow_from_the_round_cache_and_materialize(world, tmp_path):
+def test_evaluate_fresh_rounds_take_the_options_grow_from_the_round_cache_and_materialize(raw_run, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(world.run, run)
-    ev = dict(test=str(world.data), student="convnet_tiny", epochs=2, seeds=1, regen_every=1, gen_steps=2,
+    shutil.copytree(raw_run.run, run)
+    ev = dict(test=str(raw_run.data), student="convnet_tiny", epochs=2, seeds=1, regen_every=1, gen_steps=2,
               protocol="p2", candidates=3, selection="diverse", cads="0.6,0.9", guidance_interval="0.2,0.8",
-              teacher=world.teacher, device="cpu", progress=False, report=False)
+              teacher=raw_run.teacher, device="cpu", progress=False, report=False)
     (key, entry), = promptset.evaluate(run=str(run), ipc=1, **ev)["entries"].items()
     assert key.endswith("/best-of-3/gi0.2-0.8/cads0.6-0.9-0.25-1/diverse0.1/mixed")
     assert entry["variant"] == "best of 3, guidance interval 0.2,0.8, CADS 0.6,0.9,0.25,1, diverse:0.1, rounds mixed"
@@ -327,24 +300,24 @@ def test_evaluate_fresh_rounds_take_the_options_grow_from_the_round_cache_and_ma
     grown = promptset.evaluate(run=str(run), ipc=2, **ev)["entries"][key]
     assert grown["distilled"]["round_cache"] == {"generated": 6, "reused": 6}
     fresh = tmp_path / "fresh"
-    shutil.copytree(world.run, fresh)
+    shutil.copytree(raw_run.run, fresh)
     (_, made), = promptset.evaluate(run=str(fresh), ipc=2, round_cache=False, **ev)["entries"].items()
     seeds = [load_tensors(r / e["distilled"]["labels_file"])[0]["seeds"] for r, e in ((run, grown), (fresh, made))]
     assert torch.equal(*seeds)
     packed = tmp_path / "set.safetensors"
     promptset.pack(run=str(run), out=str(packed), entry=key)
-    report = promptset.materialize(file=str(packed), model=str(world.sd), out=str(tmp_path / "data"), device="cpu",
+    report = promptset.materialize(file=str(packed), model=str(raw_run.sd), out=str(tmp_path / "data"), device="cpu",
                                    progress=False)
     assert [r["equal"] for r in report["rounds"]] == [True, True]
 
 
-def test_evaluate_follows_generates_options_unless_told_otherwise(world, tmp_path):
+def test_evaluate_follows_generates_options_unless_told_otherwise(raw_run, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(world.run, run)
-    promptset.generate(run=str(run), ipc=1, steps=2, teacher=world.teacher, candidates=2, selection="diverse",
+    shutil.copytree(raw_run.run, run)
+    promptset.generate(run=str(run), ipc=1, steps=2, teacher=raw_run.teacher, candidates=2, selection="diverse",
                        cads="0.6,0.9", guidance_interval="0.2,0.8", device="cpu", progress=False)
-    ev = dict(test=str(world.data), student="convnet_tiny", epochs=1, seeds=1, ipc=1, gen_steps=2, protocol="p2",
-              regen_every=0, teacher=world.teacher, device="cpu", progress=False, report=False)
+    ev = dict(test=str(raw_run.data), student="convnet_tiny", epochs=1, seeds=1, ipc=1, gen_steps=2, protocol="p2",
+              regen_every=0, teacher=raw_run.teacher, device="cpu", progress=False, report=False)
     (key, entry), = promptset.evaluate(run=str(run), **ev)["entries"].items()
     assert key.endswith("/best-of-2/gi0.2-0.8/cads0.6-0.9-0.25-1/diverse0.1")
     assert entry["distilled"]["round0_reused_generated"]  # the same settings: generate's own images
@@ -363,27 +336,27 @@ def test_evaluate_follows_generates_options_unless_told_otherwise(world, tmp_pat
     (["--selection", "spread"], "--selection"),
     (["--selection", "diverse", "--candidates", "1"], "--selection"),
 ])  # fmt: skip
-def test_bad_values_exit_2_naming_the_flag_and_write_nothing(world, tmp_path, capsys, argv, flag):
+def test_bad_values_exit_2_naming_the_flag_and_write_nothing(raw_run, tmp_path, capsys, argv, flag):
     out = tmp_path / "gen"
-    code = main(["generate", "--run", str(world.run), "--out", str(out), "--ipc", "1", "--steps", "1", "--teacher",
-                 world.teacher, "--device", "cpu", "--no-progress", *argv])
+    code = main(["generate", "--run", str(raw_run.run), "--out", str(out), "--ipc", "1", "--steps", "1", "--teacher",
+                 raw_run.teacher, "--device", "cpu", "--no-progress", *argv])
     err = capsys.readouterr().err
     assert code == 2 and f"promptset generate: error: {flag}" in err and not out.exists()
     run = tmp_path / "run"
-    shutil.copytree(world.run, run)
-    code = main(["evaluate", "--run", str(run), "--test", str(world.data), "--ipc", "1", "--epochs", "1",
-                 "--protocol", "p2", "--teacher", world.teacher, "--device", "cpu", "--no-progress", *argv])
+    shutil.copytree(raw_run.run, run)
+    code = main(["evaluate", "--run", str(run), "--test", str(raw_run.data), "--ipc", "1", "--epochs", "1",
+                 "--protocol", "p2", "--teacher", raw_run.teacher, "--device", "cpu", "--no-progress", *argv])
     err = capsys.readouterr().err
     assert code == 2 and f"promptset evaluate: error: {flag}" in err and not (run / "eval").exists()
 
 
 @pytest.mark.slow
-def test_torchrun_diverse_selection_keeps_classes_whole_and_matches_one_process(world, tmp_path):
+def test_torchrun_diverse_selection_keeps_classes_whole_and_matches_one_process(raw_run, tmp_path):
     bin_dir = Path(sys.executable).parent
     env = dict(__import__("os").environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    args = ["generate", "--ipc", "3", "--steps", "2", "--teacher", world.teacher, "--candidates", "3", "--selection",
+    args = ["generate", "--ipc", "3", "--steps", "2", "--teacher", raw_run.teacher, "--candidates", "3", "--selection",
             "diverse", "--cads", "0.6,0.9", "--soft-labels", "--device", "cpu", "--no-progress", "--run-dir",
-            str(world.run)]
+            str(raw_run.run)]
     one = subprocess.run([sys.executable, "-m", "promptset", *args, "--out", str(tmp_path / "one")], env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -398,10 +371,10 @@ def test_torchrun_diverse_selection_keeps_classes_whole_and_matches_one_process(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and meta_a == meta_b
 
 
-def test_prompt_conditioner_images_follow_the_stored_seed_with_cads(world):
+def test_prompt_conditioner_images_follow_the_stored_seed_with_cads(raw_run):
     """A stored seed alone regenerates its image under CADS: the annealing noise comes from that seed."""
-    backend = create_backend("sd", str(world.sd), device="cpu")
-    conditioner = PromptConditioner(backend, PromptSet.load(world.run / "prompts.safetensors"))
+    backend = create_backend("sd", str(raw_run.sd), device="cpu")
+    conditioner = PromptConditioner(backend, PromptSet.load(raw_run.run / "prompts.safetensors"))
     kw = dict(steps=3, guidance=5.0, factor=1, image_size=DATA_SIZE, uncond=backend.encode_prompts([""]),
               micro_batch=4, diversity=Diversity(cads=Cads(0.2, 0.9)))
     jobs = [Job(c, i, 100 + 10 * c + i) for c in range(3) for i in range(2)]
@@ -437,20 +410,20 @@ def test_described_prompts_draw_words_from_the_seed_alone(tiny_sd):
         Diversity.from_settings({"describe": "pixel-words-99"})
 
 
-def test_described_generate_packs_materializes_and_evaluate_follows(world, tmp_path):
+def test_described_generate_packs_materializes_and_evaluate_follows(raw_run, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(world.run, run)
+    shutil.copytree(raw_run.run, run)
     promptset.generate(run=str(run), ipc=2, steps=3, candidates=1, guidance=5.0, describe="random", device="cpu",
-                       teacher=world.teacher, soft_labels=True, progress=False)
+                       teacher=raw_run.teacher, soft_labels=True, progress=False)
     settings = json.loads(load_tensors(run / "labels.safetensors")[1]["generation"])
     assert settings["describe"] == "pixel-words-1"
     packed = tmp_path / "set.safetensors"
     promptset.pack(run=str(run), out=str(packed))
-    report = promptset.materialize(file=str(packed), model=str(world.sd), out=str(tmp_path / "data"), device="cpu",
+    report = promptset.materialize(file=str(packed), model=str(raw_run.sd), out=str(tmp_path / "data"), device="cpu",
                                    progress=False)
     assert report["rounds"][0]["equal"]
-    ev = dict(test=str(world.data), student="convnet_tiny", epochs=1, seeds=1, ipc=2, gen_steps=3, protocol="p2",
-              regen_every=0, teacher=world.teacher, device="cpu", progress=False, report=False)
+    ev = dict(test=str(raw_run.data), student="convnet_tiny", epochs=1, seeds=1, ipc=2, gen_steps=3, protocol="p2",
+              regen_every=0, teacher=raw_run.teacher, device="cpu", progress=False, report=False)
     (key, entry), = promptset.evaluate(run=str(run), **ev)["entries"].items()
     assert key.endswith("/described") and entry["distilled"]["round0_reused_generated"]
     entries = promptset.evaluate(run=str(run), describe="off", **ev)["entries"]

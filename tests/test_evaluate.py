@@ -15,8 +15,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
+from helpers import fit_full_batch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -79,12 +79,7 @@ def _train_teacher(train: Path, path: Path, num_classes: int = 3) -> str:
     y = torch.arange(index.num_classes).repeat_interleave(len(x) // index.num_classes)
     torch.manual_seed(0)
     model = create_student("convnet_tiny", num_classes, SIZE)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(25):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit_full_batch(model, x, y, steps=25, lr=1e-2)
     save_file(model.state_dict(), str(path))
     return f"convnet_tiny:{path}"
 
@@ -109,6 +104,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     promptset.generate(run=str(run), ipc=IPC, steps=2, device="cpu", soft_labels=True, teacher=teacher,
                        candidates=1, progress=False)  # seed selection is tested in test_stored_set
     return SimpleNamespace(root=root, train=train, test=test, teacher=teacher, run=run)
+
+
+def _cfg(world, **kw) -> EvaluateConfig:
+    args = dict(run=str(world.run), test=str(world.test), student="convnet_tiny", epochs=1, ipc=IPC,
+                teacher=world.teacher, regen_every=0, device="cpu", progress=False)  # fmt: skip
+    return EvaluateConfig(**(args | kw))
 
 
 def _eval(world, **kw) -> dict:
@@ -198,17 +199,7 @@ def test_soft_labels_count_in_the_budget_once_per_round(world, variations):
 
 
 def test_round0_reuses_generate_outputs_exactly(world):
-    cfg = EvaluateConfig(
-        run=str(world.run),
-        test=str(world.test),
-        student="convnet_tiny",
-        epochs=1,
-        ipc=IPC,
-        teacher=world.teacher,
-        regen_every=0,
-        device="cpu",
-        progress=False,
-    )
+    cfg = _cfg(world)
     reused = build_generative(_context(cfg, ["d3m"]), "d3m")
     cfg.resolution = SIZE  # the resolution generate used, given explicitly: the same settings, still reused
     assert build_generative(_context(cfg, ["d3m"]), "d3m").info["round0_reused_generated"]
@@ -484,12 +475,6 @@ def test_cli_has_the_evaluate_and_report_flags():
         "--compile",
     } <= evaluate_flags
     assert {"--runs", "--out"} <= {s for a in sub["report"]._actions for s in a.option_strings}
-
-
-def _cfg(world, **kw) -> EvaluateConfig:
-    args = dict(run=str(world.run), test=str(world.test), student="convnet_tiny", epochs=1, ipc=IPC,
-                teacher=world.teacher, regen_every=0, device="cpu", progress=False)  # fmt: skip
-    return EvaluateConfig(**(args | kw))
 
 
 def test_round0_reuse_follows_generation_settings_not_file_times(world, tmp_path):

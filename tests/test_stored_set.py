@@ -11,9 +11,7 @@ import json
 import math
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,39 +27,16 @@ from promptset.errors import UserError
 from promptset.labelcodec import decode_soft_labels
 from promptset.models import create_student, load_teacher
 
-CLASSES = ("car", "cat", "dog")
+CLASSES = ("car", "cat", "dog")  # conftest's RAW_CLASSES and RAW_SIZE: the raw_run fixture's data
 DATA_SIZE = 8  # the raw images; the tiny model generates 16 px
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _raw_folder(root: Path, per_class: int = 2) -> Path:
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            base = np.array([(60 + 90 * c) % 256, (200 - 70 * c) % 256, (30 + 110 * c) % 256])
-            pixels = np.clip(base + rng.integers(-30, 30, (DATA_SIZE, DATA_SIZE, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i:03d}.png")
-    return root
 
 
 def _random_weights(arch: str, path: Path, size: int) -> Path:
     torch.manual_seed(0)
     save_file(create_student(arch, len(CLASSES), size).state_dict(), str(path))
     return path
-
-
-@pytest.fixture(scope="module")
-def raw_run(tmp_path_factory, tiny_sd) -> SimpleNamespace:
-    """invert on raw 8 px folders (no select) at the model's 16 px; a random CIFAR ResNet-20 as the teacher."""
-    root = tmp_path_factory.mktemp("stored")
-    data = _raw_folder(root / "data")
-    run = root / "run"
-    promptset.invert(out=str(run), backend="sd", model=str(tiny_sd), data=str(data), steps=2, batch_size=3,
-                     device="cpu", progress=False)
-    teacher = f"resnet20:{_random_weights('resnet20', root / 'resnet20.safetensors', 32)}"
-    return SimpleNamespace(root=root, data=data, run=run, sd=tiny_sd, teacher=teacher)
 
 
 def test_stored_images_keep_the_resolution_of_the_data_and_the_teacher_sees_its_own_size(raw_run):

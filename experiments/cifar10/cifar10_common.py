@@ -40,6 +40,20 @@ def log(msg: str, who: str = "cifar10") -> None:
     print(f"[{who} {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def evaluate_missing(what: str, todo: list[str], who: str, **kw) -> float | None:
+    """`promptset evaluate` (report off) of the methods in `todo`, the ones of a table row that results.json does not
+    hold yet, logged under `what`. The seconds it took, or None when nothing was left to do."""
+    from promptset.stages.evaluate import evaluate
+
+    if not todo:
+        log(f"{what}: already in results.json, skipped", who)
+        return None
+    log(f"{what}: evaluating {', '.join(todo)}", who)
+    t = time.time()
+    evaluate(method=",".join(todo), report=False, **kw)
+    return time.time() - t
+
+
 def outside_repo(path: str) -> Path:
     """`--cache` resolved, refused when it lies inside the repository."""
     cache = Path(path).expanduser().resolve()

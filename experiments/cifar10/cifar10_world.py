@@ -69,84 +69,37 @@ torch.set_flush_denormal(True)
 IPCS = (1, 10, 50)
 METHODS = ("d3m", "class-prompt", "rded", "random-real")  # per IPC; `full` once per protocol
 
-# Presets. `epochs` is per IPC; `rounds` lists the numbers of image rounds d3m / class-prompt are evaluated with
+# Presets, one column each: `smoke` (seconds; a check that every stage runs), `reduced` (about an hour), `cpu` (the
+# paper's student budget, 300 epochs, 3 seeds, the whole test split, at IPC 1 and 10, with distillation cut to what
+# 2 CPU cores do in a few hours: select/invert on the first 500 distilled images per class (no flips), 300 inversion
+# steps; IPC 50 last, at a cut budget of 60 epochs), `paper` (the paper's student budget at IPC 1 and 10; IPC 50 at a
+# stated smaller budget on CPU).
+# `epochs` is per IPC; `rounds` lists the numbers of image rounds d3m / class-prompt are evaluated with
 # (1 = a fixed set; R > 1 = fresh variations, regen_every = ceil(epochs / R), at the same step count);
 # `test_per_class` 0 = the whole official test split; `eval_every` 0 = test
 # only after the last epoch (then best = final).
-PRESETS = {
-    "smoke": dict(
-        distill_per_class=12,
-        invert_steps=5,
-        invert_batch=10,
-        invert_flip=False,
-        gen_steps=4,
-        guidance=3.0,
-        fidelity_per_class=2,
-        ipcs="1,10",
-        epochs="1:4,10:2,50:2",
-        full_epochs=1,
-        full_seeds=1,
-        rounds="1,2",
-        seeds=2,
-        test_per_class=20,
-        eval_every=0,
-    ),
-    "reduced": dict(
-        distill_per_class=300,
-        invert_steps=200,
-        invert_batch=20,
-        invert_flip=False,
-        gen_steps=10,
-        guidance=5.0,
-        fidelity_per_class=20,
-        ipcs="1,10",
-        epochs="1:300,10:300",
-        full_epochs=5,
-        full_seeds=1,
-        rounds="1,10",
-        seeds=1,
-        test_per_class=200,
-        eval_every=0,
-    ),
-    # The paper's student budget (300 epochs, 3 seeds, the whole test split) at IPC 1 and 10, with distillation cut
-    # to what 2 CPU cores do in a few hours: select/invert on the first 500 distilled images per class (no flips),
-    # 300 inversion steps; IPC 50 last, at a cut budget of 60 epochs.
-    "cpu": dict(
-        distill_per_class=500,
-        invert_steps=300,
-        invert_batch=20,
-        invert_flip=False,
-        gen_steps=10,
-        guidance=5.0,
-        fidelity_per_class=20,
-        ipcs="1,10,50",
-        epochs="1:300,10:300,50:300",
-        full_epochs=10,
-        full_seeds=1,
-        rounds="1,10",
-        seeds=3,
-        test_per_class=0,
-        eval_every=0,
-    ),
-    # The paper's student budget (300 epochs) at IPC 1 and 10; IPC 50 at a stated smaller budget on CPU.
-    "paper": dict(
-        distill_per_class=2500,
-        invert_steps=500,
-        invert_batch=20,
-        invert_flip=True,
-        gen_steps=10,
-        guidance=5.0,
-        fidelity_per_class=50,
-        ipcs="1,10,50",
-        epochs="1:300,10:300,50:60",
-        full_epochs=10,
-        full_seeds=1,
-        rounds="1,10",
-        seeds=3,
-        test_per_class=0,
-        eval_every=0,
-    ),
+PRESET_NAMES = ("smoke", "reduced", "cpu", "paper")
+# fmt: off
+_PRESET_TABLE = {
+    #                      smoke             reduced         cpu                    paper
+    "distill_per_class":  (12,               300,            500,                   2500),
+    "invert_steps":       (5,                200,            300,                   500),
+    "invert_batch":       (10,               20,             20,                    20),
+    "invert_flip":        (False,            False,          False,                 True),
+    "gen_steps":          (4,                10,             10,                    10),
+    "guidance":           (3.0,              5.0,            5.0,                   5.0),
+    "fidelity_per_class": (2,                20,             20,                    50),
+    "ipcs":               ("1,10",           "1,10",         "1,10,50",             "1,10,50"),
+    "epochs":             ("1:4,10:2,50:2",  "1:300,10:300", "1:300,10:300,50:300", "1:300,10:300,50:60"),
+    "full_epochs":        (1,                5,              10,                    10),
+    "full_seeds":         (1,                1,              1,                     1),
+    "rounds":             ("1,2",            "1,10",         "1,10",                "1,10"),
+    "seeds":              (2,                1,              3,                     3),
+    "test_per_class":     (20,               200,            0,                     0),
+    "eval_every":         (0,                0,              0,                     0),
 }
+# fmt: on
+PRESETS = {name: {key: row[i] for key, row in _PRESET_TABLE.items()} for i, name in enumerate(PRESET_NAMES)}
 
 # Rough CPU costs (2 shared cores), for the up-front estimate only.
 SEC_PER_STEP = 2.2  # base UNet training step at batch 64 on 8x8x32 latents, one thread of a busy pair (measured)
@@ -334,7 +287,6 @@ def main(argv: list[str] | None = None) -> int:
     timer = common.Timer(root / "walltimes.json")
     t_start = time.time()
 
-    from promptset.stages.evaluate import evaluate
     from promptset.stages.report import report
 
     pre = generator_record(model)
@@ -445,18 +397,15 @@ def main(argv: list[str] | None = None) -> int:
     def run_eval(protocol, ipc, n_epochs, regen, methods) -> None:
         seeds = p["full_seeds"] if methods == ["full"] else p["seeds"]
         todo = [m for m in methods if not have(m, protocol, ipc, regen, n_epochs, seeds)]
-        what = f"{protocol} IPC {'all' if ipc is None else ipc}: {', '.join(methods)}, regen_every {regen or 'fixed'}"
-        if not todo:
-            log(f"evaluate {what}: already in results.json, skipped")
-            return
-        log(f"evaluate {what} ({', '.join(todo)} to do), {n_epochs} epochs x {seeds} seeds")
-        t = time.time()
-        evaluate(
-            run=str(run), test=str(test), method=",".join(todo), protocol=protocol, student=STUDENT,
+        what = (f"evaluate {protocol} IPC {'all' if ipc is None else ipc}: {', '.join(methods)}, regen_every "
+                f"{regen or 'fixed'}, {n_epochs} epochs x {seeds} seeds")
+        seconds = common.evaluate_missing(
+            what, todo, "cifar10_world", run=str(run), test=str(test), protocol=protocol, student=STUDENT,
             ipc=ipc or max(ipcs), epochs=n_epochs, seeds=seeds, regen_every=regen,
-            eval_every=p["eval_every"] or n_epochs, device=args.device, report=False, progress=progress,
+            eval_every=p["eval_every"] or n_epochs, device=args.device, progress=progress,
         )  # fmt: skip
-        timer.add(f"evaluate_{protocol}", time.time() - t)
+        if seconds is not None:
+            timer.add(f"evaluate_{protocol}", seconds)
 
     for item in plan:
         if item != "equal-bytes":

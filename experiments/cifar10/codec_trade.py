@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
 
     from promptset.evaluation.results import entry_key, variant_key
-    from promptset.stages.evaluate import EvaluateConfig, evaluate
+    from promptset.stages.evaluate import EvaluateConfig
 
     root = common.world_root(cache, t["world"], model)
     if args.report_only and not (cache / "codec_trade" / root.name / "run" / "eval" / "results.json").is_file():
@@ -147,17 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         todo = [m for m, key in keys_of(row).items() if not done(key)
                 and (not args.methods or m in args.methods.split(","))]
         what = f"{row['protocol']} codec {row['codec']} G {row['candidates']}: {', '.join(row['methods'])}"
-        if not todo:
-            log(f"{what}: already in results.json, skipped")
-            continue
-        log(f"{what}: evaluating {', '.join(todo)}")
-        t0 = time.time()
-        evaluate(run=str(run), test=str(test), method=",".join(todo), protocol=row["protocol"], student=STUDENT,
-                 ipc=t["ipc"], epochs=t["epochs"], seeds=t["seeds"], regen_every=row["regen"],
-                 label_codec=row["codec"], candidates=row["candidates"], teacher=teacher,
-                 gen_steps=wp["gen_steps"], guidance=wp["guidance"], eval_every=wp["eval_every"] or t["epochs"],
-                 device=args.device, report=False, progress=progress)  # fmt: skip
-        timings[what] = round(time.time() - t0, 1)
+        seconds = common.evaluate_missing(
+            what, todo, "codec_trade", run=str(run), test=str(test), protocol=row["protocol"], student=STUDENT,
+            ipc=t["ipc"], epochs=t["epochs"], seeds=t["seeds"], regen_every=row["regen"], label_codec=row["codec"],
+            candidates=row["candidates"], teacher=teacher, gen_steps=wp["gen_steps"], guidance=wp["guidance"],
+            eval_every=wp["eval_every"] or t["epochs"], device=args.device, progress=progress,
+        )  # fmt: skip
+        if seconds is not None:
+            timings[what] = round(seconds, 1)
     # only the rows of this plan (a results.json may hold others: fresh rounds in the sequential order, say)
     planned = {k for row in plan_rows(t) for k in keys_of(row).values() if k and done(k)}
     write_results(args, t, wp, run, model, {k: e for k, e in existing().items() if k in planned}, timings,

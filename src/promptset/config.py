@@ -30,6 +30,14 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def require(cfg: Any, **why: str) -> None:
+    """Options a command cannot run without: the first of `why`'s names whose value in `cfg` is empty raises
+    `UserError("--name is required: <its why>")`, in the order given."""
+    for name, reason in why.items():
+        if not getattr(cfg, name):
+            raise UserError(f"{flag_name(name)} is required: {reason}")
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One `--flag` per dataclass field; flags not given stay unset so YAML values are not overridden."""
     hints = typing.get_type_hints(cls)

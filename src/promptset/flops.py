@@ -13,25 +13,26 @@ import torch
 
 from .errors import UserError
 
-# Dense (no structured sparsity) tensor-core peaks in TFLOP/s from the vendors' datasheets, per dtype; `auto` is what
-# `--dtype auto` runs a model in there (devices.auto_dtype), `fp32` students use TF32 where the GPU has it.
+# Dense (no structured sparsity) tensor-core peaks in TFLOP/s from the vendors' datasheets, per dtype (None: no such
+# tensor cores); `auto` is what `--dtype auto` runs a model in there (devices.auto_dtype), `fp32` students use TF32
+# where the GPU has it.
+_GPU_COLUMNS = ("name", "bf16", "fp16", "tf32", "fp32", "auto", "memory_gb")
+# fmt: off
+_GPU_TABLE = (
+    # key       name                       bf16   fp16   tf32   fp32  auto    memory_gb
+    ("h100",    "NVIDIA H100 SXM",         989.4, 989.4, 494.7, 66.9, "bf16", 80),
+    ("h200",    "NVIDIA H200 SXM",         989.4, 989.4, 494.7, 66.9, "bf16", 141),
+    ("a100",    "NVIDIA A100 SXM",         312.0, 312.0, 156.0, 19.5, "bf16", 80),
+    ("l40s",    "NVIDIA L40S",             362.1, 362.1, 183.0, 91.6, "bf16", 48),
+    ("l4",      "NVIDIA L4",               121.0, 121.0, 60.0,  30.3, "bf16", 24),
+    ("a10",     "NVIDIA A10",              125.0, 125.0, 62.5,  31.2, "bf16", 24),
+    ("rtx4090", "NVIDIA GeForce RTX 4090", 165.2, 165.2, 82.6,  82.6, "bf16", 24),
+    ("v100",    "NVIDIA V100 SXM2",        None,  125.0, None,  15.7, "fp16", 32),
+    ("t4",      "NVIDIA T4",               None,  65.0,  None,  8.1,  "fp16", 16),
+)
+# fmt: on
 GPU_PEAKS: dict[str, dict] = {
-    "h100": {"name": "NVIDIA H100 SXM", "bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9, "auto": "bf16",
-             "memory_gb": 80},
-    "h200": {"name": "NVIDIA H200 SXM", "bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9, "auto": "bf16",
-             "memory_gb": 141},
-    "a100": {"name": "NVIDIA A100 SXM", "bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5, "auto": "bf16",
-             "memory_gb": 80},
-    "l40s": {"name": "NVIDIA L40S", "bf16": 362.1, "fp16": 362.1, "tf32": 183.0, "fp32": 91.6, "auto": "bf16",
-             "memory_gb": 48},
-    "l4": {"name": "NVIDIA L4", "bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3, "auto": "bf16",
-           "memory_gb": 24},
-    "a10": {"name": "NVIDIA A10", "bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2, "auto": "bf16",
-             "memory_gb": 24},
-    "rtx4090": {"name": "NVIDIA GeForce RTX 4090", "bf16": 165.2, "fp16": 165.2, "tf32": 82.6, "fp32": 82.6,
-                "auto": "bf16", "memory_gb": 24},
-    "v100": {"name": "NVIDIA V100 SXM2", "fp16": 125.0, "fp32": 15.7, "auto": "fp16", "memory_gb": 32},
-    "t4": {"name": "NVIDIA T4", "fp16": 65.0, "fp32": 8.1, "auto": "fp16", "memory_gb": 16},
+    key: {col: v for col, v in zip(_GPU_COLUMNS, row) if v is not None} for key, *row in _GPU_TABLE
 }
 
 
@@ -72,10 +73,6 @@ def train_step_flops(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, int]
 def measure_rate(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 1.0) -> float:
     """FLOP/s this device reaches on a square matmul and a 3x3 convolution, half the time each (after a warm-up):
     the rate a network of such layers runs at, at best."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     n = 1024 if device.type == "cpu" else 8192
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -85,16 +82,7 @@ def measure_rate(device: torch.device, dtype: torch.dtype = torch.float32, secon
     total_flops, total_time = 0.0, 0.0
     with torch.no_grad():
         for fn, flops in jobs:
-            fn()
-            sync()
-            start, reps = time.perf_counter(), 0
-            while True:
-                fn()
-                reps += 1
-                sync()
-                elapsed = time.perf_counter() - start
-                if elapsed > seconds / 2 or reps >= 200:
-                    break
+            elapsed, reps = _repeat(fn, device, seconds / 2, 200)
             total_flops += reps * flops
             total_time += elapsed
     return total_flops / total_time
@@ -102,6 +90,13 @@ def measure_rate(device: torch.device, dtype: torch.dtype = torch.float32, secon
 
 def timed(fn: Callable[[], object], device: torch.device, budget: float = 1.0, most: int = 20) -> float:
     """Seconds per call of `fn` on `device`: one warm-up call, then calls until `budget` seconds (at most `most`)."""
+    elapsed, reps = _repeat(fn, device, budget, most)
+    return elapsed / reps
+
+
+def _repeat(fn: Callable[[], object], device: torch.device, budget: float, most: int) -> tuple[float, int]:
+    """(seconds, calls): one untimed warm-up call of `fn`, then calls until more than `budget` seconds have passed
+    or `most` calls were made; on CUDA every call is waited for."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -115,4 +110,4 @@ def timed(fn: Callable[[], object], device: torch.device, budget: float = 1.0, m
         sync()
         elapsed = time.perf_counter() - start
         if elapsed > budget or reps >= most:
-            return elapsed / reps
+            return elapsed, reps

@@ -202,7 +202,7 @@ def load_text_encoder(source: dict):
 
     folder = text_encoder_dir(source)
     require_safetensors(folder, "text encoder", "model.save_pretrained(folder, safe_serialization=True)")
-    with _quiet_transformers():
+    with _quiet_libraries():
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
     return tokenizer, model
@@ -228,15 +228,19 @@ def describe_text_encoder(source: dict) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Hide transformers' per-load weight progress bar, restoring its previous state."""
+def _quiet_libraries() -> Iterator[None]:
+    """Hide transformers' per-load weight progress bar and diffusers' warnings (it warns on every `.to(dtype=...)` of
+    a model, even one with no fp32 modules), restoring both as they were."""
+    from diffusers.utils import logging as df_logging
     from transformers.utils import logging as hf_logging
 
-    enabled = hf_logging.is_progress_bar_enabled()
+    enabled, level = hf_logging.is_progress_bar_enabled(), df_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    df_logging.set_verbosity_error()
     try:
         yield
     finally:
+        df_logging.set_verbosity(level)
         if enabled:
             hf_logging.enable_progress_bar()
 
@@ -490,7 +494,7 @@ def mini_backend(
     if conditioning is not None and not isinstance(unet, MiniDenoiser):
         unet = MiniDenoiser(unet, conditioning)
 
-    with _quiet_diffusers():  # diffusers warns on every `.to(dtype=...)` of a model, even one with no fp32 modules
+    with _quiet_libraries():
         return DiffusionBackend(
             kind="mini",
             tokenizer=tokenizer,
@@ -508,18 +512,6 @@ def mini_backend(
             use_attention_mask=True,
             zero_padding_states=conditioning is not None or isinstance(unet, MiniDenoiser),
         )
-
-
-@contextlib.contextmanager
-def _quiet_diffusers() -> Iterator[None]:
-    from diffusers.utils import logging as df_logging
-
-    level = df_logging.get_verbosity()
-    df_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        df_logging.set_verbosity(level)
 
 
 def load_mini(

@@ -31,8 +31,9 @@ class ImageNormalize(nn.Module):
         return (x - self.mean) / self.std  # (B, C, H, W)
 
 
-class BasicBlock(nn.Module):
-    """conv3x3-bn-relu-conv3x3-bn, plus the shortcut, then ReLU."""
+class ResidualBlock(nn.Module):
+    """The ResNet basic block: conv3x3-bn-relu-conv3x3-bn, plus `shortcut(x)`, then ReLU. The shortcut is the
+    subclass's: option A here (`BasicBlock`), torchvision's 1x1 projection in `students.BasicBlock`."""
 
     def __init__(self, c_in: int, c_out: int, stride: int = 1):
         super().__init__()
@@ -40,6 +41,21 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class BasicBlock(ResidualBlock):
+    """The CIFAR block: option A shortcut (strided identity, zero-padded channels)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__(c_in, c_out, stride)
         self.stride = stride
         self.pad = c_out - c_in  # option A: zero-pad the missing channels, half on each side
 
@@ -48,11 +64,6 @@ class BasicBlock(nn.Module):
             return x
         x = x[:, :, :: self.stride, :: self.stride]  # (B, C_in, H/s, W/s)
         return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))  # (B, C_out, H/s, W/s)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
 
 
 class CifarResNet(nn.Module):

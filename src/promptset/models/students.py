@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptset.errors import UserError
-from promptset.models.cifar_resnet import ImageNormalize, cifar_resnet
+from promptset.models.cifar_resnet import ImageNormalize, ResidualBlock, cifar_resnet
 
 STUDENTS = ["convnet3", "convnet4", "convnet_tiny", "resnet18", "resnet20", "resnet56"]
 _CONVNET = re.compile(r"convnet(\d+)")
@@ -44,25 +44,19 @@ class ConvNet(nn.Module):
         return self.classifier(x.flatten(1))  # (B, num_classes)
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(ResidualBlock):
     """ResNet basic block with a 1x1 projection shortcut where the shape changes (torchvision layout)."""
 
     def __init__(self, c_in: int, c_out: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
+        super().__init__(c_in, c_out, stride)
         self.downsample = None
         if stride != 1 or c_in != c_out:
             self.downsample = nn.Sequential(
                 nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
             )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.downsample is None else self.downsample(x)
 
 
 class ResNet18(nn.Module):

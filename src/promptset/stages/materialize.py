@@ -37,7 +37,7 @@ from ..atomic import save_image, staged_dir, write_json
 from ..backends import sampling
 from ..backends.diversity import Diversity
 from ..backends.sampling import Job, PromptConditioner
-from ..config import make_config, opt
+from ..config import make_config, opt, require
 from ..data import load_image, quantize_pixels, to_pil
 from ..errors import UserError
 from ..labelcodec import decode_soft_labels
@@ -118,10 +118,8 @@ def _prepare(cfg: MaterializeConfig) -> tuple[PackedSet, object, PromptSet, Path
 
     if not cfg.file:
         raise UserError("FILE is required: promptset materialize FILE --model MODEL --out DIR")
-    if not cfg.model:
-        raise UserError("--model is required: the generator the set was made with (see the packed file's generator)")
-    if not cfg.out:
-        raise UserError("--out is required: a new (or empty) folder for the ImageFolder and its labels")
+    require(cfg, model="the generator the set was made with (see the packed file's generator)",
+            out="a new (or empty) folder for the ImageFolder and its labels")
     if cfg.batch_size <= 0:
         raise UserError("--batch-size must be positive")
     out = Path(cfg.out)

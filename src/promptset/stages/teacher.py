@@ -19,7 +19,7 @@ import torch
 
 from .. import __version__
 from ..artifacts import load_tensors, save_tensors
-from ..config import make_config, opt, to_dict
+from ..config import make_config, opt, require, to_dict
 from ..data import display_name, scan_image_folder
 from ..devices import resolve_device
 from ..errors import UserError
@@ -144,10 +144,8 @@ def teacher(cfg: TeacherConfig | None = None, **overrides) -> Path:
 
 def _prepare(cfg: TeacherConfig) -> tuple[Path, list[ClassInfo], str]:
     """Check the flags and the folders before any compute: (out path, classes, identity of the weights)."""
-    if not cfg.data:
-        raise UserError("--data is required: an ImageFolder of labelled training images (one subfolder per class)")
-    if not cfg.out:
-        raise UserError("--out is required: the teacher file to write, e.g. --out teacher.safetensors")
+    require(cfg, data="an ImageFolder of labelled training images (one subfolder per class)",
+            out="the teacher file to write, e.g. --out teacher.safetensors")
     out = Path(cfg.out)
     if out.suffix.lower() != ".safetensors":
         raise UserError(f"--out {out} must end in .safetensors (teachers are stored as safetensors only)")
