@@ -1,4 +1,4 @@
-"""Per-image captions: `promptset caption` (pixel attributes, the captions file) and `promptset pretrain --captions`."""
+"""Per-image captions: `promptset caption` (pixel attributes, the captions file), `promptset pretrain --captions`."""
 
 from __future__ import annotations
 

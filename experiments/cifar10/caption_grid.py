@@ -71,7 +71,8 @@ def markdown(r: dict) -> str:
              f"(sha256 {r['sha256'][:12]}). How much of the within-class variation of ResNet-20's penultimate "
              "features each attribute's words explain (eta squared, pooled over classes), beside the same with the "
              "words shuffled within each class:", "",
-             "| attribute | words | eta squared | chance | ratio | most common words |", "|---|---:|---:|---:|---:|---|"]
+             "| attribute | words | eta squared | chance | ratio | most common words |",
+             "|---|---:|---:|---:|---:|---|"]
     for key, label in ATTRIBUTES.items():
         info = r["informativeness"].get(key)
         if info is None:

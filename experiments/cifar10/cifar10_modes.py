@@ -213,10 +213,11 @@ def reading(data: dict, students: list[dict], gen: str = "v2", named: bool = Fal
         return []
     best = max(at50.values(), key=lambda r: r["images"]["coverage"] or 0)
     ref = base["reference"]
-    out = [f"Reading{f' (cifar10-mini-{gen})' if named else ''}: at 50 images per class one prompt per class covers {base['images']['coverage']:.3f} of the test "
-           f"images' k-NN balls and recalls {base['images']['recall']:.2f} of them, where 50 random real images cover "
-           f"{ref['coverage']:.3f} and recall {ref['recall']:.2f}. The widest set measured, {best['label']}, covers "
-           f"{best['images']['coverage']:.3f} (recall {best['images']['recall']:.2f}, pairwise spread "
+    who = f" (cifar10-mini-{gen})" if named else ""
+    out = [f"Reading{who}: at 50 images per class one prompt per class covers {base['images']['coverage']:.3f} of the "
+           f"test images' k-NN balls and recalls {base['images']['recall']:.2f} of them, where 50 random real images "
+           f"cover {ref['coverage']:.3f} and recall {ref['recall']:.2f}. The widest set measured, {best['label']}, "
+           f"covers {best['images']['coverage']:.3f} (recall {best['images']['recall']:.2f}, pairwise spread "
            f"{best['images']['pairwise_cosine']:.3f} vs {base['images']['pairwise_cosine']:.3f}) at teacher top-1 "
            f"{best['images']['teacher_top1']:.2f} vs {base['images']['teacher_top1']:.2f}: modes widen the set, but "
            f"cover {best['images']['coverage'] / ref['coverage']:.0%} of what real images cover."]
@@ -234,7 +235,8 @@ def reading(data: dict, students: list[dict], gen: str = "v2", named: bool = Fal
     feats = sorted({r["feature"] for r in at50.values() if r["feature"] != "-"})
     samplings = sorted({r["sampling"] for r in at50.values()})
     missing = [x for x in ("cads", "div", "desc") if x not in samplings]
-    out.append(f"Levers measured on this world{f' with cifar10-mini-{gen}' if named else ''}: {', '.join(map(str, ks))} "
+    where = f" with cifar10-mini-{gen}" if named else ""
+    out.append(f"Levers measured on this world{where}: {', '.join(map(str, ks))} "
                f"prompts per class (clustered on {' and '.join(feats) or '-'} features) and the sampling rows "
                f"{', '.join(samplings)}." + (f" Not measured here: the sampling rows {', '.join(missing)}." if missing
                                              else "") + " What coverage says is missing: every generated set "

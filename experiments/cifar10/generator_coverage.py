@@ -32,6 +32,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import cifar10_common as common  # noqa: E402
+
 from promptset.atomic import save_image, write_json  # noqa: E402
 
 torch.set_flush_denormal(True)
@@ -43,9 +44,8 @@ def draw(model: Path, folder: Path, per_class: int, guidance: float, steps: int,
          describe: bool = False) -> Path:  # fmt: skip
     """`per_class` class-prompt images per class as `folder/<class>/<i>.png` (skipped when all are there); with
     `describe`, each image's prompt gets words drawn from its seed (`--describe random`)."""
-    from promptset.backends.diversity import Diversity
-
     from promptset.backends import create_backend
+    from promptset.backends.diversity import Diversity
     from promptset.backends.sampling import TextConditioner, class_prompts, generate_batch, jobs_for
     from promptset.data import to_pil
 
@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--report-only", action="store_true", help="rewrite the .md from the JSON")
     args = ap.parse_args(argv)
-    result = json.loads(OUT_JSON.read_text()) if OUT_JSON.is_file() else {"benchmark": "generator_coverage", "rows": {}}
+    fresh = {"benchmark": "generator_coverage", "rows": {}}
+    result = json.loads(OUT_JSON.read_text()) if OUT_JSON.is_file() else fresh
     if not args.report_only:
         cache = common.outside_repo(args.cache)
         shared = Path(args.shared).resolve()
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                 result["rows"][key] = {
                     "generator": name, "model_hash": record["model_hash"], "guidance": g, "steps": args.steps,
                     "describe": describe == "random",
-                    "per_class": args.per_class, "images": cov["overall"]["set"], "reference": cov["overall"]["reference"],
+                    "per_class": args.per_class, "images": cov["overall"]["set"],
+                    "reference": cov["overall"]["reference"],
                     "teacher_top1_pretrain": (record.get("quality") or {}).get("accuracy"),
                     "coverage_json": str(out),
                 }  # fmt: skip
@@ -117,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| generator | guidance | prompt | images/class | teacher top-1 (pretrain, g3) | top-1 on these | precision | recall "
+    lines = ["| generator | guidance | prompt | images/class | teacher top-1 (pretrain, g3) | top-1 on these | "
+             "precision | recall "
              "| density | coverage | real set's coverage |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"].values():
         s, ref = r["images"], r["reference"]

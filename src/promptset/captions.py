@@ -36,8 +36,10 @@ COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown"
 # same words `promptset caption` writes. The version is recorded in the generation settings: another vocabulary or
 # rule is another name, and a reader refuses a name it does not know.
 DESCRIBE_VERSION = "pixel-words-1"
-DESCRIBE_WORDS = {"size": ("", "distant", "close-up"), "object": COLOURS, "height": ("", "at the top", "at the bottom"),
-                  "texture": ("", "plain", "busy"), "background": COLOURS, "brightness": ("", "", "dark", "bright")}  # fmt: skip
+DESCRIBE_WORDS = {
+    "size": ("", "distant", "close-up"), "object": COLOURS, "height": ("", "at the top", "at the bottom"),
+    "texture": ("", "plain", "busy"), "background": COLOURS, "brightness": ("", "", "dark", "bright"),
+}  # fmt: skip
 
 # (name, hue range in degrees) for saturated colours; brown, white, grey and black are decided first
 _HUES = (("red", 0, 15), ("orange", 15, 40), ("yellow", 40, 70), ("green", 70, 170), ("blue", 170, 260),
@@ -200,8 +202,10 @@ def _parse(path: Path, flag: str) -> list[tuple[int, str, str]]:
             obj = json.loads(raw)
         except json.JSONDecodeError as err:
             raise UserError(f"{flag} {path}:{line}: not JSON ({err.msg}); each line is "
-                            '{"path": "CLASS/FILE", "caption": "..."} (or pass a .csv with a path,caption header)') from None  # fmt: skip
-        if not isinstance(obj, dict) or not isinstance(obj.get("path"), str) or not isinstance(obj.get("caption"), str):
+                            '{"path": "CLASS/FILE", "caption": "..."} (or pass a .csv with a path,caption '
+                            "header)") from None  # fmt: skip
+        fields = (obj.get("path"), obj.get("caption")) if isinstance(obj, dict) else (None, None)
+        if not all(isinstance(x, str) for x in fields):
             raise UserError(f'{flag} {path}:{line}: needs string fields "path" and "caption"')
         rows.append((line, obj["path"].strip(), obj["caption"]))
     return rows
@@ -242,7 +246,8 @@ def read_captions(path: str | Path, data_root: Path, files: list[list[Path]], *,
         out.append(row)
     if missing:
         raise UserError(f"{flag} {path}: {len(missing)} training images have no caption (e.g. {missing[:3]}); "
-                        "caption every image (`promptset caption --data DIR --out FILE`) or train on fewer images")  # fmt: skip
+                        "caption every image (`promptset caption --data DIR --out FILE`) or train on fewer "
+                        "images")  # fmt: skip
     return out
 
 

@@ -231,9 +231,11 @@ def generator_v3_section() -> list[str]:
         pre = json.loads((folder / "pretrain.json").read_text())
         ours = curve(folder / "metrics.jsonl")
         theirs = curve(v2 / "metrics-phase1.jsonl")
+        steps = pre["steps"]
         lines += [
             "Trained from v2's weights (`pretrain --init-from`) on the same 2,500 foundation images per class, each "
-            "with its own caption (a class-name template on 20% of the samples), no mirror images, 32 text tokens; "
+            "with its own caption (a class-name template on 20% of the samples), no mirror images, 32 text tokens, lr "
+            f"5e-4 with no annealing phase, {steps:,} steps; "
             "exact commands in `experiments/cifar10/models/cifar10-mini-v3/COMMAND.md`. ResNet-20's accuracy on the "
             "same 200 class-prompt samples as v2 (20 per class, 10 DDIM steps, guidance 3), at the same steps of "
             "continued training from a warm start (v2's phase 1 continued cifar10-mini at lr 5e-4):",
@@ -251,6 +253,12 @@ def generator_v3_section() -> list[str]:
     else:
         lines += ["Not trained yet: `python experiments/cifar10/cifar10_generator.py --variant captions --init-from "
                   "experiments/cifar10/models/cifar10-mini-v2` (COMMAND.md once committed).", ""]
+    fid = STUDY_RESULTS / "cifar10_world_v3_fidelity.md"
+    if fid.is_file():
+        lines += ["Prompt fidelity on v3 (`cifar10_world.py --scale cpu --model "
+                  "experiments/cifar10/models/cifar10-mini-v3 --results-name cifar10_world_v3 --until fidelity`; the "
+                  "same table as v2's below):", "",
+                  *fid.read_text().strip().splitlines(), ""]
     cov = STUDY_RESULTS / "generator_coverage.md"
     if cov.is_file():
         lines += [

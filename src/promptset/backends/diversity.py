@@ -42,8 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..dist import span
 from ..captions import DESCRIBE_VERSION, described_prompt
+from ..dist import span
 from ..errors import UserError
 from .sampling import Job, rank_share
 

@@ -97,7 +97,8 @@ class PromptConditioner:
             template = described_prompt("{token}", seed)
             if template not in self.described:
                 self.described[template] = self.backend.layout(template, self.prompts.num_vectors)
-            states.append(self.backend.encode_placeholder_prompts(self.described[template], self.vectors[row : row + 1]))
+            layout = self.described[template]
+            states.append(self.backend.encode_placeholder_prompts(layout, self.vectors[row : row + 1]))  # (1, L, D)
         return torch.cat(states)  # (B, L, D_text)
 
 

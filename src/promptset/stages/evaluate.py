@@ -470,10 +470,10 @@ def _context(cfg: EvaluateConfig, methods: list[str]) -> Context:
 
 
 def _diversity(cfg: EvaluateConfig, recorded: dict, guidance: float) -> Diversity:
-    """--guidance-interval, --cads, --selection and --describe, each given or else generate's (`recorded`: its generation
-    settings); written back into `cfg` in canonical form (results keys and labels name them). An inherited interval
-    is dropped under --guidance 1, and inherited diverse selection without candidates: there is nothing to restrict or
-    choose from; given ones are refused (`Diversity.parse`)."""
+    """--guidance-interval, --cads, --selection and --describe, each given or else generate's (`recorded`: its
+    generation settings); written back into `cfg` in canonical form (results keys and labels name them). An inherited
+    interval is dropped under --guidance 1, and inherited diverse selection without candidates: there is nothing to
+    restrict or choose from; given ones are refused (`Diversity.parse`)."""
     was = Diversity.from_settings(recorded).texts()
     interval = cfg.guidance_interval or ("" if guidance == 1.0 else was["guidance_interval"])
     selection = cfg.selection or (was["selection"] if cfg.candidates > 1 else "typical")

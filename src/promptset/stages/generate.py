@@ -99,7 +99,8 @@ class GenerateConfig:
                     "t <= TAU1 (t = 1 - k/steps), rescaled to their mean and std with weight PSI (default 1), each "
                     "image's noise from its own seed; e.g. 0.6,0.9 (the paper's); default off")
     describe: str = opt("off", "random: each image's prompt gets attribute words drawn from its own seed around its "
-                        "token ('a photo of a distant grey <token> on a busy blue background'; sizes, colours, height, "
+                        "token ('a photo of a distant grey <token> on a busy blue background'; sizes, colours, "
+                        "height, "
                         "texture, brightness, as `promptset caption` writes them), for generators trained on "
                         "per-image captions (pretrain --captions); stores nothing; off = the prompts' template")
     device: str = opt("auto", "torch device")

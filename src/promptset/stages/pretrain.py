@@ -62,13 +62,13 @@ from ..backends.mini_training import load_checkpoint as _load_checkpoint
 from ..backends.mini_training import save_checkpoint as _save_checkpoint
 from ..backends.mini_training import truncate_metrics as _truncate_metrics
 from ..backends.sampling import SAMPLERS
+from ..captions import file_sha256, read_captions
 from ..config import make_config, opt, to_dict
 from ..data import scan_image_folder
 from ..devices import resolve_device
 from ..errors import TrainingDiverged, UserError
 from ..evaluation.generator import generator_quality, sample_grid
 from ..progress import progress_bar
-from ..captions import file_sha256, read_captions
 from ..runfolder import resolve_class_names
 from ..seeding import derive_seed
 
@@ -328,9 +328,10 @@ def pretrain(cfg: PretrainConfig | None = None, **overrides) -> Path:
     views = 2 if cfg.flip else 1
     ckpt_path = out / CHECKPOINT
     start = _checkpoint_step(ckpt_path)
+    per_image = f" (one per image, template share {cfg.template_prob:g})" if caption_of else ""
     print(
         f"pretrain mini: {index.num_images} images x {views} views in {index.num_classes} classes, "
-        f"{len(captions)} captions{' (one per image, template share ' + str(cfg.template_prob) + ')' if caption_of else ''}; latents {autoencoder.latent_channels}x{sample_size}x{sample_size}; "
+        f"{len(captions)} captions{per_image}; latents {autoencoder.latent_channels}x{sample_size}x{sample_size}; "
         f"UNet {cfg.unet_size} {num_params / 1e6:.2f}M parameters; batch {cfg.batch_size}; "
         f"steps {start}->{cfg.steps} on {device}",
         flush=True,
@@ -347,7 +348,6 @@ def pretrain(cfg: PretrainConfig | None = None, **overrides) -> Path:
     if start < cfg.steps:
         raw, labels = _latent_cache(backend, index, cfg, out, vae_fp)  # (M, c, h, w), (M,)
         if caption_of is not None:  # the cache holds, per class, its images and then (flip) their mirror images
-            views = len(raw) // index.num_images
             image_caption = torch.cat([torch.tensor(row).repeat(views) for row in caption_of])  # (M,)
         scaling = info.get("scaling_factor") or init_scaling or (float(raw.std()) if vae_kind == "taef2" else 1.0)
         latents = (raw / scaling).to(device)
@@ -356,7 +356,8 @@ def pretrain(cfg: PretrainConfig | None = None, **overrides) -> Path:
         scaling = info["scaling_factor"]
     autoencoder.scaling_factor = float(scaling)
     with torch.no_grad():  # every distinct caption once, in chunks: (K, L, 384)
-        text_states = torch.cat([backend.encode_prompts(captions[s : s + 1024]) for s in range(0, len(captions), 1024)])
+        text_states = torch.cat([backend.encode_prompts(captions[s : s + 1024])
+                                 for s in range(0, len(captions), 1024)])  # fmt: skip
 
     previous = info.get("training", {})
     info.update(model_info(
@@ -366,7 +367,8 @@ def pretrain(cfg: PretrainConfig | None = None, **overrides) -> Path:
         prediction_type=cfg.prediction_type, class_folders=index.classes, class_names=names, templates=templates,
     ))  # fmt: skip
     if caption_of is not None:
-        info["captions"] = {"file": Path(cfg.captions).name, "sha256": captions_hash, "template_prob": cfg.template_prob,
+        info["captions"] = {"file": Path(cfg.captions).name, "sha256": captions_hash,
+                            "template_prob": cfg.template_prob,
                             "distinct": len(captions) - len(names) * len(templates) - 1}  # fmt: skip
     info["training"] = previous | {
         "identity": identity, "config": to_dict(cfg), "images": index.num_images, "step": start,
