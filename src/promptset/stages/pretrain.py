@@ -355,9 +355,11 @@ def pretrain(cfg: PretrainConfig | None = None, **overrides) -> Path:
     else:
         scaling = info["scaling_factor"]
     autoencoder.scaling_factor = float(scaling)
-    with torch.no_grad():  # every distinct caption once, in chunks: (K, L, 384)
-        text_states = torch.cat([backend.encode_prompts(captions[s : s + 1024])
-                                 for s in range(0, len(captions), 1024)])  # fmt: skip
+    text_states = None
+    if start < cfg.steps:  # every distinct caption once, in chunks: (K, L, 384); only training reads them
+        with torch.no_grad():
+            text_states = torch.cat([backend.encode_prompts(captions[s : s + 1024])
+                                     for s in range(0, len(captions), 1024)])  # fmt: skip
 
     previous = info.get("training", {})
     info.update(model_info(
