@@ -130,7 +130,41 @@ def markdown(result: dict) -> str:
                      f"{'-' if t is None else f'{100 * t:.1f}%'} | {100 * s['teacher_top1']:.1f}% | "
                      f"{s['precision']:.3f} | {s['recall']:.3f} | {s['density']:.3f} | {s['coverage']:.3f} | "
                      f"{ref['coverage']:.3f} |")  # fmt: skip
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + reading(result)) + "\n"
+
+
+def reading(result: dict) -> list[str]:
+    """What the rows say against the issue's targets for v3 (coverage >= 0.18, recall >= 0.7, top-1 >= 82.5%)."""
+    rows = list(result["rows"].values())
+    v3 = [r for r in rows if r["generator"] == "v3"]
+    if not v3:
+        return []
+    best = max(v3, key=lambda r: r["images"]["coverage"])
+    wide = max(v3, key=lambda r: r["images"]["recall"])
+    top1 = v3[0].get("teacher_top1_pretrain")
+
+    def name(r: dict) -> str:
+        return f"guidance {r['guidance']:g}" + (" with random words" if r.get("describe") else "")
+
+    def v2_same(r: dict) -> dict | None:
+        return next((x for x in rows if x["generator"] == "v2" and x["guidance"] == r["guidance"]
+                     and bool(x.get("describe")) == bool(r.get("describe"))), None)  # fmt: skip
+
+    out = [f"Reading: v3's teacher top-1 on class-prompt samples (pretrain's check) is "
+           f"{'-' if top1 is None else f'{100 * top1:.1f}%'} (target at least 82.5%). Its highest coverage at 50 "
+           f"images per class is {best['images']['coverage']:.3f} ({name(best)}, recall "
+           f"{best['images']['recall']:.2f}; target at least 0.18, real {best['reference']['coverage']:.3f})"]
+    other = v2_same(best)
+    if other is not None:
+        out[-1] += f", v2 at the same settings {other['images']['coverage']:.3f}"
+    out[-1] += (f"; its highest recall is {wide['images']['recall']:.2f} ({name(wide)}, coverage "
+                f"{wide['images']['coverage']:.3f}, top-1 on those images "
+                f"{100 * wide['images']['teacher_top1']:.1f}%; target at least 0.7). ")
+    met = [(best["images"]["coverage"] >= 0.18, "coverage"), (wide["images"]["recall"] >= 0.7, "recall"),
+           (top1 is not None and top1 >= 0.825, "teacher top-1")]
+    out[-1] += ("Targets met: " + (", ".join(n for ok, n in met if ok) or "none") + "; not met: "
+                + (", ".join(n for ok, n in met if not ok) or "none") + ".")
+    return out
 
 
 if __name__ == "__main__":
