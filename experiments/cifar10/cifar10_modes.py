@@ -219,8 +219,8 @@ def reading(data: dict, students: list[dict], gen: str = "v2", named: bool = Fal
            f"cover {ref['coverage']:.3f} and recall {ref['recall']:.2f}. The widest set measured, {best['label']}, "
            f"covers {best['images']['coverage']:.3f} (recall {best['images']['recall']:.2f}, pairwise spread "
            f"{best['images']['pairwise_cosine']:.3f} vs {base['images']['pairwise_cosine']:.3f}) at teacher top-1 "
-           f"{best['images']['teacher_top1']:.2f} vs {base['images']['teacher_top1']:.2f}: modes widen the set, but "
-           f"cover {best['images']['coverage'] / ref['coverage']:.0%} of what real images cover."]
+           f"{best['images']['teacher_top1']:.2f} vs {base['images']['teacher_top1']:.2f}: the widest set still "
+           f"covers only {best['images']['coverage'] / ref['coverage']:.0%} of what real images cover."]
     p1 = {r["label"]: r["entry"]["final_top1"]["mean"] for r in students if r["entry"]["protocol"] == "p1"}
     modes = {k: v for k, v in p1.items() if "modes" in k or k.startswith("d3m, k")}
     if modes and "rded" in p1:
