@@ -290,9 +290,15 @@ def main(argv: list[str] | None = None) -> int:
     data.update(benchmark="cifar10_modes", teacher=teacher.split(":")[0] + ":cifar10_resnet20",
                 machine=common.machine_info("cpu"), k_nn=5, steps_rule="max(300, 15 * prompts)")
 
-    def save() -> None:
+    def save() -> None:  # merged under a lock with what another process saved since this one started
+        from promptset.atomic import locked, write_text
+
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        OUT_JSON.write_text(json.dumps(data, indent=1) + "\n")
+        with locked(OUT_JSON):
+            saved = json.loads(OUT_JSON.read_text()) if OUT_JSON.is_file() else {}
+            data["rows"] = saved.get("rows", {}) | data["rows"]
+            data["world_runs"] = saved.get("world_runs", {}) | data["world_runs"]
+            write_text(OUT_JSON, json.dumps(data, indent=1) + "\n")
         write_md(data)
 
     for k in [int(x) for x in args.ks.split(",") if x.strip()]:
