@@ -249,9 +249,3 @@ def read_captions(path: str | Path, data_root: Path, files: list[list[Path]], *,
                         "caption every image (`promptset caption --data DIR --out FILE`) or train on fewer "
                         "images")  # fmt: skip
     return out
-
-
-def file_sha256(path: str | Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

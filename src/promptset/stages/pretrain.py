@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ..artifacts import sha256_file
 from ..atomic import append_jsonl, read_jsonl, save_image, write_json
 from ..backends.base import DiffusionBackend, denoising_objective, snr_weights
 from ..backends.mini import (
@@ -62,7 +63,7 @@ from ..backends.mini_training import load_checkpoint as _load_checkpoint
 from ..backends.mini_training import save_checkpoint as _save_checkpoint
 from ..backends.mini_training import truncate_metrics as _truncate_metrics
 from ..backends.sampling import SAMPLERS
-from ..captions import file_sha256, read_captions
+from ..captions import read_captions
 from ..config import make_config, opt, to_dict
 from ..data import scan_image_folder
 from ..devices import resolve_device
@@ -275,7 +276,7 @@ def pretrain(cfg: PretrainConfig | None = None, **overrides) -> Path:
     image_captions, captions_hash = None, None
     if cfg.captions:
         image_captions = read_captions(cfg.captions, index.root, index.files, all_files=full_index.files)
-        captions_hash = file_sha256(cfg.captions)
+        captions_hash = sha256_file(cfg.captions)
     identity = _identity(cfg, index.split_hash(), source["fingerprint"], captions_hash)
     info = _prepare_out(out, cfg, identity)
     teacher = None
